@@ -1,0 +1,39 @@
+//! Kafka plumbing shared by every Tandem service: the topic names, an idempotent producer, the
+//! outbox relay that publishes what services commit to Postgres, and the one consumer loop that
+//! applies messages in batches and stores offsets only after the batch's transaction commits.
+
+mod consumer;
+mod relay;
+mod topics;
+
+pub use consumer::{run_consumer, BatchHandler, ConsumerSettings, Delivery};
+pub use relay::{run_outbox_relay, RelaySettings};
+pub use topics::{create_topics, BusConfig, Topic};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::FutureProducer;
+
+/// Errors from the message bus, with the cause chain kept.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("kafka error")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("could not create topic {topic}: {reason}")]
+    CreateTopic { topic: String, reason: String },
+    #[error("outbox storage error")]
+    Store(#[from] tandem_store::StoreError),
+    #[error("unknown logical topic {0:?} in the outbox")]
+    UnknownTopic(String),
+}
+
+/// A producer that never loses or duplicates a message it acknowledged: idempotence on, every
+/// in-sync replica must acknowledge (`acks=all`).
+pub fn idempotent_producer(config: &BusConfig) -> Result<FutureProducer, BusError> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", &config.brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "30000")
+        .create()?)
+}

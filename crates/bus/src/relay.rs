@@ -1,0 +1,145 @@
+//! The outbox relay: publishes what a service committed to its outbox, in commit order, with the
+//! idempotent producer, and deletes each batch once the broker acknowledged all of it.
+//!
+//! Only one relay per schema publishes at a time (a Postgres advisory lock), so messages for one
+//! key reach the broker in the order they were enqueued. If a batch fails, none of it is deleted
+//! and the whole batch is sent again: a message may be published twice, never lost, and consumers
+//! deduplicate by message id.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::join_all;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::{BusConfig, BusError, Topic};
+
+/// Tuning of the relay. Every number is bounded.
+#[derive(Debug, Clone)]
+pub struct RelaySettings {
+    /// Messages read and published per round, 1 to 10 000.
+    pub batch_size: i64,
+    /// How long to sleep when the outbox is empty and nobody rang the bell.
+    pub idle_poll: Duration,
+}
+
+impl Default for RelaySettings {
+    fn default() -> Self {
+        Self { batch_size: 2_000, idle_poll: Duration::from_millis(200) }
+    }
+}
+
+/// Advisory lock id for "the outbox relay of this schema".
+const RELAY_LOCK_ID: i64 = 0x7461_6e64_656d_0001;
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Runs until `shutdown` is cancelled. `wake` is notified by writers after they commit to the
+/// outbox, so a message is published at once rather than at the next poll.
+pub async fn run_outbox_relay(
+    pool: PgPool,
+    producer: FutureProducer,
+    config: BusConfig,
+    settings: RelaySettings,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    let batch_size = settings.batch_size.clamp(1, 10_000);
+    let mut backoff = Duration::from_millis(100);
+    // Held for the relay's lifetime: its connection owns the advisory lock.
+    let mut lock_connection = loop {
+        match try_take_lock(&pool).await {
+            Ok(Some(connection)) => break connection,
+            Ok(None) => tracing::info!("another outbox relay holds the lock; waiting"),
+            Err(error) => tracing::warn!(error = %error, "could not take the outbox relay lock"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    };
+    tracing::info!("outbox relay started");
+    loop {
+        if shutdown.is_cancelled() {
+            break;
+        }
+        match publish_batch(&pool, &producer, &config, batch_size).await {
+            Ok(0) => {
+                backoff = Duration::from_millis(100);
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = wake.notified() => {}
+                    () = tokio::time::sleep(settings.idle_poll) => {}
+                }
+            }
+            Ok(published) => {
+                backoff = Duration::from_millis(100);
+                tracing::debug!(published, "outbox batch published");
+            }
+            Err(error) => {
+                tracing::warn!(error = %error, source = ?std::error::Error::source(&error), backoff_ms = backoff.as_millis() as u64, "outbox batch not published; retrying");
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+    let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(RELAY_LOCK_ID)
+        .execute(&mut *lock_connection)
+        .await;
+    tracing::info!("outbox relay stopped");
+}
+
+async fn try_take_lock(
+    pool: &PgPool,
+) -> Result<Option<sqlx::pool::PoolConnection<sqlx::Postgres>>, sqlx::Error> {
+    let mut connection = pool.acquire().await?;
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(RELAY_LOCK_ID)
+        .fetch_one(&mut *connection)
+        .await?;
+    Ok(locked.then_some(connection))
+}
+
+/// Publishes the oldest batch; returns how many messages it published.
+async fn publish_batch(
+    pool: &PgPool,
+    producer: &FutureProducer,
+    config: &BusConfig,
+    batch_size: i64,
+) -> Result<usize, BusError> {
+    let rows = tandem_store::fetch_outbox(pool, batch_size).await?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let mut topic_names = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let topic = Topic::from_logical_name(&row.topic)
+            .ok_or_else(|| BusError::UnknownTopic(row.topic.clone()))?;
+        topic_names.push(topic.name(config));
+    }
+    let sends = rows.iter().zip(&topic_names).map(|(row, topic_name)| {
+        let mut headers = OwnedHeaders::new_with_capacity(row.header_names.len());
+        for (name, value) in row.header_names.iter().zip(&row.header_values) {
+            headers = headers.insert(Header { key: name, value: Some(value.as_bytes()) });
+        }
+        let record = FutureRecord::to(topic_name)
+            .key(&row.partition_key)
+            .payload(&row.payload)
+            .headers(headers);
+        producer.send(record, Timeout::After(Duration::from_secs(30)))
+    });
+    for result in join_all(sends).await {
+        result.map_err(|(error, _message)| BusError::Kafka(error))?;
+    }
+    let ids: Vec<i64> = rows.iter().map(|row| row.id).collect();
+    tandem_store::delete_outbox(pool, &ids).await?;
+    Ok(rows.len())
+}

@@ -1,0 +1,20 @@
+//! Generates Rust code for `proto/tandem/v1` with a vendored `protoc`, so a build needs no system
+//! protobuf compiler.
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    std::env::set_var("PROTOC", protoc);
+
+    let proto_root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    let files = ["common", "operator", "gateway", "ledger", "events"]
+        .map(|name| proto_root.join(format!("tandem/v1/{name}.proto")));
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out_dir.join("tandem_v1_descriptor.bin"))
+        .compile_protos(&files, &[proto_root.clone()])?;
+    println!("cargo:rerun-if-changed={}", proto_root.display());
+    Ok(())
+}

@@ -1,0 +1,32 @@
+//! Postgres plumbing shared by every Tandem service. Each service owns one schema; this crate
+//! connects to it, migrates it, and provides the three infrastructure tables every service has:
+//! the append-only `events` table, the transactional `outbox`, and `applied_messages` for
+//! idempotent consumers.
+
+mod applied;
+mod events;
+mod outbox;
+mod pool;
+
+pub use applied::claim_unapplied;
+pub use events::{append_events, NewEvent};
+pub use outbox::{delete_outbox, enqueue_outbox, fetch_outbox, OutboxMessage, OutboxRow};
+pub use pool::{connect, migrate, StoreConfig};
+
+/// Errors from the storage layer, with the cause chain kept.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error")]
+    Database(#[from] sqlx::Error),
+    #[error("schema migration failed")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+    #[error("stream {stream_id} was changed concurrently: expected it at sequence {expected}")]
+    Conflict { stream_id: String, expected: i32 },
+    #[error("invalid schema name {0:?}: use lower-case letters, digits and underscores")]
+    InvalidSchema(String),
+}
+
+/// True if `error` is a violation of a unique constraint (SQLSTATE 23505).
+pub fn is_unique_violation(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db) if db.code().as_deref() == Some("23505"))
+}

@@ -1,0 +1,70 @@
+//! The transactional outbox. A service writes the messages it wants published in the same
+//! transaction as the state change they announce; the relay (in the bus crate) publishes them in
+//! id order and deletes them once the broker acknowledged them. A crash between publishing and
+//! deleting publishes a message twice, which consumers absorb: they deduplicate by message id.
+
+use sqlx::{PgConnection, PgPool, Postgres, QueryBuilder};
+
+use crate::StoreError;
+
+/// A message to publish. `topic` is the logical topic name (`customer-activity`); the relay adds
+/// the deployment's prefix.
+#[derive(Debug, Clone)]
+pub struct OutboxMessage {
+    pub topic: &'static str,
+    pub partition_key: Vec<u8>,
+    pub payload: Vec<u8>,
+    pub headers: Vec<(String, String)>,
+}
+
+/// A message read back by the relay.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub topic: String,
+    pub partition_key: Vec<u8>,
+    pub payload: Vec<u8>,
+    pub header_names: Vec<String>,
+    pub header_values: Vec<String>,
+}
+
+/// Adds `messages` to the outbox inside the caller's transaction.
+pub async fn enqueue_outbox(
+    connection: &mut PgConnection,
+    messages: &[OutboxMessage],
+) -> Result<(), StoreError> {
+    if messages.is_empty() {
+        return Ok(());
+    }
+    let mut query: QueryBuilder<Postgres> = QueryBuilder::new(
+        "INSERT INTO outbox (topic, partition_key, payload, header_names, header_values) ",
+    );
+    query.push_values(messages, |mut row, message| {
+        let (names, values): (Vec<&str>, Vec<&str>) =
+            message.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).unzip();
+        row.push_bind(message.topic)
+            .push_bind(&message.partition_key)
+            .push_bind(&message.payload)
+            .push_bind(names)
+            .push_bind(values);
+    });
+    query.build().execute(connection).await?;
+    Ok(())
+}
+
+/// The oldest `limit` messages, in the order they were enqueued.
+pub async fn fetch_outbox(pool: &PgPool, limit: i64) -> Result<Vec<OutboxRow>, StoreError> {
+    Ok(sqlx::query_as::<_, OutboxRow>(
+        "SELECT id, topic, partition_key, payload, header_names, header_values \
+         FROM outbox ORDER BY id LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Removes published messages.
+pub async fn delete_outbox(pool: &PgPool, ids: &[i64]) -> Result<(), StoreError> {
+    sqlx::query("DELETE FROM outbox WHERE id = ANY($1)").bind(ids).execute(pool).await?;
+    Ok(())
+}

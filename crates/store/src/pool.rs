@@ -1,0 +1,64 @@
+//! Connecting to a service's own schema and migrating it.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, PgPool};
+
+use crate::StoreError;
+
+static INFRASTRUCTURE: Migrator = sqlx::migrate!("./migrations");
+
+/// Where a service keeps its data.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// `postgres://…` URL of the database.
+    pub database_url: String,
+    /// The service's own schema, e.g. `gateway`.
+    pub schema: String,
+    pub max_connections: u32,
+}
+
+/// Connects to the service's schema, creating it if needed. Every connection of the pool has its
+/// `search_path` set to that schema, so a service cannot read another's tables by accident.
+pub async fn connect(config: &StoreConfig) -> Result<PgPool, StoreError> {
+    let schema = &config.schema;
+    if schema.is_empty()
+        || !schema.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        return Err(StoreError::InvalidSchema(schema.clone()));
+    }
+    let options = PgConnectOptions::from_str(&config.database_url)?;
+    let mut connection = sqlx::PgConnection::connect_with(&options).await?;
+    // Several services may start at once against one database; the race on CREATE SCHEMA is
+    // harmless but can raise a unique violation, which we treat as success.
+    let create = format!("CREATE SCHEMA IF NOT EXISTS {schema}");
+    if let Err(error) = sqlx::query(&create).execute(&mut connection).await {
+        if !crate::is_unique_violation(&error) {
+            return Err(error.into());
+        }
+    }
+    connection.close().await?;
+    let pool = PgPoolOptions::new()
+        .max_connections(config.max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options.options([("search_path", schema.as_str())]))
+        .await?;
+    Ok(pool)
+}
+
+/// Applies the shared infrastructure migrations (versions below 1000), then the service's own
+/// (versions 1000 and up). Both share the schema's `_sqlx_migrations` table.
+pub async fn migrate(pool: &PgPool, service: &Migrator) -> Result<(), StoreError> {
+    for migrator in [&INFRASTRUCTURE, service] {
+        let tolerant = Migrator {
+            migrations: migrator.migrations.clone(),
+            ignore_missing: true,
+            ..Migrator::DEFAULT
+        };
+        tolerant.run(pool).await?;
+    }
+    Ok(())
+}

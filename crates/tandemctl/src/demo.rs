@@ -1,0 +1,166 @@
+//! The demo a newcomer runs: merchant C refers customer B to partner merchant A at C's checkout;
+//! B later buys at A twice, another customer buys at A once; C then sees exactly B's purchases,
+//! with amounts and commissions, and nothing about the other customer.
+
+use std::time::Duration;
+
+use tandem_domain::money::{Currency, Money};
+use tandem_proto::v1 as pb;
+use tandem_proto::v1::merchant_gateway_client::MerchantGatewayClient;
+use tandem_proto::v1::operator_service_client::OperatorServiceClient;
+use tonic::transport::Channel;
+use tonic::Request;
+
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// The merchant gateway's gRPC endpoint.
+    #[arg(long, env = "TANDEM_GATEWAY_URL", default_value = "http://127.0.0.1:50051")]
+    gateway: String,
+    /// The operator token the gateway was started with.
+    #[arg(long, env = "TANDEM_OPERATOR_TOKEN", hide_env_values = true)]
+    operator_token: String,
+    /// How long to wait for the referrer to see the purchases.
+    #[arg(long, default_value_t = 60)]
+    timeout_secs: u64,
+}
+
+fn authorised<T>(message: T, secret: &str) -> Result<Request<T>, String> {
+    let mut request = Request::new(message);
+    let value = format!("Bearer {secret}").parse().map_err(|_| "secret is not valid metadata".to_owned())?;
+    request.metadata_mut().insert("authorization", value);
+    Ok(request)
+}
+
+fn status(context: &str) -> impl FnOnce(tonic::Status) -> String + '_ {
+    move |status| format!("{context}: {:?}: {}", status.code(), status.message())
+}
+
+pub async fn run(args: DemoArgs) -> Result<(), String> {
+    let channel: Channel = tonic::transport::Endpoint::from_shared(args.gateway.clone())
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| format!("cannot reach the gateway at {}: {e}", args.gateway))?;
+    let mut operator = OperatorServiceClient::new(channel.clone());
+    let mut pos = MerchantGatewayClient::new(channel);
+    let token = args.operator_token.as_str();
+    let run_tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+
+    println!("== Tandem demo (run {run_tag}) ==");
+    let acceptor = operator
+        .create_merchant(authorised(pb::CreateMerchantRequest { display_name: "Atelier Bikes (A)".into(), settlement_currency: "EUR".into(), time_zone: "Europe/Paris".into() }, token)?)
+        .await
+        .map_err(status("create merchant A"))?
+        .into_inner();
+    let referrer = operator
+        .create_merchant(authorised(pb::CreateMerchantRequest { display_name: "Cafe Lumiere (C)".into(), settlement_currency: "EUR".into(), time_zone: "Europe/Paris".into() }, token)?)
+        .await
+        .map_err(status("create merchant C"))?
+        .into_inner();
+    println!("merchant A (acceptor): {}", acceptor.merchant_id);
+    println!("merchant C (referrer): {}", referrer.merchant_id);
+
+    let partnership = operator
+        .create_partnership(authorised(pb::CreatePartnershipRequest {
+            referrer_merchant_id: referrer.merchant_id.clone(),
+            acceptor_merchant_id: acceptor.merchant_id.clone(),
+            commission_rate_bps: 750,
+            attribution_window_days: 30,
+        }, token)?)
+        .await
+        .map_err(status("create partnership"))?
+        .into_inner();
+    println!("partnership C -> A: {} (7.50% commission, 30-day attribution window)", partnership.partnership_id);
+
+    let customer_b_at_c = pb::CustomerIdentifiers { card_fingerprint: String::new(), phone: "+33 6 12 34 56 78".into(), email: "b.martin@example.com".into() };
+    let referral = pos
+        .create_referral(authorised(pb::CreateReferralRequest {
+            idempotency_key: format!("demo-{run_tag}-referral"),
+            merchant_id: String::new(),
+            acceptor_merchant_id: acceptor.merchant_id.clone(),
+            customer: Some(customer_b_at_c),
+            referrer_reference: format!("C-receipt-{run_tag}"),
+            referred_at: None,
+        }, &referrer.api_key)?)
+        .await
+        .map_err(status("create referral at C"))?
+        .into_inner();
+    println!("C's checkout referred customer B to A: {} (phone and e-mail pseudonymised at the gateway)", referral.referral_id);
+
+    // B pays at A as usual: A's POS captured the phone written differently, plus a card fingerprint.
+    let customer_b_at_a = pb::CustomerIdentifiers { card_fingerprint: format!("fp_{run_tag}_b"), phone: "0033 612 345 678".into(), email: String::new() };
+    let customer_d_at_a = pb::CustomerIdentifiers { card_fingerprint: format!("fp_{run_tag}_d"), phone: String::new(), email: "someone.else@example.org".into() };
+    let eur = Currency::parse("currency", "EUR").map_err(|e| e.to_string())?;
+    let purchases = [("B", customer_b_at_a.clone(), 12_000), ("B", customer_b_at_a, 4_555), ("D", customer_d_at_a, 8_000)];
+    for (index, (who, customer, amount_minor)) in purchases.into_iter().enumerate() {
+        let transaction_id = format!("A-{run_tag}-{index}");
+        let request = pb::RecordPurchaseRequest {
+            idempotency_key: format!("demo-{run_tag}-purchase-{index}"),
+            merchant_id: String::new(),
+            transaction_id: transaction_id.clone(),
+            customer: Some(customer),
+            amount: Some(pb::Money { amount_minor, currency: "EUR".into() }),
+            purchased_at: None,
+        };
+        let recorded = pos
+            .record_purchase(authorised(request.clone(), &acceptor.api_key)?)
+            .await
+            .map_err(status("record purchase at A"))?
+            .into_inner();
+        println!("customer {who} bought {} at A: {} ({transaction_id})", Money::new(amount_minor, eur), recorded.purchase_id);
+        if index == 0 {
+            // A POS that lost the answer retries with the same idempotency key: same purchase, counted once.
+            let retried = pos
+                .record_purchase(authorised(request, &acceptor.api_key)?)
+                .await
+                .map_err(status("retry purchase at A"))?
+                .into_inner();
+            println!("  A's POS retried that call: same answer {}, not counted twice", retried.purchase_id);
+        }
+    }
+
+    println!("waiting for the referral ledger to attribute the purchases...");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout_secs);
+    let activity = loop {
+        let activity = pos
+            .list_referral_activity(authorised(pb::ListReferralActivityRequest { page_size: 100, page_token: String::new() }, &referrer.api_key)?)
+            .await
+            .map_err(status("list referral activity for C"))?
+            .into_inner();
+        if activity.purchases.len() >= 2 {
+            break activity;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!("C saw {} attributed purchases after {}s, expected 2; see the service logs", activity.purchases.len(), args.timeout_secs));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+
+    println!();
+    println!("What C learned (ListReferralActivity, as C):");
+    println!("  {:<20} {:<24} {:>12} {:>12}  {}", "purchased at (UTC)", "C's reference", "amount", "commission", "purchase");
+    let mut total_commission = 0i64;
+    for purchase in &activity.purchases {
+        let amount = purchase.amount.clone().unwrap_or_default();
+        let commission = purchase.commission.clone().unwrap_or_default();
+        let currency = Currency::parse("currency", &amount.currency).map_err(|e| e.to_string())?;
+        total_commission += commission.amount_minor;
+        let at = purchase
+            .purchased_at
+            .as_ref()
+            .and_then(tandem_proto::time::datetime)
+            .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+            .unwrap_or_default();
+        println!(
+            "  {:<20} {:<24} {:>12} {:>12}  {}",
+            at,
+            purchase.referrer_reference,
+            Money::new(amount.amount_minor, currency).to_string(),
+            Money::new(commission.amount_minor, currency).to_string(),
+            purchase.purchase_id
+        );
+    }
+    println!("  total commission owed by A to C: {}", Money::new(total_commission, eur));
+    println!("Customer D was never referred by C, so C learns nothing about D's purchase.");
+    Ok(())
+}

@@ -1,0 +1,103 @@
+//! `tandemctl`: the operator's command line. Creates topics, waits for services to report
+//! healthy, and runs the end-to-end demo against a running stack.
+
+mod demo;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+#[derive(Debug, Parser)]
+#[command(name = "tandemctl", about = "Operate a Tandem deployment")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Creates Tandem's topics (those that exist are left alone).
+    CreateTopics {
+        #[command(flatten)]
+        bus: tandem_runtime::BusArgs,
+        /// Partitions of the customer-activity topic.
+        #[arg(long, default_value_t = 12)]
+        activity_partitions: i32,
+    },
+    /// Waits until every endpoint's gRPC health check reports SERVING.
+    WaitHealthy {
+        /// gRPC endpoints, e.g. http://127.0.0.1:50051
+        #[arg(required = true)]
+        endpoints: Vec<String>,
+        #[arg(long, default_value_t = 120)]
+        timeout_secs: u64,
+    },
+    /// Runs the demo: two merchants, a partnership, a referral and purchases, then prints what
+    /// the referrer learned.
+    Demo(demo::DemoArgs),
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::CreateTopics { bus, activity_partitions } => {
+            tandem_bus::create_topics(&bus.bus_config(), activity_partitions)
+                .await
+                .map(|()| println!("topics ready under prefix {:?}", bus.topic_prefix))
+                .map_err(|error| tandem_runtime::error_chain(&error))
+        }
+        Command::WaitHealthy { endpoints, timeout_secs } => {
+            wait_healthy(&endpoints, Duration::from_secs(timeout_secs)).await
+        }
+        Command::Demo(args) => demo::run(args).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("tandemctl: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn wait_healthy(endpoints: &[String], timeout: Duration) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    for endpoint in endpoints {
+        loop {
+            match check_health(endpoint).await {
+                Ok(()) => {
+                    println!("{endpoint} is serving");
+                    break;
+                }
+                Err(reason) if tokio::time::Instant::now() >= deadline => {
+                    return Err(format!("{endpoint} not healthy after {timeout:?}: {reason}"));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn check_health(endpoint: &str) -> Result<(), String> {
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .map_err(|e| e.to_string())?;
+    let response = HealthClient::new(channel)
+        .check(HealthCheckRequest { service: String::new() })
+        .await
+        .map_err(|status| status.message().to_owned())?;
+    if response.get_ref().status == ServingStatus::Serving as i32 {
+        Ok(())
+    } else {
+        Err(format!("status {}", response.get_ref().status))
+    }
+}

@@ -1,0 +1,142 @@
+//! Telemetry for every Tandem binary, initialised once by [`init`]:
+//!
+//! - structured JSON logs on stdout, filtered by `RUST_LOG` (default `info`);
+//! - OpenTelemetry spans from `tracing`, exported over OTLP/gRPC when
+//!   `OTEL_EXPORTER_OTLP_ENDPOINT` is set (spans still get trace ids without it, so the context
+//!   still propagates);
+//! - W3C trace context (`traceparent`) carried in gRPC metadata and Kafka headers, so one trace
+//!   follows a purchase from the POS call to the referrer.
+//!
+//! Spans carry merchant, event and purchase ids. They never carry customer identifiers: those are
+//! turned into customer keys before any span sees them.
+
+use std::collections::HashMap;
+
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::Resource;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("could not build the OTLP span exporter for {endpoint}")]
+    Exporter {
+        endpoint: String,
+        #[source]
+        source: opentelemetry_otlp::ExporterBuildError,
+    },
+    #[error("a global tracing subscriber is already installed")]
+    AlreadyInitialised(#[source] tracing_subscriber::util::TryInitError),
+}
+
+/// Flushes and shuts down span export when dropped; keep it alive for the life of `main`.
+#[must_use = "dropping the guard stops trace export"]
+pub struct TelemetryGuard {
+    provider: SdkTracerProvider,
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        if let Err(error) = self.provider.shutdown() {
+            eprintln!("telemetry: span export did not shut down cleanly: {error}");
+        }
+    }
+}
+
+/// Installs logging and tracing for the binary `service_name`.
+pub fn init(service_name: &'static str) -> Result<TelemetryGuard, TelemetryError> {
+    let provider = tracer_provider(service_name)?;
+    let tracer = provider.tracer(service_name);
+    tracing_subscriber::registry()
+        .with(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .json()
+                .with_current_span(true)
+                .with_span_list(false)
+                .with_target(true),
+        )
+        .with(tracing_opentelemetry::layer().with_tracer(tracer))
+        .try_init()
+        .map_err(TelemetryError::AlreadyInitialised)?;
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    Ok(TelemetryGuard { provider })
+}
+
+/// Installs human-readable logs for tests, shown only when `TEST_LOG` is set. Safe to call from
+/// every test: only the first call installs anything.
+pub fn init_for_tests() {
+    let filter = if std::env::var_os("TEST_LOG").is_some() { "info" } else { "off" };
+    let provider = SdkTracerProvider::builder().build();
+    let tracer = provider.tracer("test");
+    let _ = tracing_subscriber::registry()
+        .with(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter)))
+        .with(tracing_subscriber::fmt::layer().with_test_writer())
+        .with(tracing_opentelemetry::layer().with_tracer(tracer))
+        .try_init();
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+}
+
+fn tracer_provider(service_name: &'static str) -> Result<SdkTracerProvider, TelemetryError> {
+    let resource = Resource::builder().with_service_name(service_name).build();
+    let builder = SdkTracerProvider::builder().with_resource(resource);
+    let endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok().filter(|e| !e.is_empty());
+    let Some(endpoint) = endpoint else {
+        return Ok(builder.build());
+    };
+    use opentelemetry_otlp::WithExportConfig;
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint.clone())
+        .build()
+        .map_err(|source| TelemetryError::Exporter { endpoint, source })?;
+    Ok(builder.with_batch_exporter(exporter).build())
+}
+
+/// The current span's trace context as header pairs (`traceparent`, maybe `tracestate`), to
+/// attach to an outgoing message.
+pub fn current_trace_headers() -> Vec<(String, String)> {
+    let context = tracing::Span::current().context();
+    let mut carrier = HashMap::new();
+    TraceContextPropagator::new().inject_context(&context, &mut HeaderCarrier(&mut carrier));
+    let mut headers: Vec<(String, String)> = carrier.into_iter().collect();
+    headers.sort();
+    headers
+}
+
+/// Makes `span` a child of the trace context found in `headers` (from a Kafka message or gRPC
+/// metadata). Without a valid `traceparent`, the span starts a new trace.
+pub fn set_parent_from_headers<'a>(
+    span: &tracing::Span,
+    headers: impl IntoIterator<Item = (&'a str, &'a str)>,
+) {
+    let carrier: HashMap<String, String> =
+        headers.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v.to_owned())).collect();
+    let context = TraceContextPropagator::new().extract(&HeaderMapView(&carrier));
+    let _ = span.set_parent(context);
+}
+
+struct HeaderCarrier<'a>(&'a mut HashMap<String, String>);
+
+impl Injector for HeaderCarrier<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.insert(key.to_owned(), value);
+    }
+}
+
+struct HeaderMapView<'a>(&'a HashMap<String, String>);
+
+impl Extractor for HeaderMapView<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(String::as_str).collect()
+    }
+}

@@ -1,0 +1,188 @@
+//! Test helpers for tests that use the real Postgres and the real broker: a fresh database per
+//! test, a unique topic prefix per test (with its topics created), and helpers to read topics
+//! back. `DATABASE_URL` and `TANDEM_KAFKA_BROKERS` say where they are; `deploy/local/test.sh`
+//! starts both.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use sqlx::{Connection, PgConnection};
+use tandem_bus::{BusConfig, Topic};
+
+pub fn database_server_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+pub fn brokers() -> String {
+    std::env::var("TANDEM_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned())
+}
+
+/// A database of its own for one test, dropped when the value is.
+pub struct TestDatabase {
+    pub name: String,
+    pub url: String,
+    server_url: String,
+}
+
+impl TestDatabase {
+    pub async fn create() -> Self {
+        tandem_telemetry::init_for_tests();
+        let server_url = database_server_url();
+        let name = format!("tandem_test_{}", uuid::Uuid::new_v4().simple());
+        let mut connection = PgConnection::connect(&server_url)
+            .await
+            .expect("connect to Postgres at DATABASE_URL (run deploy/local/test.sh to start it)");
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut connection)
+            .await
+            .expect("create test database");
+        let url = with_database(&server_url, &name);
+        Self { name, url, server_url }
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let server_url = self.server_url.clone();
+        let name = self.name.clone();
+        // Best effort, on a thread of its own: Drop cannot be async.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(async move {
+                let mut connection = PgConnection::connect(&server_url).await.map_err(std::io::Error::other)?;
+                sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&mut connection)
+                    .await
+                    .map_err(std::io::Error::other)?;
+                Ok::<(), std::io::Error>(())
+            })
+        })
+        .join();
+    }
+}
+
+/// `url` with its database name replaced by `database`.
+fn with_database(url: &str, database: &str) -> String {
+    let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
+    let authority_end = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[authority_end..].find('/') {
+        Some(slash) => &base[..authority_end + slash],
+        None => base,
+    };
+    match query {
+        Some(query) => format!("{base}/{database}?{query}"),
+        None => format!("{base}/{database}"),
+    }
+}
+
+/// Topics of their own for one test: a unique prefix, with every Tandem topic created.
+pub async fn test_bus(activity_partitions: i32) -> BusConfig {
+    let config = BusConfig {
+        brokers: brokers(),
+        topic_prefix: format!("test-{}", uuid::Uuid::new_v4().simple()),
+    };
+    tandem_bus::create_topics(&config, activity_partitions)
+        .await
+        .expect("create topics (is the broker running? deploy/local/test.sh starts it)");
+    config
+}
+
+/// A raw message read back from a topic.
+#[derive(Debug, Clone)]
+pub struct RawMessage {
+    pub key: Vec<u8>,
+    pub payload: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// Every message on `topic` up to its current end, from all partitions.
+pub fn read_topic(config: &BusConfig, topic: Topic) -> Vec<RawMessage> {
+    let name = topic.name(config);
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &config.brokers)
+        .set("group.id", format!("reader-{}", uuid::Uuid::new_v4().simple()))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("reader consumer");
+    let metadata = consumer
+        .fetch_metadata(Some(&name), Duration::from_secs(10))
+        .expect("topic metadata");
+    let partitions: Vec<i32> = metadata.topics()[0].partitions().iter().map(|p| p.id()).collect();
+    let mut assignment = TopicPartitionList::new();
+    let mut remaining = 0i64;
+    let mut ends = std::collections::HashMap::new();
+    for partition in &partitions {
+        let (low, high) = consumer
+            .fetch_watermarks(&name, *partition, Duration::from_secs(10))
+            .expect("watermarks");
+        if high > low {
+            assignment.add_partition_offset(&name, *partition, Offset::Offset(low)).expect("assign");
+            remaining += high - low;
+            ends.insert(*partition, high);
+        }
+    }
+    let mut messages = Vec::new();
+    if remaining == 0 {
+        return messages;
+    }
+    consumer.assign(&assignment).expect("assign partitions");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while remaining > 0 && std::time::Instant::now() < deadline {
+        if let Some(result) = consumer.poll(Duration::from_millis(200)) {
+            let message = result.expect("read message");
+            if message.offset() < ends[&message.partition()] {
+                remaining -= 1;
+                let headers = message
+                    .headers()
+                    .map(|headers| {
+                        use rdkafka::message::Headers;
+                        headers
+                            .iter()
+                            .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                messages.push(RawMessage {
+                    key: message.key().unwrap_or_default().to_vec(),
+                    payload: message.payload().unwrap_or_default().to_vec(),
+                    headers,
+                });
+            }
+        }
+    }
+    assert_eq!(remaining, 0, "could not read all of {name} within 30 s");
+    messages
+}
+
+/// Polls `check` until it returns `Some`, or panics after `timeout` with `what`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_database;
+
+    #[test]
+    fn replaces_the_database_name() {
+        assert_eq!(with_database("postgres://u@h:5432/postgres", "t1"), "postgres://u@h:5432/t1");
+        assert_eq!(with_database("postgres://u@h:5432", "t1"), "postgres://u@h:5432/t1");
+        assert_eq!(with_database("postgres://u@h/db?sslmode=disable", "t1"), "postgres://u@h/t1?sslmode=disable");
+    }
+}

@@ -1,0 +1,68 @@
+//! Idempotency keys. Each write runs in one transaction that first takes a lock on its
+//! (merchant, key) pair, so two concurrent tries of one request are serialised: the second waits
+//! for the first to commit and then returns its answer.
+
+use sqlx::PgConnection;
+use tandem_domain::ids::MerchantId;
+
+use crate::GatewayError;
+
+/// Starts an idempotent write: returns the stored answer if this key was already used for the
+/// same request, an error if it was used for a different one, and `None` for a new key.
+pub async fn begin(
+    connection: &mut PgConnection,
+    merchant: &MerchantId,
+    idempotency_key: &str,
+    operation: &str,
+    fingerprint: &[u8],
+) -> Result<Option<Vec<u8>>, GatewayError> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1 || chr(0) || $2, 0))")
+        .bind(merchant.as_str())
+        .bind(idempotency_key)
+        .execute(&mut *connection)
+        .await?;
+    let previous: Option<(String, Vec<u8>, Vec<u8>)> = sqlx::query_as(
+        "SELECT operation, request_fingerprint, response FROM idempotency_records \
+         WHERE merchant_id = $1 AND idempotency_key = $2",
+    )
+    .bind(merchant.as_str())
+    .bind(idempotency_key)
+    .fetch_optional(&mut *connection)
+    .await?;
+    match previous {
+        None => Ok(None),
+        Some((previous_operation, previous_fingerprint, response))
+            if previous_operation == operation && previous_fingerprint == fingerprint =>
+        {
+            Ok(Some(response))
+        }
+        Some((previous_operation, _, _)) => Err(GatewayError::AlreadyExists(format!(
+            "idempotency_key {idempotency_key:?} was already used for a different {previous_operation} request; \
+             a retry must repeat the request exactly, and a new request needs a new key"
+        ))),
+    }
+}
+
+/// Stores the answer to a new key, in the same transaction as the write.
+pub async fn finish(
+    connection: &mut PgConnection,
+    merchant: &MerchantId,
+    idempotency_key: &str,
+    operation: &str,
+    fingerprint: &[u8],
+    response: &[u8],
+) -> Result<(), GatewayError> {
+    sqlx::query(
+        "INSERT INTO idempotency_records \
+         (merchant_id, idempotency_key, operation, request_fingerprint, response) \
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(merchant.as_str())
+    .bind(idempotency_key)
+    .bind(operation)
+    .bind(fingerprint)
+    .bind(response)
+    .execute(connection)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,146 @@
+//! The merchant gateway: Tandem's POS-facing gRPC API.
+//!
+//! Every write is validated and pseudonymised at the edge, recorded in one Postgres transaction
+//! (event table, outbox and idempotency record together) and acknowledged only after that commit.
+//! The outbox relay then publishes it to Kafka. Raw customer identifiers never leave this crate's
+//! request parsing.
+
+mod auth;
+mod commands;
+mod error;
+mod events;
+mod idempotency;
+mod operator;
+mod pos;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use sqlx::PgPool;
+use tandem_bus::{idempotent_producer, run_outbox_relay, RelaySettings};
+use tandem_domain::customer::NetworkKey;
+use tandem_proto::v1::merchant_gateway_server::MerchantGatewayServer;
+use tandem_proto::v1::operator_service_server::OperatorServiceServer;
+use tandem_proto::v1::referral_ledger_client::ReferralLedgerClient;
+use tandem_runtime::{BusArgs, DatabaseArgs, Secret};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tonic::server::NamedService;
+use tonic::service::Routes;
+
+pub use error::GatewayError;
+
+/// Configuration: every setting is a flag and an environment variable.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "merchant-gateway", about = "Tandem's POS-facing gRPC API")]
+pub struct Config {
+    /// Address of the gRPC listener.
+    #[arg(long, env = "TANDEM_GATEWAY_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    #[command(flatten)]
+    pub bus: BusArgs,
+    /// Postgres schema of the gateway.
+    #[arg(long, env = "TANDEM_GATEWAY_SCHEMA", default_value = "gateway")]
+    pub schema: String,
+    /// URL of the referral ledger's gRPC API.
+    #[arg(long, env = "TANDEM_LEDGER_URL", default_value = "http://127.0.0.1:50052")]
+    pub ledger_url: String,
+    /// Token operators present as `authorization: Bearer <token>`; at least 16 characters.
+    #[arg(long, env = "TANDEM_OPERATOR_TOKEN", hide_env_values = true, value_parser = parse_operator_token)]
+    pub operator_token: Secret,
+    /// Key customer keys are derived with, `<version>:<secret in hex, at least 32 bytes>`.
+    #[arg(long, env = "TANDEM_NETWORK_KEY", hide_env_values = true, value_parser = parse_network_key)]
+    pub network_key: NetworkKey,
+}
+
+fn parse_operator_token(value: &str) -> Result<Secret, String> {
+    if value.trim().len() < 16 {
+        return Err("must be at least 16 characters".to_owned());
+    }
+    Ok(Secret::new(value.trim()))
+}
+
+/// Parses `<version>:<hex secret>`.
+pub fn parse_network_key(value: &str) -> Result<NetworkKey, String> {
+    let (version, secret) = value
+        .split_once(':')
+        .ok_or("must be <version>:<secret in hex>, e.g. 1:9f86d0…")?;
+    let version: u16 = version.parse().map_err(|_| "version must be a number from 0 to 65535")?;
+    let secret = hex::decode(secret.trim()).map_err(|_| "secret must be hexadecimal")?;
+    NetworkKey::new(version, secret).map_err(|error| error.reason)
+}
+
+/// What the handlers share.
+pub struct State {
+    pub pool: PgPool,
+    pub network_key: NetworkKey,
+    pub operator_token: Secret,
+    /// Rung after every commit that wrote to the outbox, so the relay publishes at once.
+    pub outbox_written: Arc<Notify>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("storage")]
+    Store(#[from] tandem_store::StoreError),
+    #[error("message bus")]
+    Bus(#[from] tandem_bus::BusError),
+    #[error("invalid ledger URL {0:?}")]
+    LedgerUrl(String, #[source] tonic::transport::Error),
+    #[error("gRPC server")]
+    Serve(#[from] tandem_runtime::ServeError),
+}
+
+static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Runs the gateway on `listener` until `shutdown` is cancelled: migrates its schema, starts the
+/// outbox relay and serves gRPC.
+pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<(), StartError> {
+    let pool = tandem_store::connect(&config.database.store_config(&config.schema)).await?;
+    tandem_store::migrate(&pool, &MIGRATIONS).await?;
+    let bus = config.bus.bus_config();
+    let producer = idempotent_producer(&bus)?;
+    let ledger_channel = tonic::transport::Endpoint::from_shared(config.ledger_url.clone())
+        .map_err(|error| StartError::LedgerUrl(config.ledger_url.clone(), error))?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .timeout(std::time::Duration::from_secs(10))
+        .connect_lazy();
+    let state = Arc::new(State {
+        pool: pool.clone(),
+        network_key: config.network_key,
+        operator_token: config.operator_token,
+        outbox_written: Arc::new(Notify::new()),
+    });
+
+    let relay = tokio::spawn(run_outbox_relay(
+        pool.clone(),
+        producer,
+        bus,
+        RelaySettings::default(),
+        state.outbox_written.clone(),
+        shutdown.clone(),
+    ));
+    let routes = Routes::new(MerchantGatewayServer::new(pos::PosApi {
+        state: state.clone(),
+        ledger: ReferralLedgerClient::new(ledger_channel),
+    }))
+    .add_service(OperatorServiceServer::new(operator::OperatorApi { state }));
+    let served = tandem_runtime::serve(
+        listener,
+        routes,
+        &[
+            <MerchantGatewayServer<pos::PosApi> as NamedService>::NAME,
+            <OperatorServiceServer<operator::OperatorApi> as NamedService>::NAME,
+        ],
+        shutdown.clone(),
+    )
+    .await;
+    shutdown.cancel();
+    let _ = relay.await;
+    pool.close().await;
+    served?;
+    Ok(())
+}
