@@ -11,7 +11,7 @@ mod pool;
 pub use applied::claim_unapplied;
 pub use events::{append_events, NewEvent};
 pub use outbox::{delete_outbox, enqueue_outbox, fetch_outbox, OutboxMessage, OutboxRow};
-pub use pool::{connect, migrate, StoreConfig};
+pub use pool::{connect, create_database, migrate, url_with_database, StoreConfig};
 
 /// Errors from the storage layer, with the cause chain kept.
 #[derive(Debug, thiserror::Error)]
@@ -22,7 +22,7 @@ pub enum StoreError {
     Migration(#[from] sqlx::migrate::MigrateError),
     #[error("stream {stream_id} was changed concurrently: expected it at sequence {expected}")]
     Conflict { stream_id: String, expected: i32 },
-    #[error("invalid schema name {0:?}: use lower-case letters, digits and underscores")]
+    #[error("invalid schema or database name {0:?}: use lower-case letters, digits and underscores")]
     InvalidSchema(String),
 }
 

@@ -62,3 +62,46 @@ pub async fn migrate(pool: &PgPool, service: &Migrator) -> Result<(), StoreError
     }
     Ok(())
 }
+
+/// Creates database `name` on the server `server_url` points at, unless it exists.
+pub async fn create_database(server_url: &str, name: &str) -> Result<bool, StoreError> {
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
+        return Err(StoreError::InvalidSchema(name.to_owned()));
+    }
+    let mut connection = sqlx::PgConnection::connect(server_url).await?;
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(name)
+        .fetch_one(&mut connection)
+        .await?;
+    if !exists {
+        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut connection).await?;
+    }
+    connection.close().await?;
+    Ok(!exists)
+}
+
+/// `url` with its database name replaced by `database`.
+pub fn url_with_database(url: &str, database: &str) -> String {
+    let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
+    let authority_end = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[authority_end..].find('/') {
+        Some(slash) => &base[..authority_end + slash],
+        None => base,
+    };
+    match query {
+        Some(query) => format!("{base}/{database}?{query}"),
+        None => format!("{base}/{database}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::url_with_database as with_database;
+
+    #[test]
+    fn replaces_the_database_name() {
+        assert_eq!(with_database("postgres://u@h:5432/postgres", "t1"), "postgres://u@h:5432/t1");
+        assert_eq!(with_database("postgres://u@h:5432", "t1"), "postgres://u@h:5432/t1");
+        assert_eq!(with_database("postgres://u@h/db?sslmode=disable", "t1"), "postgres://u@h/t1?sslmode=disable");
+    }
+}

@@ -28,6 +28,21 @@ enum Command {
         #[arg(long, default_value_t = 12)]
         activity_partitions: i32,
     },
+    /// Creates a database on the Postgres server unless it exists.
+    CreateDatabase {
+        /// URL of the server (any database on it).
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: String,
+        #[arg(long)]
+        name: String,
+    },
+    /// Prints DATABASE_URL with its database replaced by NAME.
+    DatabaseUrl {
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: String,
+        #[arg(long)]
+        name: String,
+    },
     /// Waits until every endpoint's gRPC health check reports SERVING.
     WaitHealthy {
         /// gRPC endpoints, e.g. http://127.0.0.1:50051
@@ -50,6 +65,20 @@ async fn main() -> ExitCode {
                 .await
                 .map(|()| println!("topics ready under prefix {:?}", bus.topic_prefix))
                 .map_err(|error| tandem_runtime::error_chain(&error))
+        }
+        Command::CreateDatabase { database_url, name } => {
+            tandem_store::create_database(&database_url, &name)
+                .await
+                .map(|created| {
+                    if created {
+                        eprintln!("created database {name}");
+                    }
+                })
+                .map_err(|error| tandem_runtime::error_chain(&error))
+        }
+        Command::DatabaseUrl { database_url, name } => {
+            println!("{}", tandem_store::url_with_database(&database_url, &name));
+            Ok(())
         }
         Command::WaitHealthy { endpoints, timeout_secs } => {
             wait_healthy(&endpoints, Duration::from_secs(timeout_secs)).await

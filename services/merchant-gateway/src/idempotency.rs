@@ -16,7 +16,7 @@ pub async fn begin(
     operation: &str,
     fingerprint: &[u8],
 ) -> Result<Option<Vec<u8>>, GatewayError> {
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1 || chr(0) || $2, 0))")
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1 || ':' || $2, 0))")
         .bind(merchant.as_str())
         .bind(idempotency_key)
         .execute(&mut *connection)

@@ -229,19 +229,23 @@ async fn attribute(
         return Ok(());
     };
 
-    let (partnership_id, referrer, acceptor): (String, String, String) = sqlx::query_as(
-        "SELECT partnership_id, referrer_merchant_id, acceptor_merchant_id FROM referrals WHERE referral_id = $1",
+    let (partnership_id, referral_terms_version, referrer, acceptor): (String, i32, String, String) = sqlx::query_as(
+        "SELECT partnership_id, terms_version, referrer_merchant_id, acceptor_merchant_id FROM referrals WHERE referral_id = $1",
     )
     .bind(winner.referral_id.as_str())
     .fetch_one(&mut *connection)
     .await?;
-    // The terms in force when the purchase happened: the latest version effective by then.
+    // The terms in force when the purchase happened: the latest version effective by then. A
+    // purchase dated before the partnership's first version (a till that was offline) uses the
+    // version the referral was made under.
     let (terms_version, rate_bps): (i32, i32) = sqlx::query_as(
         "SELECT terms_version, commission_rate_bps FROM partnership_terms \
-         WHERE partnership_id = $1 AND effective_from <= $2 ORDER BY terms_version DESC LIMIT 1",
+         WHERE partnership_id = $1 AND (effective_from <= $2 OR terms_version = $3) \
+         ORDER BY (effective_from <= $2) DESC, terms_version DESC LIMIT 1",
     )
     .bind(&partnership_id)
     .bind(purchase.purchased_at)
+    .bind(referral_terms_version)
     .fetch_optional(&mut *connection)
     .await?
     .ok_or_else(|| LedgerError::AwaitingPartnership(partnership_id.clone()))?;

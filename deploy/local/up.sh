@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Starts the whole local stack: Postgres, the broker, the topics and the four services, and waits
+# until every service reports healthy. Safe to run again: what is running is reused.
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+export TANDEM_DATABASE_NAME="${TANDEM_DATABASE_NAME:-tandem}"
+export TANDEM_TOPIC_PREFIX="${TANDEM_TOPIC_PREFIX:-tandem}"
+# Local development secrets, generated once and kept in $TANDEM_HOME. Never use them in production.
+secrets="$TANDEM_HOME/secrets.env"
+if [[ ! -f "$secrets" ]]; then
+  umask 077
+  {
+    echo "TANDEM_OPERATOR_TOKEN=op_$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
+    echo "TANDEM_NETWORK_KEY=1:$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')"
+  } >"$secrets"
+fi
+set -a; source "$secrets"; set +a
+
+ensure_postgres
+ensure_broker
+
+cd "$REPO_ROOT"
+log "building the services (cargo build --release)"
+cargo build --release --quiet -p merchant-gateway -p referral-ledger -p settlement -p notifications -p tandemctl
+bin="$CARGO_TARGET_DIR/release"
+
+"$bin/tandemctl" create-database --database-url "$DATABASE_URL" --name "$TANDEM_DATABASE_NAME"
+service_db_url="$("$bin/tandemctl" database-url --database-url "$DATABASE_URL" --name "$TANDEM_DATABASE_NAME")"
+"$bin/tandemctl" create-topics --kafka-brokers "$TANDEM_KAFKA_BROKERS" --topic-prefix "$TANDEM_TOPIC_PREFIX"
+
+start_service() {
+  local name=$1 port=$2
+  if [[ -f "$TANDEM_HOME/pids/$name.pid" ]] && kill -0 "$(cat "$TANDEM_HOME/pids/$name.pid")" 2>/dev/null; then
+    log "$name is already running"
+    return
+  fi
+  port_open 127.0.0.1 "$port" && die "port $port is taken by another process; stop it or run down.sh"
+  log "starting $name on 127.0.0.1:$port (log: $TANDEM_HOME/logs/$name.log)"
+  DATABASE_URL="$service_db_url" nohup "$bin/$name" >>"$TANDEM_HOME/logs/$name.log" 2>&1 &
+  echo $! >"$TANDEM_HOME/pids/$name.pid"
+}
+start_service referral-ledger 50052
+start_service merchant-gateway 50051
+start_service settlement 50053
+start_service notifications 50054
+
+"$bin/tandemctl" wait-healthy --timeout-secs 60 \
+  http://127.0.0.1:50051 http://127.0.0.1:50052 http://127.0.0.1:50053 http://127.0.0.1:50054 \
+  || die "a service did not become healthy; see $TANDEM_HOME/logs/"
+log "Tandem is up: merchant gateway at 127.0.0.1:50051, logs in $TANDEM_HOME/logs/"

@@ -1,0 +1,276 @@
+//! Starts Tandem's services in-process on port 0, against a fresh database and topics of their
+//! own, and gives typed clients for them.
+#![allow(dead_code, clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use merchant_gateway::parse_network_key;
+use tandem_bus::BusConfig;
+use tandem_proto::v1 as pb;
+use tandem_proto::v1::merchant_gateway_client::MerchantGatewayClient;
+use tandem_proto::v1::operator_service_client::OperatorServiceClient;
+use tandem_runtime::{BusArgs, DatabaseArgs, Secret};
+use tandem_testkit::TestDatabase;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic::Request;
+
+pub const OPERATOR_TOKEN: &str = "operator-token-for-tests";
+const NETWORK_KEY: &str = "1:000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+
+/// A running service and the means to stop it.
+pub struct Running {
+    pub address: SocketAddr,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), String>>,
+}
+
+impl Running {
+    /// Stops the service as SIGTERM would and waits for it to finish.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let result = tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("service stops within 30 s")
+            .expect("service task did not panic");
+        result.expect("service ended without error");
+    }
+}
+
+/// The gateway and, optionally, the ledger, on one test database and one topic prefix.
+pub struct Stack {
+    pub database: TestDatabase,
+    pub bus: BusConfig,
+    pub gateway: Option<Running>,
+    pub ledger: Option<Running>,
+    ledger_address: SocketAddr,
+}
+
+impl Stack {
+    pub async fn start(with_ledger: bool) -> Stack {
+        let database = TestDatabase::create().await;
+        let bus = tandem_testkit::test_bus(4).await;
+        let ledger_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ledger_address = ledger_listener.local_addr().unwrap();
+        let mut stack = Stack { database, bus, gateway: None, ledger: None, ledger_address };
+        if with_ledger {
+            stack.ledger = Some(stack.spawn_ledger(ledger_listener, "referral-ledger"));
+        }
+        stack.gateway = Some(stack.spawn_gateway().await);
+        stack
+    }
+
+    fn database_args(&self) -> DatabaseArgs {
+        DatabaseArgs { database_url: self.database.url.clone(), db_max_connections: 5 }
+    }
+
+    fn bus_args(&self) -> BusArgs {
+        BusArgs { kafka_brokers: self.bus.brokers.clone(), topic_prefix: self.bus.topic_prefix.clone() }
+    }
+
+    async fn spawn_gateway(&self) -> Running {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let config = merchant_gateway::Config {
+            listen: address,
+            database: self.database_args(),
+            bus: self.bus_args(),
+            schema: "gateway".into(),
+            ledger_url: format!("http://{}", self.ledger_address),
+            operator_token: Secret::new(OPERATOR_TOKEN),
+            network_key: parse_network_key(NETWORK_KEY).unwrap(),
+        };
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move { merchant_gateway::run(config, listener, shutdown).await.map_err(|e| format!("{e:?}")) }
+        });
+        wait_until_serving(address).await;
+        Running { address, shutdown, task }
+    }
+
+    /// Starts a ledger on `listener` with consumer group `group`.
+    pub fn spawn_ledger(&self, listener: TcpListener, group: &str) -> Running {
+        let address = listener.local_addr().unwrap();
+        let config = referral_ledger::Config {
+            listen: address,
+            database: self.database_args(),
+            bus: self.bus_args(),
+            schema: "ledger".into(),
+            consumer_group: format!("{}-{group}", self.bus.topic_prefix),
+            max_batch: 500,
+        };
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move { referral_ledger::run(config, listener, shutdown).await.map_err(|e| format!("{e:?}")) }
+        });
+        Running { address, shutdown, task }
+    }
+
+    /// Stops the ledger and starts a new one on the same database and address, in consumer
+    /// group `group`. A new group reads both topics again from the start.
+    pub async fn restart_ledger(&mut self, group: &str) {
+        if let Some(ledger) = self.ledger.take() {
+            ledger.stop().await;
+        }
+        let listener = bind_again(self.ledger_address).await;
+        self.ledger = Some(self.spawn_ledger(listener, group));
+        wait_until_serving(self.ledger_address).await;
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(gateway) = self.gateway.take() {
+            gateway.stop().await;
+        }
+        if let Some(ledger) = self.ledger.take() {
+            ledger.stop().await;
+        }
+    }
+
+    fn gateway_address(&self) -> SocketAddr {
+        self.gateway.as_ref().expect("gateway running").address
+    }
+
+    async fn channel(&self) -> Channel {
+        tonic::transport::Endpoint::from_shared(format!("http://{}", self.gateway_address()))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    pub async fn operator(&self) -> OperatorServiceClient<Channel> {
+        OperatorServiceClient::new(self.channel().await)
+    }
+
+    pub async fn pos(&self) -> MerchantGatewayClient<Channel> {
+        MerchantGatewayClient::new(self.channel().await)
+    }
+
+    /// Registers a merchant; returns its id and API key.
+    pub async fn merchant(&self, name: &str) -> (String, String) {
+        let response = self
+            .operator()
+            .await
+            .create_merchant(as_operator(pb::CreateMerchantRequest {
+                display_name: name.into(),
+                settlement_currency: "EUR".into(),
+                time_zone: "Europe/Paris".into(),
+            }))
+            .await
+            .expect("create merchant")
+            .into_inner();
+        (response.merchant_id, response.api_key)
+    }
+
+    pub async fn partnership(&self, referrer: &str, acceptor: &str, rate_bps: u32, window_days: u32) -> String {
+        self.operator()
+            .await
+            .create_partnership(as_operator(pb::CreatePartnershipRequest {
+                referrer_merchant_id: referrer.into(),
+                acceptor_merchant_id: acceptor.into(),
+                commission_rate_bps: rate_bps,
+                attribution_window_days: window_days,
+            }))
+            .await
+            .expect("create partnership")
+            .into_inner()
+            .partnership_id
+    }
+
+    /// Connects to the stack's database with `search_path` set to `schema`.
+    pub async fn schema(&self, schema: &str) -> sqlx::PgPool {
+        tandem_store::connect(&tandem_store::StoreConfig {
+            database_url: self.database.url.clone(),
+            schema: schema.into(),
+            max_connections: 2,
+        })
+        .await
+        .unwrap()
+    }
+}
+
+async fn bind_again(address: SocketAddr) -> TcpListener {
+    for _ in 0..50 {
+        if let Ok(listener) = TcpListener::bind(address).await {
+            return listener;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("could not bind {address} again");
+}
+
+async fn wait_until_serving(address: SocketAddr) {
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(address).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("service at {address} never accepted connections");
+}
+
+pub fn with_bearer<T>(message: T, secret: &str) -> Request<T> {
+    let mut request = Request::new(message);
+    request.metadata_mut().insert("authorization", format!("Bearer {secret}").parse().unwrap());
+    request
+}
+
+pub fn as_operator<T>(message: T) -> Request<T> {
+    with_bearer(message, OPERATOR_TOKEN)
+}
+
+pub fn customer(card: &str, phone: &str, email: &str) -> pb::CustomerIdentifiers {
+    pb::CustomerIdentifiers { card_fingerprint: card.into(), phone: phone.into(), email: email.into() }
+}
+
+pub fn eur(amount_minor: i64) -> Option<pb::Money> {
+    Some(pb::Money { amount_minor, currency: "EUR".into() })
+}
+
+pub fn purchase(key: &str, transaction_id: &str, customer: pb::CustomerIdentifiers, amount_minor: i64) -> pb::RecordPurchaseRequest {
+    pb::RecordPurchaseRequest {
+        idempotency_key: key.into(),
+        merchant_id: String::new(),
+        transaction_id: transaction_id.into(),
+        customer: Some(customer),
+        amount: eur(amount_minor),
+        purchased_at: None,
+    }
+}
+
+pub fn referral(key: &str, acceptor: &str, customer: pb::CustomerIdentifiers) -> pb::CreateReferralRequest {
+    pb::CreateReferralRequest {
+        idempotency_key: key.into(),
+        merchant_id: String::new(),
+        acceptor_merchant_id: acceptor.into(),
+        customer: Some(customer),
+        referrer_reference: String::new(),
+        referred_at: None,
+    }
+}
+
+/// Every row of every table of `schemas`, as JSON text, for scanning.
+pub async fn dump_tables(pool: &sqlx::PgPool, schemas: &[&str]) -> Vec<String> {
+    let tables: Vec<(String, String)> = sqlx::query_as(
+        "SELECT table_schema, table_name FROM information_schema.tables \
+         WHERE table_schema = ANY($1) AND table_type = 'BASE TABLE'",
+    )
+    .bind(schemas.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let mut rows = Vec::new();
+    for (schema, table) in tables {
+        let dumped: Vec<String> = sqlx::query_scalar(&format!("SELECT row_to_json(t)::text FROM {schema}.{table} t"))
+            .fetch_all(pool)
+            .await
+            .unwrap();
+        rows.extend(dumped.into_iter().map(|row| format!("{schema}.{table}: {row}")));
+    }
+    rows
+}
