@@ -76,8 +76,11 @@ pub async fn run_consumer<H: BatchHandler>(
         .set("session.timeout.ms", "10000")
         .create()?;
     let topic_names: Vec<String> = settings.topics.iter().map(|t| t.name(&config)).collect();
-    let by_name: HashMap<String, Topic> =
-        settings.topics.iter().map(|t| (t.name(&config), *t)).collect();
+    let by_name: HashMap<String, Topic> = settings
+        .topics
+        .iter()
+        .map(|t| (t.name(&config), *t))
+        .collect();
     let subscribed: Vec<&str> = topic_names.iter().map(String::as_str).collect();
     consumer.subscribe(&subscribed)?;
     tracing::info!(group_id = %settings.group_id, topics = ?topic_names, "consumer started");
@@ -122,7 +125,9 @@ pub async fn run_consumer<H: BatchHandler>(
 
         let mut next_offsets: HashMap<(Topic, i32), i64> = HashMap::new();
         for delivery in &batch {
-            let next = next_offsets.entry((delivery.topic, delivery.partition)).or_insert(0);
+            let next = next_offsets
+                .entry((delivery.topic, delivery.partition))
+                .or_insert(0);
             *next = (*next).max(delivery.offset + 1);
         }
         let mut offsets = TopicPartitionList::with_capacity(next_offsets.len());
@@ -140,7 +145,10 @@ pub async fn run_consumer<H: BatchHandler>(
 
 fn push<M: Message>(batch: &mut Vec<Delivery>, message: &M, by_name: &HashMap<String, Topic>) {
     let Some(topic) = by_name.get(message.topic()).copied() else {
-        tracing::warn!(topic = message.topic(), "message from an unexpected topic ignored");
+        tracing::warn!(
+            topic = message.topic(),
+            "message from an unexpected topic ignored"
+        );
         return;
     };
     let headers = message

@@ -30,7 +30,10 @@ pub struct RelaySettings {
 
 impl Default for RelaySettings {
     fn default() -> Self {
-        Self { batch_size: 2_000, idle_poll: Duration::from_millis(200) }
+        Self {
+            batch_size: 2_000,
+            idle_poll: Duration::from_millis(200),
+        }
     }
 }
 
@@ -128,7 +131,10 @@ async fn publish_batch(
     let sends = rows.iter().zip(&topic_names).map(|(row, topic_name)| {
         let mut headers = OwnedHeaders::new_with_capacity(row.header_names.len());
         for (name, value) in row.header_names.iter().zip(&row.header_values) {
-            headers = headers.insert(Header { key: name, value: Some(value.as_bytes()) });
+            headers = headers.insert(Header {
+                key: name,
+                value: Some(value.as_bytes()),
+            });
         }
         let record = FutureRecord::to(topic_name)
             .key(&row.partition_key)

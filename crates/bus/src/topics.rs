@@ -42,7 +42,9 @@ impl Topic {
     }
 
     pub fn from_logical_name(name: &str) -> Option<Topic> {
-        Topic::ALL.into_iter().find(|topic| topic.logical_name() == name)
+        Topic::ALL
+            .into_iter()
+            .find(|topic| topic.logical_name() == name)
     }
 
     pub fn name(self, config: &BusConfig) -> String {
@@ -60,8 +62,9 @@ impl Topic {
 
 /// Creates every Tandem topic for `config`'s prefix; topics that already exist are left alone.
 pub async fn create_topics(config: &BusConfig, activity_partitions: i32) -> Result<(), BusError> {
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", &config.brokers).create()?;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &config.brokers)
+        .create()?;
     let names: Vec<(String, i32)> = Topic::ALL
         .into_iter()
         .map(|topic| {
@@ -81,7 +84,10 @@ pub async fn create_topics(config: &BusConfig, activity_partitions: i32) -> Resu
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => {
-                return Err(BusError::CreateTopic { topic, reason: code.to_string() })
+                return Err(BusError::CreateTopic {
+                    topic,
+                    reason: code.to_string(),
+                })
             }
         }
     }

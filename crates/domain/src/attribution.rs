@@ -33,7 +33,10 @@ pub struct Candidate {
 }
 
 /// The referral that earns a purchase at `purchased_at`, by the first-referrer-wins rule.
-pub fn choose_referral(candidates: &[Candidate], purchased_at: DateTime<Utc>) -> Option<&Candidate> {
+pub fn choose_referral(
+    candidates: &[Candidate],
+    purchased_at: DateTime<Utc>,
+) -> Option<&Candidate> {
     candidates
         .iter()
         .filter(|c| is_within_window(c.referred_at, c.attribution_ends_at, purchased_at))
@@ -48,7 +51,9 @@ mod tests {
     use chrono::{Duration, TimeZone};
 
     fn at(day: u32) -> DateTime<Utc> {
-        Utc.with_ymd_and_hms(2026, 1, day, 12, 0, 0).single().unwrap()
+        Utc.with_ymd_and_hms(2026, 1, day, 12, 0, 0)
+            .single()
+            .unwrap()
     }
 
     fn candidate(referred_at: DateTime<Utc>, days: u32) -> Candidate {
@@ -67,12 +72,20 @@ mod tests {
         assert_eq!(ends, at(11));
         // Inside: at the referral instant and one second before the end.
         assert!(is_within_window(referral.referred_at, ends, at(1)));
-        assert!(is_within_window(referral.referred_at, ends, ends - Duration::seconds(1)));
+        assert!(is_within_window(
+            referral.referred_at,
+            ends,
+            ends - Duration::seconds(1)
+        ));
         // Exactly at the end: outside (the window is half-open).
         assert!(!is_within_window(referral.referred_at, ends, ends));
         // After, and before the referral: outside.
         assert!(!is_within_window(referral.referred_at, ends, at(12)));
-        assert!(!is_within_window(referral.referred_at, ends, at(1) - Duration::seconds(1)));
+        assert!(!is_within_window(
+            referral.referred_at,
+            ends,
+            at(1) - Duration::seconds(1)
+        ));
     }
 
     #[test]
@@ -86,6 +99,9 @@ mod tests {
         assert_eq!(choose_referral(&candidates, at(7)), Some(&middle));
         assert_eq!(choose_referral(&candidates, at(2)), Some(&early));
         // Before any referral: nothing.
-        assert_eq!(choose_referral(&candidates, at(1) - Duration::hours(1)), None);
+        assert_eq!(
+            choose_referral(&candidates, at(1) - Duration::hours(1)),
+            None
+        );
     }
 }

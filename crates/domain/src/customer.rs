@@ -84,7 +84,10 @@ impl RawIdentifier {
                 "must have a country code not starting with 0 and 8 to 15 digits in all (E.164)",
             ));
         }
-        Ok(Self { kind: IdentifierKind::Phone, normalised: format!("+{digits}") })
+        Ok(Self {
+            kind: IdentifierKind::Phone,
+            normalised: format!("+{digits}"),
+        })
     }
 
     /// An e-mail address, trimmed and lower-cased.
@@ -106,7 +109,10 @@ impl RawIdentifier {
                 "must be an e-mail address such as name@example.com",
             ));
         }
-        Ok(Self { kind: IdentifierKind::Email, normalised })
+        Ok(Self {
+            kind: IdentifierKind::Email,
+            normalised,
+        })
     }
 
     /// The payment processor's card fingerprint: an opaque token of 8 to 128 visible ASCII
@@ -114,13 +120,18 @@ impl RawIdentifier {
     pub fn card_fingerprint(field: &str, value: &str) -> Result<Self, ValidationError> {
         let normalised = value.trim();
         reject_card_number(field, normalised)?;
-        if !(8..=128).contains(&normalised.len()) || !normalised.bytes().all(|b| b.is_ascii_graphic()) {
+        if !(8..=128).contains(&normalised.len())
+            || !normalised.bytes().all(|b| b.is_ascii_graphic())
+        {
             return Err(ValidationError::new(
                 field,
                 "must be the processor's card fingerprint: 8 to 128 visible ASCII characters without spaces",
             ));
         }
-        Ok(Self { kind: IdentifierKind::CardFingerprint, normalised: normalised.to_owned() })
+        Ok(Self {
+            kind: IdentifierKind::CardFingerprint,
+            normalised: normalised.to_owned(),
+        })
     }
 }
 
@@ -132,17 +143,21 @@ pub struct CustomerKey(String);
 impl CustomerKey {
     /// Accepts a key produced by [`NetworkKey::customer_key`], e.g. read back from a topic.
     pub fn parse(field: &str, value: &str) -> Result<Self, ValidationError> {
-        let valid = value.strip_prefix("ck").and_then(|rest| rest.split_once('_')).is_some_and(
-            |(version, digest)| {
+        let valid = value
+            .strip_prefix("ck")
+            .and_then(|rest| rest.split_once('_'))
+            .is_some_and(|(version, digest)| {
                 version.parse::<u16>().is_ok()
                     && digest.len() == 64
                     && digest.bytes().all(|b| b.is_ascii_hexdigit())
-            },
-        );
+            });
         if valid {
             Ok(Self(value.to_owned()))
         } else {
-            Err(ValidationError::new(field, "must be a customer key ck<version>_<64 hex digits>"))
+            Err(ValidationError::new(
+                field,
+                "must be a customer key ck<version>_<64 hex digits>",
+            ))
         }
     }
 
@@ -194,7 +209,11 @@ impl NetworkKey {
         mac.update(identifier.kind.tag().as_bytes());
         mac.update(b":");
         mac.update(identifier.normalised.as_bytes());
-        CustomerKey(format!("ck{}_{}", self.version, hex::encode(mac.finalize().into_bytes())))
+        CustomerKey(format!(
+            "ck{}_{}",
+            self.version,
+            hex::encode(mac.finalize().into_bytes())
+        ))
     }
 }
 
@@ -235,8 +254,11 @@ impl CustomerIdentifiers {
 
     /// The customer keys, sorted and without duplicates.
     pub fn keys(&self, network_key: &NetworkKey) -> Vec<CustomerKey> {
-        let mut keys: Vec<CustomerKey> =
-            self.0.iter().map(|identifier| network_key.customer_key(identifier)).collect();
+        let mut keys: Vec<CustomerKey> = self
+            .0
+            .iter()
+            .map(|identifier| network_key.customer_key(identifier))
+            .collect();
         keys.sort();
         keys.dedup();
         keys
@@ -254,7 +276,11 @@ mod tests {
     #[test]
     fn one_phone_written_three_ways_gives_one_key() {
         let key = network_key();
-        let written = ["+44 20 7946 0958", "0044 (20) 7946-0958", " +44.20.7946.0958 "];
+        let written = [
+            "+44 20 7946 0958",
+            "0044 (20) 7946-0958",
+            " +44.20.7946.0958 ",
+        ];
         let keys: Vec<CustomerKey> = written
             .iter()
             .map(|phone| key.customer_key(&RawIdentifier::phone("phone", phone).unwrap()))
@@ -289,14 +315,23 @@ mod tests {
         assert_eq!(error.field, "customer.card_fingerprint");
         assert!(error.reason.contains("card number"));
         assert_eq!(
-            CustomerIdentifiers::parse("customer", "", "020 7946 0958", "").unwrap_err().field,
+            CustomerIdentifiers::parse("customer", "", "020 7946 0958", "")
+                .unwrap_err()
+                .field,
             "customer.phone"
         );
         assert_eq!(
-            CustomerIdentifiers::parse("customer", "", "", "not-an-email").unwrap_err().field,
+            CustomerIdentifiers::parse("customer", "", "", "not-an-email")
+                .unwrap_err()
+                .field,
             "customer.email"
         );
-        assert_eq!(CustomerIdentifiers::parse("customer", "", " ", "").unwrap_err().field, "customer");
+        assert_eq!(
+            CustomerIdentifiers::parse("customer", "", " ", "")
+                .unwrap_err()
+                .field,
+            "customer"
+        );
     }
 
     #[test]

@@ -13,12 +13,18 @@ pub struct ValidationError {
 
 impl ValidationError {
     pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
-        Self { field: field.into(), reason: reason.into() }
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
     }
 
     /// The same error, reported under a parent field, e.g. `phone` becomes `customer.phone`.
     #[must_use]
     pub fn within(self, parent: &str) -> Self {
-        Self { field: format!("{parent}.{}", self.field), reason: self.reason }
+        Self {
+            field: format!("{parent}.{}", self.field),
+            reason: self.reason,
+        }
     }
 }

@@ -50,7 +50,10 @@ impl Entry {
     pub fn new(currency: Currency, postings: Vec<Posting>) -> Result<Self, UnbalancedEntry> {
         let sum_minor: i128 = postings.iter().map(|p| i128::from(p.amount_minor)).sum();
         if sum_minor != 0 {
-            return Err(UnbalancedEntry { currency, sum_minor });
+            return Err(UnbalancedEntry {
+                currency,
+                sum_minor,
+            });
         }
         Ok(Self { currency, postings })
     }
@@ -97,11 +100,18 @@ mod tests {
         let referrer = MerchantId::generate();
         let acceptor = MerchantId::generate();
         let entry = commission_accrual(&referrer, &acceptor, Money::new(342, eur)).unwrap();
-        assert_eq!(entry.postings().iter().map(|p| p.amount_minor).sum::<i64>(), 0);
+        assert_eq!(
+            entry.postings().iter().map(|p| p.amount_minor).sum::<i64>(),
+            0
+        );
         assert_eq!(entry.postings()[0].merchant, referrer);
         let unbalanced = Entry::new(
             eur,
-            vec![Posting { account: Account::CommissionPayable, merchant: acceptor, amount_minor: -1 }],
+            vec![Posting {
+                account: Account::CommissionPayable,
+                merchant: acceptor,
+                amount_minor: -1,
+            }],
         );
         assert_eq!(unbalanced.unwrap_err().sum_minor, -1);
     }

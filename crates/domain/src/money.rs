@@ -13,10 +13,30 @@ pub const BPS_PER_WHOLE: i64 = 10_000;
 
 /// ISO 4217 currencies Tandem accepts, with the number of digits of their minor unit.
 const CURRENCIES: &[(&str, u32)] = &[
-    ("AUD", 2), ("BRL", 2), ("CAD", 2), ("CHF", 2), ("CNY", 2), ("CZK", 2), ("DKK", 2),
-    ("EUR", 2), ("GBP", 2), ("HKD", 2), ("HUF", 2), ("INR", 2), ("JPY", 0), ("KRW", 0),
-    ("MXN", 2), ("NOK", 2), ("NZD", 2), ("PLN", 2), ("SEK", 2), ("SGD", 2), ("USD", 2),
-    ("ZAR", 2), ("BHD", 3), ("KWD", 3),
+    ("AUD", 2),
+    ("BRL", 2),
+    ("CAD", 2),
+    ("CHF", 2),
+    ("CNY", 2),
+    ("CZK", 2),
+    ("DKK", 2),
+    ("EUR", 2),
+    ("GBP", 2),
+    ("HKD", 2),
+    ("HUF", 2),
+    ("INR", 2),
+    ("JPY", 0),
+    ("KRW", 0),
+    ("MXN", 2),
+    ("NOK", 2),
+    ("NZD", 2),
+    ("PLN", 2),
+    ("SEK", 2),
+    ("SGD", 2),
+    ("USD", 2),
+    ("ZAR", 2),
+    ("BHD", 3),
+    ("KWD", 3),
 ];
 
 /// An ISO 4217 currency code known to Tandem.
@@ -69,7 +89,10 @@ pub struct Money {
 
 impl Money {
     pub fn new(amount_minor: i64, currency: Currency) -> Self {
-        Self { amount_minor, currency }
+        Self {
+            amount_minor,
+            currency,
+        }
     }
 
     /// A strictly positive amount, as every purchase must have.
@@ -85,7 +108,10 @@ impl Money {
                 format!("must be a positive number of minor units, got {amount_minor}"),
             ));
         }
-        Ok(Self { amount_minor, currency })
+        Ok(Self {
+            amount_minor,
+            currency,
+        })
     }
 
     /// This amount times `rate_bps` basis points, rounded half to even to the minor unit.
@@ -94,8 +120,12 @@ impl Money {
         let amount = divide_half_even(product, i128::from(BPS_PER_WHOLE));
         // |amount| <= |amount_minor| for rates up to 100%; larger rates are rejected by the
         // terms validation, and the saturation below only guards the arithmetic.
-        let amount_minor = i64::try_from(amount).unwrap_or(if amount < 0 { i64::MIN } else { i64::MAX });
-        Money { amount_minor, currency: self.currency }
+        let amount_minor =
+            i64::try_from(amount).unwrap_or(if amount < 0 { i64::MIN } else { i64::MAX });
+        Money {
+            amount_minor,
+            currency: self.currency,
+        }
     }
 }
 
@@ -168,12 +198,18 @@ mod tests {
 
     #[test]
     fn does_not_overflow_on_the_largest_amounts() {
-        assert_eq!(Money::new(i64::MAX, eur()).times_bps(10_000).amount_minor, i64::MAX);
+        assert_eq!(
+            Money::new(i64::MAX, eur()).times_bps(10_000).amount_minor,
+            i64::MAX
+        );
     }
 
     #[test]
     fn validates_currency_and_amount() {
-        assert_eq!(Currency::parse("amount.currency", "eur").unwrap_err().field, "amount.currency");
+        assert_eq!(
+            Currency::parse("amount.currency", "eur").unwrap_err().field,
+            "amount.currency"
+        );
         assert!(Currency::parse("c", "XXX").is_err());
         let error = Money::parse_positive("amount", 0, "EUR").unwrap_err();
         assert_eq!(error.field, "amount.amount_minor");

@@ -25,7 +25,9 @@ impl Terms {
         if !(1..=10_000).contains(&commission_rate_bps) {
             return Err(ValidationError::new(
                 "commission_rate_bps",
-                format!("must be 1 to 10000 basis points (0.01% to 100%), got {commission_rate_bps}"),
+                format!(
+                    "must be 1 to 10000 basis points (0.01% to 100%), got {commission_rate_bps}"
+                ),
             ));
         }
         Ok(Self {
@@ -87,10 +89,22 @@ mod tests {
     #[test]
     fn validates_rate_and_window_naming_the_field() {
         assert!(Terms::parse(1000, 30).is_ok());
-        assert_eq!(Terms::parse(0, 30).unwrap_err().field, "commission_rate_bps");
-        assert_eq!(Terms::parse(10_001, 30).unwrap_err().field, "commission_rate_bps");
-        assert_eq!(Terms::parse(1000, 0).unwrap_err().field, "attribution_window_days");
-        assert_eq!(Terms::parse(1000, 366).unwrap_err().field, "attribution_window_days");
+        assert_eq!(
+            Terms::parse(0, 30).unwrap_err().field,
+            "commission_rate_bps"
+        );
+        assert_eq!(
+            Terms::parse(10_001, 30).unwrap_err().field,
+            "commission_rate_bps"
+        );
+        assert_eq!(
+            Terms::parse(1000, 0).unwrap_err().field,
+            "attribution_window_days"
+        );
+        assert_eq!(
+            Terms::parse(1000, 366).unwrap_err().field,
+            "attribution_window_days"
+        );
     }
 
     #[test]

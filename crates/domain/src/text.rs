@@ -63,11 +63,17 @@ pub fn parse_token(
     if trimmed.len() < min_len || trimmed.len() > max_len {
         return Err(ValidationError::new(
             field,
-            format!("must be {min_len} to {max_len} characters, got {}", trimmed.len()),
+            format!(
+                "must be {min_len} to {max_len} characters, got {}",
+                trimmed.len()
+            ),
         ));
     }
     if !trimmed.bytes().all(|b| (0x20..0x7f).contains(&b)) {
-        return Err(ValidationError::new(field, "must contain printable ASCII characters only"));
+        return Err(ValidationError::new(
+            field,
+            "must contain printable ASCII characters only",
+        ));
     }
     Ok(trimmed.to_owned())
 }
@@ -113,6 +119,9 @@ mod tests {
         assert_eq!(error.field, "transaction_id");
         let error = reject_card_number("referrer_reference", "4111111111111111").unwrap_err();
         assert!(error.reason.contains("card number"));
-        assert_eq!(parse_token("transaction_id", " t-1 ", 1, 128).unwrap(), "t-1");
+        assert_eq!(
+            parse_token("transaction_id", " t-1 ", 1, 128).unwrap(),
+            "t-1"
+        );
     }
 }

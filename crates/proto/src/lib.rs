@@ -18,7 +18,9 @@ pub mod time {
 
     /// The instant truncated to whole microseconds.
     pub fn truncate_to_micros(instant: DateTime<Utc>) -> DateTime<Utc> {
-        instant.duration_trunc(TimeDelta::microseconds(1)).unwrap_or(instant)
+        instant
+            .duration_trunc(TimeDelta::microseconds(1))
+            .unwrap_or(instant)
     }
 
     pub fn timestamp(instant: DateTime<Utc>) -> prost_types::Timestamp {

@@ -9,7 +9,11 @@ use tandem_store::StoreConfig;
 #[derive(Debug, Clone, clap::Args)]
 pub struct DatabaseArgs {
     /// Postgres URL.
-    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres:postgres@127.0.0.1:5432/tandem")]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres:postgres@127.0.0.1:5432/tandem"
+    )]
     pub database_url: String,
     /// Connections in the pool.
     #[arg(long, env = "TANDEM_DB_MAX_CONNECTIONS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=200))]
@@ -39,6 +43,9 @@ pub struct BusArgs {
 
 impl BusArgs {
     pub fn bus_config(&self) -> BusConfig {
-        BusConfig { brokers: self.kafka_brokers.clone(), topic_prefix: self.topic_prefix.clone() }
+        BusConfig {
+            brokers: self.kafka_brokers.clone(),
+            topic_prefix: self.topic_prefix.clone(),
+        }
     }
 }

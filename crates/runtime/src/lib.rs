@@ -6,7 +6,9 @@ mod config;
 mod server;
 
 pub use config::{BusArgs, DatabaseArgs};
-pub use server::{grpc_metadata_trace_headers, link_request_span, serve, shutdown_on_signal, ServeError};
+pub use server::{
+    grpc_metadata_trace_headers, link_request_span, serve, shutdown_on_signal, ServeError,
+};
 
 mod secret;
 pub use secret::Secret;
@@ -34,7 +36,10 @@ where
 {
     let config = C::parse();
     let address = listen_address(&config);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("{service_name}: cannot start the async runtime: {error}");
@@ -45,7 +50,10 @@ where
         let _telemetry = match tandem_telemetry::init(service_name) {
             Ok(guard) => guard,
             Err(error) => {
-                eprintln!("{service_name}: cannot start telemetry: {}", error_chain(&error));
+                eprintln!(
+                    "{service_name}: cannot start telemetry: {}",
+                    error_chain(&error)
+                );
                 return ExitCode::FAILURE;
             }
         };

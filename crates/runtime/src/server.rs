@@ -48,7 +48,9 @@ pub async fn serve(
         .add_routes(routes)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             shutting_down.cancelled().await;
-            health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+            health_reporter
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
         })
         .await?;
     tracing::info!("gRPC server stopped");

@@ -24,8 +24,9 @@ pub async fn append_events(
     if events.is_empty() {
         return Ok(());
     }
-    let mut query: QueryBuilder<Postgres> =
-        QueryBuilder::new("INSERT INTO events (stream_id, sequence, event_id, event_type, payload) ");
+    let mut query: QueryBuilder<Postgres> = QueryBuilder::new(
+        "INSERT INTO events (stream_id, sequence, event_id, event_type, payload) ",
+    );
     let mut sequence = expected_sequence;
     query.push_values(events, |mut row, event| {
         sequence += 1;

@@ -22,7 +22,9 @@ pub enum StoreError {
     Migration(#[from] sqlx::migrate::MigrateError),
     #[error("stream {stream_id} was changed concurrently: expected it at sequence {expected}")]
     Conflict { stream_id: String, expected: i32 },
-    #[error("invalid schema or database name {0:?}: use lower-case letters, digits and underscores")]
+    #[error(
+        "invalid schema or database name {0:?}: use lower-case letters, digits and underscores"
+    )]
     InvalidSchema(String),
 }
 

@@ -40,8 +40,11 @@ pub async fn enqueue_outbox(
         "INSERT INTO outbox (topic, partition_key, payload, header_names, header_values) ",
     );
     query.push_values(messages, |mut row, message| {
-        let (names, values): (Vec<&str>, Vec<&str>) =
-            message.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).unzip();
+        let (names, values): (Vec<&str>, Vec<&str>) = message
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .unzip();
         row.push_bind(message.topic)
             .push_bind(&message.partition_key)
             .push_bind(&message.payload)
@@ -65,6 +68,9 @@ pub async fn fetch_outbox(pool: &PgPool, limit: i64) -> Result<Vec<OutboxRow>, S
 
 /// Removes published messages.
 pub async fn delete_outbox(pool: &PgPool, ids: &[i64]) -> Result<(), StoreError> {
-    sqlx::query("DELETE FROM outbox WHERE id = ANY($1)").bind(ids).execute(pool).await?;
+    sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
+        .bind(ids)
+        .execute(pool)
+        .await?;
     Ok(())
 }

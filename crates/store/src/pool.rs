@@ -26,7 +26,9 @@ pub struct StoreConfig {
 pub async fn connect(config: &StoreConfig) -> Result<PgPool, StoreError> {
     let schema = &config.schema;
     if schema.is_empty()
-        || !schema.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        || !schema
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
     {
         return Err(StoreError::InvalidSchema(schema.clone()));
     }
@@ -65,16 +67,23 @@ pub async fn migrate(pool: &PgPool, service: &Migrator) -> Result<(), StoreError
 
 /// Creates database `name` on the server `server_url` points at, unless it exists.
 pub async fn create_database(server_url: &str, name: &str) -> Result<bool, StoreError> {
-    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
         return Err(StoreError::InvalidSchema(name.to_owned()));
     }
     let mut connection = sqlx::PgConnection::connect(server_url).await?;
-    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-        .bind(name)
-        .fetch_one(&mut connection)
-        .await?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(name)
+            .fetch_one(&mut connection)
+            .await?;
     if !exists {
-        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut connection).await?;
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut connection)
+            .await?;
     }
     connection.close().await?;
     Ok(!exists)
@@ -82,7 +91,9 @@ pub async fn create_database(server_url: &str, name: &str) -> Result<bool, Store
 
 /// `url` with its database name replaced by `database`.
 pub fn url_with_database(url: &str, database: &str) -> String {
-    let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
     let authority_end = base.find("://").map_or(0, |i| i + 3);
     let base = match base[authority_end..].find('/') {
         Some(slash) => &base[..authority_end + slash],
@@ -100,8 +111,17 @@ mod tests {
 
     #[test]
     fn replaces_the_database_name() {
-        assert_eq!(with_database("postgres://u@h:5432/postgres", "t1"), "postgres://u@h:5432/t1");
-        assert_eq!(with_database("postgres://u@h:5432", "t1"), "postgres://u@h:5432/t1");
-        assert_eq!(with_database("postgres://u@h/db?sslmode=disable", "t1"), "postgres://u@h/t1?sslmode=disable");
+        assert_eq!(
+            with_database("postgres://u@h:5432/postgres", "t1"),
+            "postgres://u@h:5432/t1"
+        );
+        assert_eq!(
+            with_database("postgres://u@h:5432", "t1"),
+            "postgres://u@h:5432/t1"
+        );
+        assert_eq!(
+            with_database("postgres://u@h/db?sslmode=disable", "t1"),
+            "postgres://u@h/t1?sslmode=disable"
+        );
     }
 }

@@ -14,7 +14,11 @@ use tonic::Request;
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
     /// The merchant gateway's gRPC endpoint.
-    #[arg(long, env = "TANDEM_GATEWAY_URL", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "TANDEM_GATEWAY_URL",
+        default_value = "http://127.0.0.1:50051"
+    )]
     gateway: String,
     /// The operator token the gateway was started with.
     #[arg(long, env = "TANDEM_OPERATOR_TOKEN", hide_env_values = true)]
@@ -26,7 +30,9 @@ pub struct DemoArgs {
 
 fn authorised<T>(message: T, secret: &str) -> Result<Request<T>, String> {
     let mut request = Request::new(message);
-    let value = format!("Bearer {secret}").parse().map_err(|_| "secret is not valid metadata".to_owned())?;
+    let value = format!("Bearer {secret}")
+        .parse()
+        .map_err(|_| "secret is not valid metadata".to_owned())?;
     request.metadata_mut().insert("authorization", value);
     Ok(request)
 }
@@ -48,12 +54,26 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
 
     println!("== Tandem demo (run {run_tag}) ==");
     let acceptor = operator
-        .create_merchant(authorised(pb::CreateMerchantRequest { display_name: "Atelier Bikes (A)".into(), settlement_currency: "EUR".into(), time_zone: "Europe/Paris".into() }, token)?)
+        .create_merchant(authorised(
+            pb::CreateMerchantRequest {
+                display_name: "Atelier Bikes (A)".into(),
+                settlement_currency: "EUR".into(),
+                time_zone: "Europe/Paris".into(),
+            },
+            token,
+        )?)
         .await
         .map_err(status("create merchant A"))?
         .into_inner();
     let referrer = operator
-        .create_merchant(authorised(pb::CreateMerchantRequest { display_name: "Cafe Lumiere (C)".into(), settlement_currency: "EUR".into(), time_zone: "Europe/Paris".into() }, token)?)
+        .create_merchant(authorised(
+            pb::CreateMerchantRequest {
+                display_name: "Cafe Lumiere (C)".into(),
+                settlement_currency: "EUR".into(),
+                time_zone: "Europe/Paris".into(),
+            },
+            token,
+        )?)
         .await
         .map_err(status("create merchant C"))?
         .into_inner();
@@ -61,37 +81,65 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
     println!("merchant C (referrer): {}", referrer.merchant_id);
 
     let partnership = operator
-        .create_partnership(authorised(pb::CreatePartnershipRequest {
-            referrer_merchant_id: referrer.merchant_id.clone(),
-            acceptor_merchant_id: acceptor.merchant_id.clone(),
-            commission_rate_bps: 750,
-            attribution_window_days: 30,
-        }, token)?)
+        .create_partnership(authorised(
+            pb::CreatePartnershipRequest {
+                referrer_merchant_id: referrer.merchant_id.clone(),
+                acceptor_merchant_id: acceptor.merchant_id.clone(),
+                commission_rate_bps: 750,
+                attribution_window_days: 30,
+            },
+            token,
+        )?)
         .await
         .map_err(status("create partnership"))?
         .into_inner();
-    println!("partnership C -> A: {} (7.50% commission, 30-day attribution window)", partnership.partnership_id);
+    println!(
+        "partnership C -> A: {} (7.50% commission, 30-day attribution window)",
+        partnership.partnership_id
+    );
 
-    let customer_b_at_c = pb::CustomerIdentifiers { card_fingerprint: String::new(), phone: "+33 6 12 34 56 78".into(), email: "b.martin@example.com".into() };
+    let customer_b_at_c = pb::CustomerIdentifiers {
+        card_fingerprint: String::new(),
+        phone: "+33 6 12 34 56 78".into(),
+        email: "b.martin@example.com".into(),
+    };
     let referral = pos
-        .create_referral(authorised(pb::CreateReferralRequest {
-            idempotency_key: format!("demo-{run_tag}-referral"),
-            merchant_id: String::new(),
-            acceptor_merchant_id: acceptor.merchant_id.clone(),
-            customer: Some(customer_b_at_c),
-            referrer_reference: format!("C-receipt-{run_tag}"),
-            referred_at: None,
-        }, &referrer.api_key)?)
+        .create_referral(authorised(
+            pb::CreateReferralRequest {
+                idempotency_key: format!("demo-{run_tag}-referral"),
+                merchant_id: String::new(),
+                acceptor_merchant_id: acceptor.merchant_id.clone(),
+                customer: Some(customer_b_at_c),
+                referrer_reference: format!("C-receipt-{run_tag}"),
+                referred_at: None,
+            },
+            &referrer.api_key,
+        )?)
         .await
         .map_err(status("create referral at C"))?
         .into_inner();
-    println!("C's checkout referred customer B to A: {} (phone and e-mail pseudonymised at the gateway)", referral.referral_id);
+    println!(
+        "C's checkout referred customer B to A: {} (phone and e-mail pseudonymised at the gateway)",
+        referral.referral_id
+    );
 
     // B pays at A as usual: A's POS captured the phone written differently, plus a card fingerprint.
-    let customer_b_at_a = pb::CustomerIdentifiers { card_fingerprint: format!("fp_{run_tag}_b"), phone: "0033 612 345 678".into(), email: String::new() };
-    let customer_d_at_a = pb::CustomerIdentifiers { card_fingerprint: format!("fp_{run_tag}_d"), phone: String::new(), email: "someone.else@example.org".into() };
+    let customer_b_at_a = pb::CustomerIdentifiers {
+        card_fingerprint: format!("fp_{run_tag}_b"),
+        phone: "0033 612 345 678".into(),
+        email: String::new(),
+    };
+    let customer_d_at_a = pb::CustomerIdentifiers {
+        card_fingerprint: format!("fp_{run_tag}_d"),
+        phone: String::new(),
+        email: "someone.else@example.org".into(),
+    };
     let eur = Currency::parse("currency", "EUR").map_err(|e| e.to_string())?;
-    let purchases = [("B", customer_b_at_a.clone(), 12_000), ("B", customer_b_at_a, 4_555), ("D", customer_d_at_a, 8_000)];
+    let purchases = [
+        ("B", customer_b_at_a.clone(), 12_000),
+        ("B", customer_b_at_a, 4_555),
+        ("D", customer_d_at_a, 8_000),
+    ];
     for (index, (who, customer, amount_minor)) in purchases.into_iter().enumerate() {
         let transaction_id = format!("A-{run_tag}-{index}");
         let request = pb::RecordPurchaseRequest {
@@ -99,7 +147,10 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
             merchant_id: String::new(),
             transaction_id: transaction_id.clone(),
             customer: Some(customer),
-            amount: Some(pb::Money { amount_minor, currency: "EUR".into() }),
+            amount: Some(pb::Money {
+                amount_minor,
+                currency: "EUR".into(),
+            }),
             purchased_at: None,
         };
         let recorded = pos
@@ -107,7 +158,11 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
             .await
             .map_err(status("record purchase at A"))?
             .into_inner();
-        println!("customer {who} bought {} at A: {} ({transaction_id})", Money::new(amount_minor, eur), recorded.purchase_id);
+        println!(
+            "customer {who} bought {} at A: {} ({transaction_id})",
+            Money::new(amount_minor, eur),
+            recorded.purchase_id
+        );
         if index == 0 {
             // A POS that lost the answer retries with the same idempotency key: same purchase, counted once.
             let retried = pos
@@ -115,7 +170,10 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
                 .await
                 .map_err(status("retry purchase at A"))?
                 .into_inner();
-            println!("  A's POS retried that call: same answer {}, not counted twice", retried.purchase_id);
+            println!(
+                "  A's POS retried that call: same answer {}, not counted twice",
+                retried.purchase_id
+            );
         }
     }
 
@@ -123,7 +181,13 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout_secs);
     let activity = loop {
         let activity = pos
-            .list_referral_activity(authorised(pb::ListReferralActivityRequest { page_size: 100, page_token: String::new() }, &referrer.api_key)?)
+            .list_referral_activity(authorised(
+                pb::ListReferralActivityRequest {
+                    page_size: 100,
+                    page_token: String::new(),
+                },
+                &referrer.api_key,
+            )?)
             .await
             .map_err(status("list referral activity for C"))?
             .into_inner();
@@ -131,14 +195,21 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
             break activity;
         }
         if tokio::time::Instant::now() >= deadline {
-            return Err(format!("C saw {} attributed purchases after {}s, expected 2; see the service logs", activity.purchases.len(), args.timeout_secs));
+            return Err(format!(
+                "C saw {} attributed purchases after {}s, expected 2; see the service logs",
+                activity.purchases.len(),
+                args.timeout_secs
+            ));
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
 
     println!();
     println!("What C learned (ListReferralActivity, as C):");
-    println!("  {:<20} {:<24} {:>12} {:>12}  {}", "purchased at (UTC)", "C's reference", "amount", "commission", "purchase");
+    println!(
+        "  {:<20} {:<24} {:>12} {:>12}  {}",
+        "purchased at (UTC)", "C's reference", "amount", "commission", "purchase"
+    );
     let mut total_commission = 0i64;
     for purchase in &activity.purchases {
         let amount = purchase.amount.clone().unwrap_or_default();
@@ -160,7 +231,10 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
             purchase.purchase_id
         );
     }
-    println!("  total commission owed by A to C: {}", Money::new(total_commission, eur));
+    println!(
+        "  total commission owed by A to C: {}",
+        Money::new(total_commission, eur)
+    );
     println!("Customer D was never referred by C, so C learns nothing about D's purchase.");
     Ok(())
 }

@@ -60,12 +60,13 @@ enum Command {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::CreateTopics { bus, activity_partitions } => {
-            tandem_bus::create_topics(&bus.bus_config(), activity_partitions)
-                .await
-                .map(|()| println!("topics ready under prefix {:?}", bus.topic_prefix))
-                .map_err(|error| tandem_runtime::error_chain(&error))
-        }
+        Command::CreateTopics {
+            bus,
+            activity_partitions,
+        } => tandem_bus::create_topics(&bus.bus_config(), activity_partitions)
+            .await
+            .map(|()| println!("topics ready under prefix {:?}", bus.topic_prefix))
+            .map_err(|error| tandem_runtime::error_chain(&error)),
         Command::CreateDatabase { database_url, name } => {
             tandem_store::create_database(&database_url, &name)
                 .await
@@ -80,9 +81,10 @@ async fn main() -> ExitCode {
             println!("{}", tandem_store::url_with_database(&database_url, &name));
             Ok(())
         }
-        Command::WaitHealthy { endpoints, timeout_secs } => {
-            wait_healthy(&endpoints, Duration::from_secs(timeout_secs)).await
-        }
+        Command::WaitHealthy {
+            endpoints,
+            timeout_secs,
+        } => wait_healthy(&endpoints, Duration::from_secs(timeout_secs)).await,
         Command::Demo(args) => demo::run(args).await,
     };
     match result {
@@ -104,7 +106,9 @@ async fn wait_healthy(endpoints: &[String], timeout: Duration) -> Result<(), Str
                     break;
                 }
                 Err(reason) if tokio::time::Instant::now() >= deadline => {
-                    return Err(format!("{endpoint} not healthy after {timeout:?}: {reason}"));
+                    return Err(format!(
+                        "{endpoint} not healthy after {timeout:?}: {reason}"
+                    ));
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
             }
@@ -121,7 +125,9 @@ async fn check_health(endpoint: &str) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     let response = HealthClient::new(channel)
-        .check(HealthCheckRequest { service: String::new() })
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
         .await
         .map_err(|status| status.message().to_owned())?;
     if response.get_ref().status == ServingStatus::Serving as i32 {

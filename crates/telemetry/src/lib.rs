@@ -71,7 +71,11 @@ pub fn init(service_name: &'static str) -> Result<TelemetryGuard, TelemetryError
 /// Installs human-readable logs for tests, shown only when `TEST_LOG` is set. Safe to call from
 /// every test: only the first call installs anything.
 pub fn init_for_tests() {
-    let filter = if std::env::var_os("TEST_LOG").is_some() { "info" } else { "off" };
+    let filter = if std::env::var_os("TEST_LOG").is_some() {
+        "info"
+    } else {
+        "off"
+    };
     let provider = SdkTracerProvider::builder().build();
     let tracer = provider.tracer("test");
     let _ = tracing_subscriber::registry()
@@ -85,7 +89,9 @@ pub fn init_for_tests() {
 fn tracer_provider(service_name: &'static str) -> Result<SdkTracerProvider, TelemetryError> {
     let resource = Resource::builder().with_service_name(service_name).build();
     let builder = SdkTracerProvider::builder().with_resource(resource);
-    let endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok().filter(|e| !e.is_empty());
+    let endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .ok()
+        .filter(|e| !e.is_empty());
     let Some(endpoint) = endpoint else {
         return Ok(builder.build());
     };
@@ -115,8 +121,10 @@ pub fn set_parent_from_headers<'a>(
     span: &tracing::Span,
     headers: impl IntoIterator<Item = (&'a str, &'a str)>,
 ) {
-    let carrier: HashMap<String, String> =
-        headers.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v.to_owned())).collect();
+    let carrier: HashMap<String, String> = headers
+        .into_iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.to_owned()))
+        .collect();
     let context = TraceContextPropagator::new().extract(&HeaderMapView(&carrier));
     let _ = span.set_parent(context);
 }

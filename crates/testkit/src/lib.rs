@@ -42,7 +42,11 @@ impl TestDatabase {
             .await
             .expect("create test database");
         let url = tandem_store::url_with_database(&server_url, &name);
-        Self { name, url, server_url }
+        Self {
+            name,
+            url,
+            server_url,
+        }
     }
 }
 
@@ -52,9 +56,13 @@ impl Drop for TestDatabase {
         let name = self.name.clone();
         // Best effort, on a thread of its own: Drop cannot be async.
         let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             runtime.block_on(async move {
-                let mut connection = PgConnection::connect(&server_url).await.map_err(std::io::Error::other)?;
+                let mut connection = PgConnection::connect(&server_url)
+                    .await
+                    .map_err(std::io::Error::other)?;
                 sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
                     .execute(&mut connection)
                     .await
@@ -91,14 +99,21 @@ pub fn read_topic(config: &BusConfig, topic: Topic) -> Vec<RawMessage> {
     let name = topic.name(config);
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &config.brokers)
-        .set("group.id", format!("reader-{}", uuid::Uuid::new_v4().simple()))
+        .set(
+            "group.id",
+            format!("reader-{}", uuid::Uuid::new_v4().simple()),
+        )
         .set("enable.auto.commit", "false")
         .create()
         .expect("reader consumer");
     let metadata = consumer
         .fetch_metadata(Some(&name), Duration::from_secs(10))
         .expect("topic metadata");
-    let partitions: Vec<i32> = metadata.topics()[0].partitions().iter().map(|p| p.id()).collect();
+    let partitions: Vec<i32> = metadata.topics()[0]
+        .partitions()
+        .iter()
+        .map(|p| p.id())
+        .collect();
     let mut assignment = TopicPartitionList::new();
     let mut remaining = 0i64;
     let mut ends = std::collections::HashMap::new();
@@ -107,7 +122,9 @@ pub fn read_topic(config: &BusConfig, topic: Topic) -> Vec<RawMessage> {
             .fetch_watermarks(&name, *partition, Duration::from_secs(10))
             .expect("watermarks");
         if high > low {
-            assignment.add_partition_offset(&name, *partition, Offset::Offset(low)).expect("assign");
+            assignment
+                .add_partition_offset(&name, *partition, Offset::Offset(low))
+                .expect("assign");
             remaining += high - low;
             ends.insert(*partition, high);
         }
@@ -156,7 +173,46 @@ where
         if let Some(value) = check().await {
             return value;
         }
-        assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Messages on `topic` that consumer group `group` has not committed past yet (all of them if
+/// it never committed).
+pub fn group_lag(config: &BusConfig, group: &str, topic: Topic) -> i64 {
+    let name = topic.name(config);
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &config.brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("lag consumer");
+    let metadata = consumer
+        .fetch_metadata(Some(&name), Duration::from_secs(10))
+        .expect("topic metadata");
+    let mut partitions = TopicPartitionList::new();
+    for partition in metadata.topics()[0].partitions() {
+        partitions.add_partition(&name, partition.id());
+    }
+    let committed = consumer
+        .committed_offsets(partitions, Duration::from_secs(10))
+        .expect("committed offsets");
+    committed
+        .elements()
+        .iter()
+        .map(|element| {
+            let (low, high) = consumer
+                .fetch_watermarks(&name, element.partition(), Duration::from_secs(10))
+                .expect("watermarks");
+            let position = match element.offset() {
+                Offset::Offset(offset) => offset,
+                _ => low,
+            };
+            (high - position).max(0)
+        })
+        .sum()
 }

@@ -13,7 +13,11 @@ const API_KEY_PREFIX: &str = "tdm_";
 /// A new API key: the prefix and 256 random bits in hex.
 pub fn generate_api_key() -> String {
     let random = [uuid::Uuid::new_v4(), uuid::Uuid::new_v4()];
-    format!("{API_KEY_PREFIX}{}{}", random[0].simple(), random[1].simple())
+    format!(
+        "{API_KEY_PREFIX}{}{}",
+        random[0].simple(),
+        random[1].simple()
+    )
 }
 
 pub fn api_key_sha256(api_key: &str) -> Vec<u8> {
@@ -21,9 +25,11 @@ pub fn api_key_sha256(api_key: &str) -> Vec<u8> {
 }
 
 fn bearer_token(metadata: &MetadataMap) -> Result<&str, GatewayError> {
-    let value = metadata.get("authorization").ok_or(GatewayError::Unauthenticated(
-        "missing credentials: send `authorization: Bearer <key>` metadata",
-    ))?;
+    let value = metadata
+        .get("authorization")
+        .ok_or(GatewayError::Unauthenticated(
+            "missing credentials: send `authorization: Bearer <key>` metadata",
+        ))?;
     value
         .to_str()
         .ok()
@@ -46,8 +52,9 @@ pub async fn authenticate_merchant(
             .bind(api_key_sha256(token))
             .fetch_optional(pool)
             .await?;
-    let merchant_id = merchant_id
-        .ok_or(GatewayError::Unauthenticated("API key not recognised; check the key the operator issued"))?;
+    let merchant_id = merchant_id.ok_or(GatewayError::Unauthenticated(
+        "API key not recognised; check the key the operator issued",
+    ))?;
     Ok(MerchantId::parse("merchant_id", &merchant_id)?)
 }
 
@@ -55,11 +62,17 @@ pub async fn authenticate_merchant(
 pub fn authenticate_operator(metadata: &MetadataMap, expected: &str) -> Result<(), GatewayError> {
     let token = bearer_token(metadata)?;
     let matches = token.len() == expected.len()
-        && token.bytes().zip(expected.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+        && token
+            .bytes()
+            .zip(expected.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
     if matches {
         Ok(())
     } else {
-        Err(GatewayError::Unauthenticated("operator token not recognised"))
+        Err(GatewayError::Unauthenticated(
+            "operator token not recognised",
+        ))
     }
 }
 

@@ -66,7 +66,12 @@ pub fn parse_create_referral(
     ]);
     Ok(Parsed {
         idempotency_key,
-        command: CreateReferral { acceptor, customer_keys, referrer_reference, referred_at },
+        command: CreateReferral {
+            acceptor,
+            customer_keys,
+            referrer_reference,
+            referred_at,
+        },
         fingerprint,
     })
 }
@@ -95,7 +100,12 @@ pub fn parse_record_purchase(
     ]);
     Ok(Parsed {
         idempotency_key,
-        command: RecordPurchase { transaction_id, customer_keys, amount, purchased_at },
+        command: RecordPurchase {
+            transaction_id,
+            customer_keys,
+            amount,
+            purchased_at,
+        },
         fingerprint,
     })
 }
@@ -109,7 +119,10 @@ fn parse_customer(
     network_key: &NetworkKey,
 ) -> Result<Vec<CustomerKey>, ValidationError> {
     let customer = customer.ok_or_else(|| {
-        ValidationError::new("customer", "is required: at least one of card_fingerprint, phone or email")
+        ValidationError::new(
+            "customer",
+            "is required: at least one of card_fingerprint, phone or email",
+        )
     })?;
     let identifiers = CustomerIdentifiers::parse(
         "customer",
@@ -151,7 +164,10 @@ fn instant_as_sent(sent: Option<&prost_types::Timestamp>) -> String {
 }
 
 fn join_keys(keys: &[CustomerKey]) -> String {
-    keys.iter().map(CustomerKey::as_str).collect::<Vec<_>>().join(",")
+    keys.iter()
+        .map(CustomerKey::as_str)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// SHA-256 over the parts, each length-prefixed so that no two different requests collide by

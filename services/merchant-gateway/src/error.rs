@@ -40,7 +40,10 @@ impl From<GatewayError> for Status {
             | GatewayError::Database(_)
             | GatewayError::CorruptResponse(_)) => {
                 tracing::error!(error = %tandem_runtime::error_chain(&internal), "internal error");
-                Status::new(Code::Internal, "internal error; nothing was recorded, so the request can be retried unchanged")
+                Status::new(
+                    Code::Internal,
+                    "internal error; nothing was recorded, so the request can be retried unchanged",
+                )
             }
         }
     }

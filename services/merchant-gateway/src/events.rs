@@ -21,10 +21,26 @@ pub async fn record_event(
 ) -> Result<Uuid, GatewayError> {
     let event_id = Uuid::now_v7();
     let (event_type, topic, routing) = match &payload {
-        Payload::MerchantRegistered(event) => ("MerchantRegistered", Topic::Admin, vec![event.merchant_id.clone()]),
-        Payload::PartnershipCreated(event) => ("PartnershipCreated", Topic::Admin, vec![event.partnership_id.clone()]),
-        Payload::CustomerReferred(event) => ("CustomerReferred", Topic::CustomerActivity, event.customer_keys.clone()),
-        Payload::PurchaseRecorded(event) => ("PurchaseRecorded", Topic::CustomerActivity, event.customer_keys.clone()),
+        Payload::MerchantRegistered(event) => (
+            "MerchantRegistered",
+            Topic::Admin,
+            vec![event.merchant_id.clone()],
+        ),
+        Payload::PartnershipCreated(event) => (
+            "PartnershipCreated",
+            Topic::Admin,
+            vec![event.partnership_id.clone()],
+        ),
+        Payload::CustomerReferred(event) => (
+            "CustomerReferred",
+            Topic::CustomerActivity,
+            event.customer_keys.clone(),
+        ),
+        Payload::PurchaseRecorded(event) => (
+            "PurchaseRecorded",
+            Topic::CustomerActivity,
+            event.customer_keys.clone(),
+        ),
     };
     let mut envelope = EventEnvelope {
         event_id: event_id.to_string(),
@@ -36,7 +52,11 @@ pub async fn record_event(
         connection,
         stream_id,
         0,
-        &[NewEvent { event_id, event_type, payload: envelope.encode_to_vec() }],
+        &[NewEvent {
+            event_id,
+            event_type,
+            payload: envelope.encode_to_vec(),
+        }],
     )
     .await?;
 

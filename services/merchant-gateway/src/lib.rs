@@ -46,7 +46,11 @@ pub struct Config {
     #[arg(long, env = "TANDEM_GATEWAY_SCHEMA", default_value = "gateway")]
     pub schema: String,
     /// URL of the referral ledger's gRPC API.
-    #[arg(long, env = "TANDEM_LEDGER_URL", default_value = "http://127.0.0.1:50052")]
+    #[arg(
+        long,
+        env = "TANDEM_LEDGER_URL",
+        default_value = "http://127.0.0.1:50052"
+    )]
     pub ledger_url: String,
     /// Token operators present as `authorization: Bearer <token>`; at least 16 characters.
     #[arg(long, env = "TANDEM_OPERATOR_TOKEN", hide_env_values = true, value_parser = parse_operator_token)]
@@ -68,7 +72,9 @@ pub fn parse_network_key(value: &str) -> Result<NetworkKey, String> {
     let (version, secret) = value
         .split_once(':')
         .ok_or("must be <version>:<secret in hex>, e.g. 1:9f86d0…")?;
-    let version: u16 = version.parse().map_err(|_| "version must be a number from 0 to 65535")?;
+    let version: u16 = version
+        .parse()
+        .map_err(|_| "version must be a number from 0 to 65535")?;
     let secret = hex::decode(secret.trim()).map_err(|_| "secret must be hexadecimal")?;
     NetworkKey::new(version, secret).map_err(|error| error.reason)
 }
@@ -98,7 +104,11 @@ static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Runs the gateway on `listener` until `shutdown` is cancelled: migrates its schema, starts the
 /// outbox relay and serves gRPC.
-pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<(), StartError> {
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), StartError> {
     let pool = tandem_store::connect(&config.database.store_config(&config.schema)).await?;
     tandem_store::migrate(&pool, &MIGRATIONS).await?;
     let bus = config.bus.bus_config();

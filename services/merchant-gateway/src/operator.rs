@@ -8,9 +8,9 @@ use tandem_domain::money::Currency;
 use tandem_domain::partnership::{check_not_self_referral, Terms};
 use tandem_domain::ValidationError;
 use tandem_proto::time::timestamp;
+use tandem_proto::v1 as pb;
 use tandem_proto::v1::event_envelope::Payload;
 use tandem_proto::v1::operator_service_server::OperatorService;
-use tandem_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
 use crate::auth::{api_key_sha256, authenticate_operator, generate_api_key};
@@ -79,11 +79,20 @@ impl OperatorApi {
             settlement_currency: currency.to_string(),
             time_zone,
         };
-        record_event(&mut tx, &format!("merchant-{merchant_id}"), Payload::MerchantRegistered(event), now).await?;
+        record_event(
+            &mut tx,
+            &format!("merchant-{merchant_id}"),
+            Payload::MerchantRegistered(event),
+            now,
+        )
+        .await?;
         tx.commit().await?;
         self.state.outbox_written.notify_one();
         tracing::info!("merchant registered");
-        Ok(pb::CreateMerchantResponse { merchant_id: merchant_id.to_string(), api_key })
+        Ok(pb::CreateMerchantResponse {
+            merchant_id: merchant_id.to_string(),
+            api_key,
+        })
     }
 
     async fn create_partnership(
@@ -102,11 +111,16 @@ impl OperatorApi {
         let terms_version = 1u32;
 
         let mut tx = self.state.pool.begin().await?;
-        for (field, merchant) in [("referrer_merchant_id", &referrer), ("acceptor_merchant_id", &acceptor)] {
-            let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM merchants WHERE merchant_id = $1)")
-                .bind(merchant.as_str())
-                .fetch_one(&mut *tx)
-                .await?;
+        for (field, merchant) in [
+            ("referrer_merchant_id", &referrer),
+            ("acceptor_merchant_id", &acceptor),
+        ] {
+            let exists: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM merchants WHERE merchant_id = $1)",
+            )
+            .bind(merchant.as_str())
+            .fetch_one(&mut *tx)
+            .await?;
             if !exists {
                 return Err(GatewayError::FailedPrecondition(format!(
                     "{field} {merchant} is not a registered merchant; create it first"
@@ -141,11 +155,20 @@ impl OperatorApi {
             attribution_window_days: terms.attribution_window.days(),
             effective_from: Some(timestamp(now)),
         };
-        record_event(&mut tx, &format!("partnership-{partnership_id}"), Payload::PartnershipCreated(event), now).await?;
+        record_event(
+            &mut tx,
+            &format!("partnership-{partnership_id}"),
+            Payload::PartnershipCreated(event),
+            now,
+        )
+        .await?;
         tx.commit().await?;
         self.state.outbox_written.notify_one();
         tracing::info!(%referrer, %acceptor, "partnership created");
-        Ok(pb::CreatePartnershipResponse { partnership_id: partnership_id.to_string(), terms_version })
+        Ok(pb::CreatePartnershipResponse {
+            partnership_id: partnership_id.to_string(),
+            terms_version,
+        })
     }
 }
 
@@ -157,11 +180,16 @@ fn parse_time_zone(value: &str) -> Result<String, ValidationError> {
             && value.split('/').count() >= 2
             && value.split('/').all(|part| {
                 !part.is_empty()
-                    && part.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'+'))
+                    && part
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'+'))
             }));
     if well_formed {
         Ok(value.to_owned())
     } else {
-        Err(ValidationError::new("time_zone", format!("must be an IANA time zone such as Europe/Paris or UTC, got {value:?}")))
+        Err(ValidationError::new(
+            "time_zone",
+            format!("must be an IANA time zone such as Europe/Paris or UTC, got {value:?}"),
+        ))
     }
 }

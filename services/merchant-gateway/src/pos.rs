@@ -72,7 +72,15 @@ impl PosApi {
         check_not_self_referral(&merchant, &command.acceptor)?;
 
         let mut tx = self.state.pool.begin().await?;
-        if let Some(previous) = idempotency::begin(&mut tx, &merchant, &parsed.idempotency_key, "CreateReferral", &parsed.fingerprint).await? {
+        if let Some(previous) = idempotency::begin(
+            &mut tx,
+            &merchant,
+            &parsed.idempotency_key,
+            "CreateReferral",
+            &parsed.fingerprint,
+        )
+        .await?
+        {
             tracing::info!("idempotent retry answered from the first response");
             return Ok(pb::CreateReferralResponse::decode(previous.as_slice())?);
         }
@@ -91,7 +99,10 @@ impl PosApi {
             )));
         };
         let partnership_id = PartnershipId::parse("partnership_id", &partnership_id)?;
-        let window = AttributionWindow::from_days("attribution_window_days", u32::try_from(window_days).unwrap_or(0))?;
+        let window = AttributionWindow::from_days(
+            "attribution_window_days",
+            u32::try_from(window_days).unwrap_or(0),
+        )?;
         let referral_id = ReferralId::generate();
         let ends_at = attribution_ends_at(command.referred_at, window);
         span.record("referral_id", referral_id.as_str());
@@ -103,19 +114,37 @@ impl PosApi {
             terms_version: u32::try_from(terms_version).unwrap_or(0),
             referrer_merchant_id: merchant.to_string(),
             acceptor_merchant_id: command.acceptor.to_string(),
-            customer_keys: command.customer_keys.iter().map(ToString::to_string).collect(),
+            customer_keys: command
+                .customer_keys
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
             referrer_reference: command.referrer_reference,
             referred_at: Some(timestamp(command.referred_at)),
             attribution_ends_at: Some(timestamp(ends_at)),
         };
-        record_event(&mut tx, &format!("referral-{referral_id}"), Payload::CustomerReferred(event), now).await?;
+        record_event(
+            &mut tx,
+            &format!("referral-{referral_id}"),
+            Payload::CustomerReferred(event),
+            now,
+        )
+        .await?;
         let response = pb::CreateReferralResponse {
             referral_id: referral_id.to_string(),
             partnership_id: partnership_id.to_string(),
             referred_at: Some(timestamp(command.referred_at)),
             attribution_ends_at: Some(timestamp(ends_at)),
         };
-        idempotency::finish(&mut tx, &merchant, &parsed.idempotency_key, "CreateReferral", &parsed.fingerprint, &response.encode_to_vec()).await?;
+        idempotency::finish(
+            &mut tx,
+            &merchant,
+            &parsed.idempotency_key,
+            "CreateReferral",
+            &parsed.fingerprint,
+            &response.encode_to_vec(),
+        )
+        .await?;
         tx.commit().await?;
         self.state.outbox_written.notify_one();
         tracing::info!("referral recorded");
@@ -136,7 +165,15 @@ impl PosApi {
         let command = parsed.command;
 
         let mut tx = self.state.pool.begin().await?;
-        if let Some(previous) = idempotency::begin(&mut tx, &merchant, &parsed.idempotency_key, "RecordPurchase", &parsed.fingerprint).await? {
+        if let Some(previous) = idempotency::begin(
+            &mut tx,
+            &merchant,
+            &parsed.idempotency_key,
+            "RecordPurchase",
+            &parsed.fingerprint,
+        )
+        .await?
+        {
             tracing::info!("idempotent retry answered from the first response");
             return Ok(pb::RecordPurchaseResponse::decode(previous.as_slice())?);
         }
@@ -161,19 +198,37 @@ impl PosApi {
             purchase_id: purchase_id.to_string(),
             merchant_id: merchant.to_string(),
             transaction_id: command.transaction_id,
-            customer_keys: command.customer_keys.iter().map(ToString::to_string).collect(),
+            customer_keys: command
+                .customer_keys
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
             amount: Some(pb::Money {
                 amount_minor: command.amount.amount_minor,
                 currency: command.amount.currency.to_string(),
             }),
             purchased_at: Some(timestamp(command.purchased_at)),
         };
-        record_event(&mut tx, &format!("purchase-{purchase_id}"), Payload::PurchaseRecorded(event), now).await?;
+        record_event(
+            &mut tx,
+            &format!("purchase-{purchase_id}"),
+            Payload::PurchaseRecorded(event),
+            now,
+        )
+        .await?;
         let response = pb::RecordPurchaseResponse {
             purchase_id: purchase_id.to_string(),
             purchased_at: Some(timestamp(command.purchased_at)),
         };
-        idempotency::finish(&mut tx, &merchant, &parsed.idempotency_key, "RecordPurchase", &parsed.fingerprint, &response.encode_to_vec()).await?;
+        idempotency::finish(
+            &mut tx,
+            &merchant,
+            &parsed.idempotency_key,
+            "RecordPurchase",
+            &parsed.fingerprint,
+            &response.encode_to_vec(),
+        )
+        .await?;
         tx.commit().await?;
         self.state.outbox_written.notify_one();
         tracing::info!("purchase recorded");
@@ -184,7 +239,8 @@ impl PosApi {
         &self,
         request: Request<pb::ListReferralActivityRequest>,
     ) -> Result<pb::ListReferralActivityResponse, GatewayError> {
-        let merchant: MerchantId = authenticate_merchant(&self.state.pool, request.metadata()).await?;
+        let merchant: MerchantId =
+            authenticate_merchant(&self.state.pool, request.metadata()).await?;
         tracing::Span::current().record("merchant_id", merchant.as_str());
         let request = request.into_inner();
         if request.page_size > MAX_PAGE_SIZE {

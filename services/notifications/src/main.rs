@@ -1,5 +1,9 @@
 //! The notifications binary. Configuration: `notifications --help`.
 
 fn main() -> std::process::ExitCode {
-    tandem_runtime::service_main("notifications", |config: &notifications::Config| config.listen, notifications::run)
+    tandem_runtime::service_main(
+        "notifications",
+        |config: &notifications::Config| config.listen,
+        notifications::run,
+    )
 }

@@ -28,7 +28,12 @@ impl BatchHandler for Applier {
             .map(|delivery| match decode(delivery) {
                 Ok(incoming) => (incoming.message_id.clone(), Ok(incoming)),
                 Err(reason) => (
-                    format!("rejected/{}/{}/{}", delivery.topic.logical_name(), delivery.partition, delivery.offset),
+                    format!(
+                        "rejected/{}/{}/{}",
+                        delivery.topic.logical_name(),
+                        delivery.partition,
+                        delivery.offset
+                    ),
                     Err(reason),
                 ),
             })
@@ -78,7 +83,10 @@ async fn apply(connection: &mut PgConnection, incoming: Incoming) -> Result<(), 
     }
 }
 
-async fn apply_terms(connection: &mut PgConnection, terms: &PartnershipTerms) -> Result<(), LedgerError> {
+async fn apply_terms(
+    connection: &mut PgConnection,
+    terms: &PartnershipTerms,
+) -> Result<(), LedgerError> {
     sqlx::query(
         "INSERT INTO partnership_terms (partnership_id, terms_version, referrer_merchant_id, acceptor_merchant_id, \
          commission_rate_bps, attribution_window_days, effective_from) VALUES ($1, $2, $3, $4, $5, $6, $7) \
@@ -112,7 +120,9 @@ async fn apply_referral(
     .fetch_one(&mut *connection)
     .await?;
     if !known {
-        return Err(LedgerError::AwaitingPartnership(referral.partnership_id.to_string()));
+        return Err(LedgerError::AwaitingPartnership(
+            referral.partnership_id.to_string(),
+        ));
     }
     sqlx::query(
         "INSERT INTO referrals (referral_id, partnership_id, terms_version, referrer_merchant_id, acceptor_merchant_id, \
@@ -201,10 +211,11 @@ async fn attribute(
     purchase: &Purchase,
     attributed_at: DateTime<Utc>,
 ) -> Result<(), LedgerError> {
-    let already: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM commissions WHERE purchase_id = $1)")
-        .bind(purchase.purchase_id.as_str())
-        .fetch_one(&mut *connection)
-        .await?;
+    let already: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM commissions WHERE purchase_id = $1)")
+            .bind(purchase.purchase_id.as_str())
+            .fetch_one(&mut *connection)
+            .await?;
     if already {
         return Ok(());
     }
@@ -249,7 +260,8 @@ async fn attribute(
     .fetch_optional(&mut *connection)
     .await?
     .ok_or_else(|| LedgerError::AwaitingPartnership(partnership_id.clone()))?;
-    let rate_bps = u32::try_from(rate_bps).map_err(|_| LedgerError::Invariant("negative commission rate"))?;
+    let rate_bps =
+        u32::try_from(rate_bps).map_err(|_| LedgerError::Invariant("negative commission rate"))?;
     let commission: Money = purchase.amount.times_bps(rate_bps);
     let referrer = MerchantId::parse("referrer_merchant_id", &referrer)?;
     let acceptor = MerchantId::parse("acceptor_merchant_id", &acceptor)?;
@@ -273,10 +285,12 @@ async fn attribute(
     .bind(attributed_at)
     .execute(&mut *connection)
     .await?;
-    sqlx::query("UPDATE referrals SET status = 'converted' WHERE referral_id = $1 AND status = 'open'")
-        .bind(winner.referral_id.as_str())
-        .execute(&mut *connection)
-        .await?;
+    sqlx::query(
+        "UPDATE referrals SET status = 'converted' WHERE referral_id = $1 AND status = 'open'",
+    )
+    .bind(winner.referral_id.as_str())
+    .execute(&mut *connection)
+    .await?;
 
     if commission.amount_minor > 0 {
         let entry = commission_accrual(&referrer, &acceptor, commission)?;

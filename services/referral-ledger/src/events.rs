@@ -75,7 +75,9 @@ fn parse(envelope: EventEnvelope) -> Result<Incoming, ValidationError> {
     let routing_key = envelope.customer_key;
     let (message_id, event) = match envelope.payload {
         None => return Err(ValidationError::new("payload", "is missing")),
-        Some(Payload::MerchantRegistered(_)) => (envelope.event_id, LedgerEvent::MerchantRegistered),
+        Some(Payload::MerchantRegistered(_)) => {
+            (envelope.event_id, LedgerEvent::MerchantRegistered)
+        }
         Some(Payload::PartnershipCreated(event)) => (
             envelope.event_id,
             LedgerEvent::PartnershipCreated(PartnershipTerms {
@@ -96,18 +98,29 @@ fn parse(envelope: EventEnvelope) -> Result<Incoming, ValidationError> {
                     referral_id: ReferralId::parse("referral_id", &event.referral_id)?,
                     partnership_id: PartnershipId::parse("partnership_id", &event.partnership_id)?,
                     terms_version: version(event.terms_version)?,
-                    referrer: MerchantId::parse("referrer_merchant_id", &event.referrer_merchant_id)?,
-                    acceptor: MerchantId::parse("acceptor_merchant_id", &event.acceptor_merchant_id)?,
+                    referrer: MerchantId::parse(
+                        "referrer_merchant_id",
+                        &event.referrer_merchant_id,
+                    )?,
+                    acceptor: MerchantId::parse(
+                        "acceptor_merchant_id",
+                        &event.acceptor_merchant_id,
+                    )?,
                     customer_key,
                     referrer_reference: event.referrer_reference,
                     referred_at: instant("referred_at", event.referred_at.as_ref())?,
-                    attribution_ends_at: instant("attribution_ends_at", event.attribution_ends_at.as_ref())?,
+                    attribution_ends_at: instant(
+                        "attribution_ends_at",
+                        event.attribution_ends_at.as_ref(),
+                    )?,
                 }),
             )
         }
         Some(Payload::PurchaseRecorded(event)) => {
             let customer_key = routing(&routing_key, &event.customer_keys)?;
-            let amount = event.amount.ok_or_else(|| ValidationError::new("amount", "is missing"))?;
+            let amount = event
+                .amount
+                .ok_or_else(|| ValidationError::new("amount", "is missing"))?;
             (
                 format!("{}/{}", envelope.event_id, customer_key),
                 LedgerEvent::PurchaseRecorded(Purchase {
@@ -121,19 +134,29 @@ fn parse(envelope: EventEnvelope) -> Result<Incoming, ValidationError> {
             )
         }
     };
-    Ok(Incoming { message_id, recorded_at, event })
+    Ok(Incoming {
+        message_id,
+        recorded_at,
+        event,
+    })
 }
 
 /// The customer key a customer-activity copy is published under; it must be one of the event's.
 fn routing(routing_key: &str, all_keys: &[String]) -> Result<CustomerKey, ValidationError> {
     let key = CustomerKey::parse("customer_key", routing_key)?;
     if !all_keys.iter().any(|k| k == routing_key) {
-        return Err(ValidationError::new("customer_key", "is not one of the event's customer_keys"));
+        return Err(ValidationError::new(
+            "customer_key",
+            "is not one of the event's customer_keys",
+        ));
     }
     Ok(key)
 }
 
-fn instant(field: &str, timestamp: Option<&prost_types::Timestamp>) -> Result<DateTime<Utc>, ValidationError> {
+fn instant(
+    field: &str,
+    timestamp: Option<&prost_types::Timestamp>,
+) -> Result<DateTime<Utc>, ValidationError> {
     timestamp
         .and_then(tandem_proto::time::datetime)
         .ok_or_else(|| ValidationError::new(field, "is missing or out of range"))

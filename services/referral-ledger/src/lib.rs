@@ -19,7 +19,10 @@ use tonic::service::Routes;
 
 /// Configuration: every setting is a flag and an environment variable.
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "referral-ledger", about = "Tandem's attribution and commission ledger")]
+#[command(
+    name = "referral-ledger",
+    about = "Tandem's attribution and commission ledger"
+)]
 pub struct Config {
     /// Address of the internal gRPC listener.
     #[arg(long, env = "TANDEM_LEDGER_LISTEN", default_value = "127.0.0.1:50052")]
@@ -31,8 +34,13 @@ pub struct Config {
     /// Postgres schema of the ledger.
     #[arg(long, env = "TANDEM_LEDGER_SCHEMA", default_value = "ledger")]
     pub schema: String,
-    /// Kafka consumer group.
-    #[arg(long, env = "TANDEM_LEDGER_CONSUMER_GROUP", default_value = "referral-ledger")]
+    /// Kafka consumer group prefix: the ledger consumes the admin topic in `<group>.admin` and
+    /// customer activity in `<group>.activity`.
+    #[arg(
+        long,
+        env = "TANDEM_LEDGER_CONSUMER_GROUP",
+        default_value = "referral-ledger"
+    )]
     pub consumer_group: String,
     /// Most events applied in one transaction.
     #[arg(long, env = "TANDEM_LEDGER_MAX_BATCH", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000))]
@@ -68,21 +76,37 @@ pub enum StartError {
 static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Runs the ledger until `shutdown` is cancelled: migrates, consumes, serves queries.
-pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<(), StartError> {
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), StartError> {
     let pool = tandem_store::connect(&config.database.store_config(&config.schema)).await?;
     tandem_store::migrate(&pool, &MIGRATIONS).await?;
-    let consumer = tokio::spawn(run_consumer(
-        config.bus.bus_config(),
-        ConsumerSettings {
-            group_id: config.consumer_group.clone(),
-            topics: vec![Topic::Admin, Topic::CustomerActivity],
-            max_batch: config.max_batch as usize,
-            max_wait: Duration::from_millis(20),
-        },
-        apply::Applier { pool: pool.clone() },
-        shutdown.clone(),
-    ));
-    let routes = Routes::new(ReferralLedgerServer::new(query::LedgerQueries { pool: pool.clone() }));
+    // Two consumers, so that customer activity waiting for a partnership it references never
+    // holds up the admin topic that will bring it.
+    let consumers: Vec<_> = [
+        ("admin", Topic::Admin),
+        ("activity", Topic::CustomerActivity),
+    ]
+    .into_iter()
+    .map(|(suffix, topic)| {
+        tokio::spawn(run_consumer(
+            config.bus.bus_config(),
+            ConsumerSettings {
+                group_id: format!("{}.{suffix}", config.consumer_group),
+                topics: vec![topic],
+                max_batch: config.max_batch as usize,
+                max_wait: Duration::from_millis(20),
+            },
+            apply::Applier { pool: pool.clone() },
+            shutdown.clone(),
+        ))
+    })
+    .collect();
+    let routes = Routes::new(ReferralLedgerServer::new(query::LedgerQueries {
+        pool: pool.clone(),
+    }));
     let served = tandem_runtime::serve(
         listener,
         routes,
@@ -91,12 +115,17 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     )
     .await;
     shutdown.cancel();
-    let consumed = consumer.await;
+    let mut consumed = Ok(());
+    for consumer in consumers {
+        match consumer.await {
+            Ok(result) => consumed = consumed.and(result),
+            Err(join_error) => {
+                tracing::error!(error = %join_error, "consumer task ended abnormally")
+            }
+        }
+    }
     pool.close().await;
     served?;
-    match consumed {
-        Ok(result) => result?,
-        Err(join_error) => tracing::error!(error = %join_error, "consumer task ended abnormally"),
-    }
+    consumed?;
     Ok(())
 }

@@ -5,8 +5,8 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use tandem_domain::ids::MerchantId;
 use tandem_proto::time::timestamp;
-use tandem_proto::v1::referral_ledger_server::ReferralLedger;
 use tandem_proto::v1 as pb;
+use tandem_proto::v1::referral_ledger_server::ReferralLedger;
 use tonic::{Request, Response, Status};
 
 const DEFAULT_PAGE_SIZE: u32 = 100;
@@ -16,7 +16,20 @@ pub struct LedgerQueries {
     pub pool: PgPool,
 }
 
-type ActivityRow = (String, String, String, String, String, i64, String, i64, i32, i32, DateTime<Utc>, DateTime<Utc>);
+type ActivityRow = (
+    String,
+    String,
+    String,
+    String,
+    String,
+    i64,
+    String,
+    i64,
+    i32,
+    i32,
+    DateTime<Utc>,
+    DateTime<Utc>,
+);
 
 #[tonic::async_trait]
 impl ReferralLedger for LedgerQueries {
@@ -34,7 +47,9 @@ impl ReferralLedger for LedgerQueries {
             size => size.min(MAX_PAGE_SIZE),
         };
         let after = PageToken::parse(&request.page_token)?;
-        let (after_at, after_id) = after.map_or((None, None), |t| (Some(t.purchased_at), Some(t.purchase_id)));
+        let (after_at, after_id) = after.map_or((None, None), |t| {
+            (Some(t.purchased_at), Some(t.purchase_id))
+        });
         let rows: Vec<ActivityRow> = sqlx::query_as(
             "SELECT c.purchase_id, c.referral_id, r.referrer_reference, c.partnership_id, c.acceptor_merchant_id, \
              c.amount_minor, c.currency, c.commission_minor, c.commission_rate_bps, c.terms_version, c.purchased_at, c.attributed_at \
@@ -57,31 +72,59 @@ impl ReferralLedger for LedgerQueries {
         let purchases: Vec<pb::AttributedPurchase> = rows
             .into_iter()
             .take(page_size as usize)
-            .map(|(purchase_id, referral_id, reference, partnership_id, acceptor, amount, currency, commission, rate, version, purchased_at, attributed_at)| {
-                pb::AttributedPurchase {
+            .map(
+                |(
                     purchase_id,
                     referral_id,
-                    referrer_reference: reference,
+                    reference,
                     partnership_id,
-                    acceptor_merchant_id: acceptor,
-                    amount: Some(pb::Money { amount_minor: amount, currency: currency.clone() }),
-                    commission: Some(pb::Money { amount_minor: commission, currency }),
-                    commission_rate_bps: u32::try_from(rate).unwrap_or(0),
-                    terms_version: u32::try_from(version).unwrap_or(0),
-                    purchased_at: Some(timestamp(purchased_at)),
-                    attributed_at: Some(timestamp(attributed_at)),
-                }
-            })
+                    acceptor,
+                    amount,
+                    currency,
+                    commission,
+                    rate,
+                    version,
+                    purchased_at,
+                    attributed_at,
+                )| {
+                    pb::AttributedPurchase {
+                        purchase_id,
+                        referral_id,
+                        referrer_reference: reference,
+                        partnership_id,
+                        acceptor_merchant_id: acceptor,
+                        amount: Some(pb::Money {
+                            amount_minor: amount,
+                            currency: currency.clone(),
+                        }),
+                        commission: Some(pb::Money {
+                            amount_minor: commission,
+                            currency,
+                        }),
+                        commission_rate_bps: u32::try_from(rate).unwrap_or(0),
+                        terms_version: u32::try_from(version).unwrap_or(0),
+                        purchased_at: Some(timestamp(purchased_at)),
+                        attributed_at: Some(timestamp(attributed_at)),
+                    }
+                },
+            )
             .collect();
         let next_page_token = match purchases.last() {
             Some(last) if more => PageToken {
-                purchased_at: last.purchased_at.as_ref().and_then(tandem_proto::time::datetime).unwrap_or_default(),
+                purchased_at: last
+                    .purchased_at
+                    .as_ref()
+                    .and_then(tandem_proto::time::datetime)
+                    .unwrap_or_default(),
                 purchase_id: last.purchase_id.clone(),
             }
             .encode(),
             _ => String::new(),
         };
-        Ok(Response::new(pb::ListReferralActivityResponse { purchases, next_page_token }))
+        Ok(Response::new(pb::ListReferralActivityResponse {
+            purchases,
+            next_page_token,
+        }))
     }
 }
 
@@ -93,21 +136,32 @@ struct PageToken {
 
 impl PageToken {
     fn encode(&self) -> String {
-        format!("v1.{}.{}", self.purchased_at.timestamp_micros(), self.purchase_id)
+        format!(
+            "v1.{}.{}",
+            self.purchased_at.timestamp_micros(),
+            self.purchase_id
+        )
     }
 
     fn parse(token: &str) -> Result<Option<Self>, Status> {
         if token.is_empty() {
             return Ok(None);
         }
-        let invalid = || Status::invalid_argument("is not a token this API returned; pass next_page_token unchanged, or empty for the first page");
+        let invalid = || {
+            Status::invalid_argument("is not a token this API returned; pass next_page_token unchanged, or empty for the first page")
+        };
         let mut parts = token.splitn(3, '.');
-        let (Some("v1"), Some(micros), Some(purchase_id)) = (parts.next(), parts.next(), parts.next()) else {
+        let (Some("v1"), Some(micros), Some(purchase_id)) =
+            (parts.next(), parts.next(), parts.next())
+        else {
             return Err(invalid());
         };
         let micros: i64 = micros.parse().map_err(|_| invalid())?;
         let purchased_at = DateTime::from_timestamp_micros(micros).ok_or_else(invalid)?;
         tandem_domain::ids::PurchaseId::parse("page_token", purchase_id).map_err(|_| invalid())?;
-        Ok(Some(Self { purchased_at, purchase_id: purchase_id.to_owned() }))
+        Ok(Some(Self {
+            purchased_at,
+            purchase_id: purchase_id.to_owned(),
+        }))
     }
 }

@@ -14,11 +14,19 @@ use tonic::service::Routes;
 #[command(name = "settlement")]
 pub struct Config {
     /// Address of the gRPC listener.
-    #[arg(long, env = "TANDEM_SETTLEMENT_LISTEN", default_value = "127.0.0.1:50053")]
+    #[arg(
+        long,
+        env = "TANDEM_SETTLEMENT_LISTEN",
+        default_value = "127.0.0.1:50053"
+    )]
     pub listen: SocketAddr,
 }
 
 /// Serves health and reflection until `shutdown` is cancelled.
-pub async fn run(_config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<(), tandem_runtime::ServeError> {
+pub async fn run(
+    _config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), tandem_runtime::ServeError> {
     tandem_runtime::serve(listener, Routes::default(), &[], shutdown).await
 }

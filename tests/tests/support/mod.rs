@@ -55,7 +55,13 @@ impl Stack {
         let bus = tandem_testkit::test_bus(4).await;
         let ledger_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let ledger_address = ledger_listener.local_addr().unwrap();
-        let mut stack = Stack { database, bus, gateway: None, ledger: None, ledger_address };
+        let mut stack = Stack {
+            database,
+            bus,
+            gateway: None,
+            ledger: None,
+            ledger_address,
+        };
         if with_ledger {
             stack.ledger = Some(stack.spawn_ledger(ledger_listener, "referral-ledger"));
         }
@@ -64,11 +70,17 @@ impl Stack {
     }
 
     fn database_args(&self) -> DatabaseArgs {
-        DatabaseArgs { database_url: self.database.url.clone(), db_max_connections: 5 }
+        DatabaseArgs {
+            database_url: self.database.url.clone(),
+            db_max_connections: 5,
+        }
     }
 
     fn bus_args(&self) -> BusArgs {
-        BusArgs { kafka_brokers: self.bus.brokers.clone(), topic_prefix: self.bus.topic_prefix.clone() }
+        BusArgs {
+            kafka_brokers: self.bus.brokers.clone(),
+            topic_prefix: self.bus.topic_prefix.clone(),
+        }
     }
 
     async fn spawn_gateway(&self) -> Running {
@@ -86,10 +98,18 @@ impl Stack {
         let shutdown = CancellationToken::new();
         let task = tokio::spawn({
             let shutdown = shutdown.clone();
-            async move { merchant_gateway::run(config, listener, shutdown).await.map_err(|e| format!("{e:?}")) }
+            async move {
+                merchant_gateway::run(config, listener, shutdown)
+                    .await
+                    .map_err(|e| format!("{e:?}"))
+            }
         });
         wait_until_serving(address).await;
-        Running { address, shutdown, task }
+        Running {
+            address,
+            shutdown,
+            task,
+        }
     }
 
     /// Starts a ledger on `listener` with consumer group `group`.
@@ -106,9 +126,17 @@ impl Stack {
         let shutdown = CancellationToken::new();
         let task = tokio::spawn({
             let shutdown = shutdown.clone();
-            async move { referral_ledger::run(config, listener, shutdown).await.map_err(|e| format!("{e:?}")) }
+            async move {
+                referral_ledger::run(config, listener, shutdown)
+                    .await
+                    .map_err(|e| format!("{e:?}"))
+            }
         });
-        Running { address, shutdown, task }
+        Running {
+            address,
+            shutdown,
+            task,
+        }
     }
 
     /// Stops the ledger and starts a new one on the same database and address, in consumer
@@ -167,7 +195,13 @@ impl Stack {
         (response.merchant_id, response.api_key)
     }
 
-    pub async fn partnership(&self, referrer: &str, acceptor: &str, rate_bps: u32, window_days: u32) -> String {
+    pub async fn partnership(
+        &self,
+        referrer: &str,
+        acceptor: &str,
+        rate_bps: u32,
+        window_days: u32,
+    ) -> String {
         self.operator()
             .await
             .create_partnership(as_operator(pb::CreatePartnershipRequest {
@@ -216,7 +250,9 @@ async fn wait_until_serving(address: SocketAddr) {
 
 pub fn with_bearer<T>(message: T, secret: &str) -> Request<T> {
     let mut request = Request::new(message);
-    request.metadata_mut().insert("authorization", format!("Bearer {secret}").parse().unwrap());
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {secret}").parse().unwrap());
     request
 }
 
@@ -225,14 +261,26 @@ pub fn as_operator<T>(message: T) -> Request<T> {
 }
 
 pub fn customer(card: &str, phone: &str, email: &str) -> pb::CustomerIdentifiers {
-    pb::CustomerIdentifiers { card_fingerprint: card.into(), phone: phone.into(), email: email.into() }
+    pb::CustomerIdentifiers {
+        card_fingerprint: card.into(),
+        phone: phone.into(),
+        email: email.into(),
+    }
 }
 
 pub fn eur(amount_minor: i64) -> Option<pb::Money> {
-    Some(pb::Money { amount_minor, currency: "EUR".into() })
+    Some(pb::Money {
+        amount_minor,
+        currency: "EUR".into(),
+    })
 }
 
-pub fn purchase(key: &str, transaction_id: &str, customer: pb::CustomerIdentifiers, amount_minor: i64) -> pb::RecordPurchaseRequest {
+pub fn purchase(
+    key: &str,
+    transaction_id: &str,
+    customer: pb::CustomerIdentifiers,
+    amount_minor: i64,
+) -> pb::RecordPurchaseRequest {
     pb::RecordPurchaseRequest {
         idempotency_key: key.into(),
         merchant_id: String::new(),
@@ -243,7 +291,11 @@ pub fn purchase(key: &str, transaction_id: &str, customer: pb::CustomerIdentifie
     }
 }
 
-pub fn referral(key: &str, acceptor: &str, customer: pb::CustomerIdentifiers) -> pb::CreateReferralRequest {
+pub fn referral(
+    key: &str,
+    acceptor: &str,
+    customer: pb::CustomerIdentifiers,
+) -> pb::CreateReferralRequest {
     pb::CreateReferralRequest {
         idempotency_key: key.into(),
         merchant_id: String::new(),
@@ -266,11 +318,17 @@ pub async fn dump_tables(pool: &sqlx::PgPool, schemas: &[&str]) -> Vec<String> {
     .unwrap();
     let mut rows = Vec::new();
     for (schema, table) in tables {
-        let dumped: Vec<String> = sqlx::query_scalar(&format!("SELECT row_to_json(t)::text FROM {schema}.{table} t"))
-            .fetch_all(pool)
-            .await
-            .unwrap();
-        rows.extend(dumped.into_iter().map(|row| format!("{schema}.{table}: {row}")));
+        let dumped: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT row_to_json(t)::text FROM {schema}.{table} t"
+        ))
+        .fetch_all(pool)
+        .await
+        .unwrap();
+        rows.extend(
+            dumped
+                .into_iter()
+                .map(|row| format!("{schema}.{table}: {row}")),
+        );
     }
     rows
 }
