@@ -47,6 +47,8 @@ pub fn choose_referral(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
     use super::*;
     use chrono::{Duration, TimeZone};
 

@@ -267,6 +267,8 @@ impl CustomerIdentifiers {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
     use super::*;
 
     fn network_key() -> NetworkKey {

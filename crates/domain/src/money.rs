@@ -165,6 +165,8 @@ pub fn divide_half_even(numerator: i128, denominator: i128) -> i128 {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
     use super::*;
     use proptest::prelude::*;
 

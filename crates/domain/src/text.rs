@@ -48,7 +48,7 @@ fn luhn_valid(digits: &[u8]) -> bool {
             }
         })
         .sum();
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 /// Checks a POS-supplied token such as a transaction id or an idempotency key: trimmed,
@@ -94,6 +94,8 @@ pub fn reject_card_number(field: &str, value: &str) -> Result<(), ValidationErro
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
     use super::*;
 
     #[test]

@@ -107,6 +107,8 @@ pub fn url_with_database(url: &str, database: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
     use super::url_with_database as with_database;
 
     #[test]

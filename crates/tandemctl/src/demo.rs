@@ -207,8 +207,8 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
     println!();
     println!("What C learned (ListReferralActivity, as C):");
     println!(
-        "  {:<20} {:<24} {:>12} {:>12}  {}",
-        "purchased at (UTC)", "C's reference", "amount", "commission", "purchase"
+        "  {:<20} {:<24} {:>12} {:>12}  purchase",
+        "purchased at (UTC)", "C's reference", "amount", "commission"
     );
     let mut total_commission = 0i64;
     for purchase in &activity.purchases {

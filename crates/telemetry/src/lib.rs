@@ -53,7 +53,9 @@ pub fn init(service_name: &'static str) -> Result<TelemetryGuard, TelemetryError
     let provider = tracer_provider(service_name)?;
     let tracer = provider.tracer(service_name);
     tracing_subscriber::registry()
-        .with(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn")))
+        .with(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn")),
+        )
         .with(
             tracing_subscriber::fmt::layer()
                 .json()
