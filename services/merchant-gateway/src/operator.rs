@@ -88,7 +88,7 @@ impl OperatorApi {
         .await?;
         tx.commit().await?;
         self.state.outbox_written.notify_one();
-        tracing::info!("merchant registered");
+        tracing::info!(%event_id, "merchant registered");
         Ok(pb::CreateMerchantResponse {
             merchant_id: merchant_id.to_string(),
             api_key,
@@ -164,7 +164,7 @@ impl OperatorApi {
         .await?;
         tx.commit().await?;
         self.state.outbox_written.notify_one();
-        tracing::info!(%referrer, %acceptor, "partnership created");
+        tracing::info!(%event_id, %referrer, %acceptor, "partnership created");
         Ok(pb::CreatePartnershipResponse {
             partnership_id: partnership_id.to_string(),
             terms_version,

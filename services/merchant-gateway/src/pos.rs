@@ -147,7 +147,7 @@ impl PosApi {
         .await?;
         tx.commit().await?;
         self.state.outbox_written.notify_one();
-        tracing::info!("referral recorded");
+        tracing::info!(%event_id, "referral recorded");
         Ok(response)
     }
 
@@ -231,7 +231,7 @@ impl PosApi {
         .await?;
         tx.commit().await?;
         self.state.outbox_written.notify_one();
-        tracing::info!("purchase recorded");
+        tracing::info!(%event_id, "purchase recorded");
         Ok(response)
     }
 

@@ -1,0 +1,143 @@
+//! Every service serves gRPC health and reflection (v1 and v1alpha) and stops cleanly when told
+//! to, as it does on SIGTERM.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_reflection::pb::{v1, v1alpha};
+
+async fn channel(address: std::net::SocketAddr) -> Channel {
+    for _ in 0..100 {
+        if let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{address}")) {
+            if let Ok(channel) = endpoint.connect().await {
+                return channel;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("cannot connect to {address}");
+}
+
+async fn assert_serving(channel: Channel, service: &str) {
+    let status = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("health of {service:?}: {e}"))
+        .into_inner()
+        .status;
+    assert_eq!(
+        status,
+        ServingStatus::Serving as i32,
+        "{service:?} is not serving"
+    );
+}
+
+async fn reflected_services(channel: Channel) -> (Vec<String>, Vec<String>) {
+    use v1::server_reflection_request::MessageRequest as V1Request;
+    use v1::server_reflection_response::MessageResponse as V1Response;
+    let request = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(V1Request::ListServices(String::new())),
+    };
+    let mut responses = v1::server_reflection_client::ServerReflectionClient::new(channel.clone())
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(V1Response::ListServicesResponse(list)) =
+        responses.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("v1 reflection did not list services");
+    };
+    let from_v1 = list.service.into_iter().map(|s| s.name).collect();
+
+    use v1alpha::server_reflection_request::MessageRequest as AlphaRequest;
+    use v1alpha::server_reflection_response::MessageResponse as AlphaResponse;
+    let request = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(AlphaRequest::ListServices(String::new())),
+    };
+    let mut responses = v1alpha::server_reflection_client::ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(AlphaResponse::ListServicesResponse(list)) =
+        responses.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("v1alpha reflection did not list services");
+    };
+    (from_v1, list.service.into_iter().map(|s| s.name).collect())
+}
+
+#[tokio::test]
+async fn gateway_and_ledger_serve_health_and_reflection() {
+    let stack = Stack::start(true).await;
+    let gateway = channel(stack.gateway.as_ref().unwrap().address).await;
+    let ledger = channel(stack.ledger.as_ref().unwrap().address).await;
+    assert_serving(gateway.clone(), "").await;
+    assert_serving(gateway.clone(), "tandem.v1.MerchantGateway").await;
+    assert_serving(gateway.clone(), "tandem.v1.OperatorService").await;
+    assert_serving(ledger.clone(), "tandem.v1.ReferralLedger").await;
+    let (v1_names, v1alpha_names) = reflected_services(gateway).await;
+    for expected in [
+        "tandem.v1.MerchantGateway",
+        "tandem.v1.OperatorService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            v1_names.iter().any(|n| n == expected),
+            "v1 reflection lacks {expected}: {v1_names:?}"
+        );
+        assert!(
+            v1alpha_names.iter().any(|n| n == expected),
+            "v1alpha reflection lacks {expected}"
+        );
+    }
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn settlement_and_notifications_serve_health_and_stop_cleanly() {
+    for service in ["settlement", "notifications"] {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let task = match service {
+            "settlement" => tokio::spawn(settlement::run(
+                settlement::Config { listen: address },
+                listener,
+                shutdown.clone(),
+            )),
+            _ => tokio::spawn(notifications::run(
+                notifications::Config { listen: address },
+                listener,
+                shutdown.clone(),
+            )),
+        };
+        let channel = channel(address).await;
+        assert_serving(channel.clone(), "").await;
+        let (v1_names, _) = reflected_services(channel).await;
+        assert!(
+            v1_names.iter().any(|n| n == "grpc.health.v1.Health"),
+            "{service}: {v1_names:?}"
+        );
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .unwrap_or_else(|_| panic!("{service} did not stop within 10 s"))
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{service} stopped with an error: {e}"));
+    }
+}
