@@ -79,7 +79,7 @@ impl OperatorApi {
             settlement_currency: currency.to_string(),
             time_zone,
         };
-        record_event(
+        let event_id = record_event(
             &mut tx,
             &format!("merchant-{merchant_id}"),
             Payload::MerchantRegistered(event),
@@ -155,7 +155,7 @@ impl OperatorApi {
             attribution_window_days: terms.attribution_window.days(),
             effective_from: Some(timestamp(now)),
         };
-        record_event(
+        let event_id = record_event(
             &mut tx,
             &format!("partnership-{partnership_id}"),
             Payload::PartnershipCreated(event),

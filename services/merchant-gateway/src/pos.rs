@@ -123,7 +123,7 @@ impl PosApi {
             referred_at: Some(timestamp(command.referred_at)),
             attribution_ends_at: Some(timestamp(ends_at)),
         };
-        record_event(
+        let event_id = record_event(
             &mut tx,
             &format!("referral-{referral_id}"),
             Payload::CustomerReferred(event),
@@ -209,7 +209,7 @@ impl PosApi {
             }),
             purchased_at: Some(timestamp(command.purchased_at)),
         };
-        record_event(
+        let event_id = record_event(
             &mut tx,
             &format!("purchase-{purchase_id}"),
             Payload::PurchaseRecorded(event),
