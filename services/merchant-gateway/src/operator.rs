@@ -5,7 +5,7 @@ use std::sync::Arc;
 use chrono::Utc;
 use tandem_domain::ids::{MerchantId, PartnershipId};
 use tandem_domain::money::Currency;
-use tandem_domain::partnership::{check_not_self_referral, Terms};
+use tandem_domain::partnership::{check_not_self_referral, parse_rate_bps, AttributionWindow};
 use tandem_domain::ValidationError;
 use tandem_proto::time::timestamp;
 use tandem_proto::v1 as pb;
@@ -104,7 +104,11 @@ impl OperatorApi {
         let referrer = MerchantId::parse("referrer_merchant_id", &request.referrer_merchant_id)?;
         let acceptor = MerchantId::parse("acceptor_merchant_id", &request.acceptor_merchant_id)?;
         check_not_self_referral(&referrer, &acceptor)?;
-        let terms = Terms::parse(request.commission_rate_bps, request.attribution_window_days)?;
+        let rate_bps = parse_rate_bps("commission_rate_bps", request.commission_rate_bps, 1)?;
+        let window = AttributionWindow::from_days(
+            "attribution_window_days",
+            request.attribution_window_days,
+        )?;
         let partnership_id = PartnershipId::generate();
         tracing::Span::current().record("partnership_id", partnership_id.as_str());
         let now = tandem_proto::time::truncate_to_micros(Utc::now());
@@ -136,8 +140,8 @@ impl OperatorApi {
         .bind(referrer.as_str())
         .bind(acceptor.as_str())
         .bind(terms_version as i32)
-        .bind(terms.commission_rate_bps as i32)
-        .bind(terms.attribution_window.days() as i32)
+        .bind(rate_bps as i32)
+        .bind(window.days() as i32)
         .bind(now)
         .execute(&mut *tx)
         .await?;
@@ -151,8 +155,8 @@ impl OperatorApi {
             referrer_merchant_id: referrer.to_string(),
             acceptor_merchant_id: acceptor.to_string(),
             terms_version,
-            commission_rate_bps: terms.commission_rate_bps,
-            attribution_window_days: terms.attribution_window.days(),
+            commission_rate_bps: rate_bps,
+            attribution_window_days: window.days(),
             effective_from: Some(timestamp(now)),
         };
         let event_id = record_event(
