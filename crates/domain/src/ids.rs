@@ -67,6 +67,10 @@ prefixed_id!(
     /// A purchase recorded at a merchant.
     PurchaseId, "pur_"
 );
+prefixed_id!(
+    /// A refund or void of (part of) a purchase.
+    RefundId, "rfd_"
+);
 
 #[cfg(test)]
 mod tests {

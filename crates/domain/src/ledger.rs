@@ -90,6 +90,29 @@ pub fn commission_accrual(
     )
 }
 
+/// A commission clawed back (in full or in part) after a refund: the reverse of an accrual.
+pub fn commission_reversal(
+    referrer: &MerchantId,
+    acceptor: &MerchantId,
+    reversal: Money,
+) -> Result<Entry, UnbalancedEntry> {
+    Entry::new(
+        reversal.currency,
+        vec![
+            Posting {
+                account: Account::CommissionPayable,
+                merchant: acceptor.clone(),
+                amount_minor: reversal.amount_minor,
+            },
+            Posting {
+                account: Account::CommissionReceivable,
+                merchant: referrer.clone(),
+                amount_minor: -reversal.amount_minor,
+            },
+        ],
+    )
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]

@@ -3,6 +3,7 @@
 //! these types at their edge; nothing below the edge sees a raw string.
 
 pub mod attribution;
+pub mod commission;
 pub mod customer;
 pub mod error;
 pub mod ids;
