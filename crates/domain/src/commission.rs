@@ -213,7 +213,7 @@ struct TermsVersion {
     proposed_by: MerchantId,
     terms: Terms,
     effective_from: DateTime<Utc>,
-    accepted: bool,
+    accepted_by: Option<MerchantId>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -274,7 +274,7 @@ impl Partnership {
     pub fn terms_at(&self, instant: DateTime<Utc>) -> Option<(u32, &Terms)> {
         self.versions
             .iter()
-            .filter(|v| v.accepted && v.effective_from <= instant)
+            .filter(|v| v.accepted_by.is_some() && v.effective_from <= instant)
             .max_by_key(|v| v.version)
             .map(|v| (v.version, &v.terms))
     }
@@ -298,16 +298,16 @@ impl Partnership {
                     proposed_by: proposed_by.clone(),
                     terms: terms.clone(),
                     effective_from: *effective_from,
-                    accepted: false,
+                    accepted_by: None,
                 });
             }
             Event::TermsAccepted {
                 version,
+                accepted_by,
                 effective_from,
-                ..
             } => {
                 if let Some(v) = self.versions.iter_mut().find(|v| v.version == *version) {
-                    v.accepted = true;
+                    v.accepted_by = Some(accepted_by.clone());
                     v.effective_from = *effective_from;
                 }
             }
@@ -482,8 +482,11 @@ pub fn decide(state: &Partnership, command: Command) -> Result<Vec<Event>, Partn
                 .iter()
                 .find(|v| v.version == version)
                 .ok_or(PartnershipError::UnknownVersion(version))?;
-            if proposal.accepted {
-                return Err(PartnershipError::AlreadyAccepted(version));
+            match &proposal.accepted_by {
+                // The same acceptance delivered again changes nothing.
+                Some(previous) if *previous == accepted_by => return Ok(Vec::new()),
+                Some(_) => return Err(PartnershipError::AlreadyAccepted(version)),
+                None => {}
             }
             if state
                 .versions
@@ -506,10 +509,12 @@ pub fn decide(state: &Partnership, command: Command) -> Result<Vec<Event>, Partn
             if by != *referrer && by != *acceptor {
                 return Err(PartnershipError::NotAParty(by));
             }
-            if let Some(previous) = state.terminated_at {
-                return Err(PartnershipError::Terminated(previous));
+            match state.terminated_at {
+                // The same termination delivered again changes nothing.
+                Some(previous) if previous == at => Ok(Vec::new()),
+                Some(previous) => Err(PartnershipError::Terminated(previous)),
+                None => Ok(vec![Event::Terminated { by, at }]),
             }
-            Ok(vec![Event::Terminated { by, at }])
         }
         Command::AttributePurchase(attribution) => decide_attribution(state, attribution),
         Command::RecordRefund {

@@ -185,15 +185,15 @@ fn terms_take_effect_only_when_the_other_party_accepts() {
     let state = state.apply(&accepted[0]);
     assert_eq!(state.terms_at(day(4)), None);
     assert_eq!(state.terms_at(day(5)).map(|(v, _)| v), Some(1));
+    // The same acceptance again changes nothing; the proposer cannot accept it either.
+    let accept = |by: &MerchantId| Command::Accept {
+        version: 1,
+        accepted_by: by.clone(),
+        now: day(6),
+    };
+    assert_eq!(decide(&state, accept(&acceptor)), Ok(vec![]));
     assert_eq!(
-        decide(
-            &state,
-            Command::Accept {
-                version: 1,
-                accepted_by: acceptor.clone(),
-                now: day(6)
-            }
-        ),
+        decide(&state, accept(&referrer)),
         Err(PartnershipError::AlreadyAccepted(1))
     );
 }
