@@ -8,8 +8,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::env::set_var("PROTOC", protoc);
 
     let proto_root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let files = ["common", "operator", "gateway", "ledger", "events"]
-        .map(|name| proto_root.join(format!("tandem/v1/{name}.proto")));
+    let files = [
+        "common",
+        "terms",
+        "operator",
+        "gateway",
+        "partnerships",
+        "ledger",
+        "events",
+        "ledger_events",
+    ]
+    .map(|name| proto_root.join(format!("tandem/v1/{name}.proto")));
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
 
     tonic_prost_build::configure()

@@ -76,7 +76,17 @@ async fn referred_purchases_reach_the_referrer_exactly_once() {
     let (acceptor, acceptor_key) = stack.merchant("Atelier Bikes").await;
     let (referrer, referrer_key) = stack.merchant("Cafe Lumiere").await;
     let (_outsider, outsider_key) = stack.merchant("Unrelated Shop").await;
-    let partnership = stack.partnership(&referrer, &acceptor, 750, 7).await;
+    // Imported by the operator as in force for 20 days, so that a referral can date from before
+    // today.
+    let partnership = stack
+        .partnership_since(
+            &referrer,
+            &acceptor,
+            750,
+            7,
+            Some(chrono::Utc::now() - chrono::Duration::days(20)),
+        )
+        .await;
     let mut pos = stack.pos().await;
 
     // C refers B (phone and e-mail) now, and X (phone) ten days ago: X's 7-day window is over.

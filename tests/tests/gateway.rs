@@ -305,6 +305,7 @@ async fn invalid_requests_get_precise_statuses_and_publish_nothing() {
         acceptor_merchant_id: acceptor.into(),
         commission_rate_bps: rate,
         attribution_window_days: days,
+        effective_from: None,
     };
     assert_status(
         operator

@@ -1,14 +1,15 @@
 //! Attribution: which referral, if any, earns the commission on a purchase.
 //!
 //! A purchase at acceptor A at instant `t` by a customer key `k` is attributed to a referral of
-//! `k` to A whose window contains `t`: `referred_at <= t < attribution_ends_at`. When several
-//! referrals qualify, the first referral wins (earliest `referred_at`, ties broken by referral
-//! id so that every replay chooses the same one).
+//! `k` to A whose window contains `t` (`referred_at <= t < attribution_ends_at`) and that was not
+//! cancelled before `t`. When several referrals qualify, the partnership's touch policy decides:
+//! the first (earliest `referred_at`) or the last (latest) wins, ties broken by referral id so
+//! that every replay chooses the same one.
 
 use chrono::{DateTime, Utc};
 
 use crate::ids::ReferralId;
-use crate::partnership::AttributionWindow;
+use crate::partnership::{AttributionWindow, TouchPolicy};
 
 /// The end of a referral's attribution window (exclusive).
 pub fn attribution_ends_at(referred_at: DateTime<Utc>, window: AttributionWindow) -> DateTime<Utc> {
@@ -30,19 +31,30 @@ pub struct Candidate {
     pub referral_id: ReferralId,
     pub referred_at: DateTime<Utc>,
     pub attribution_ends_at: DateTime<Utc>,
+    pub cancelled_at: Option<DateTime<Utc>>,
 }
 
-/// The referral that earns a purchase at `purchased_at`, by the first-referrer-wins rule.
+impl Candidate {
+    fn qualifies(&self, purchased_at: DateTime<Utc>) -> bool {
+        is_within_window(self.referred_at, self.attribution_ends_at, purchased_at)
+            && self
+                .cancelled_at
+                .is_none_or(|cancelled| purchased_at < cancelled)
+    }
+}
+
+/// The referral that earns a purchase at `purchased_at` under `policy`.
 pub fn choose_referral(
     candidates: &[Candidate],
     purchased_at: DateTime<Utc>,
+    policy: TouchPolicy,
 ) -> Option<&Candidate> {
-    candidates
-        .iter()
-        .filter(|c| is_within_window(c.referred_at, c.attribution_ends_at, purchased_at))
-        .min_by(|a, b| {
-            (a.referred_at, a.referral_id.as_str()).cmp(&(b.referred_at, b.referral_id.as_str()))
-        })
+    let qualifying = candidates.iter().filter(|c| c.qualifies(purchased_at));
+    let order = |c: &&Candidate| (c.referred_at, c.referral_id.as_str().to_owned());
+    match policy {
+        TouchPolicy::FirstReferrer => qualifying.min_by_key(order),
+        TouchPolicy::LastReferrer => qualifying.max_by_key(order),
+    }
 }
 
 #[cfg(test)]
@@ -64,6 +76,7 @@ mod tests {
             referral_id: ReferralId::generate(),
             referred_at,
             attribution_ends_at: attribution_ends_at(referred_at, window),
+            cancelled_at: None,
         }
     }
 
@@ -96,13 +109,45 @@ mod tests {
         let middle = candidate(at(3), 30);
         let late = candidate(at(4), 30);
         let candidates = vec![late.clone(), early.clone(), middle.clone()];
-        assert_eq!(choose_referral(&candidates, at(5)), Some(&early));
+        let first = TouchPolicy::FirstReferrer;
+        assert_eq!(choose_referral(&candidates, at(5), first), Some(&early));
         // After the early window closed, the next earliest open one wins.
-        assert_eq!(choose_referral(&candidates, at(7)), Some(&middle));
-        assert_eq!(choose_referral(&candidates, at(2)), Some(&early));
+        assert_eq!(choose_referral(&candidates, at(7), first), Some(&middle));
+        assert_eq!(choose_referral(&candidates, at(2), first), Some(&early));
         // Before any referral: nothing.
         assert_eq!(
-            choose_referral(&candidates, at(1) - Duration::hours(1)),
+            choose_referral(&candidates, at(1) - Duration::hours(1), first),
+            None
+        );
+    }
+
+    #[test]
+    fn last_referrer_wins_when_the_terms_say_so() {
+        let early = candidate(at(1), 30);
+        let late = candidate(at(4), 30);
+        let candidates = vec![early.clone(), late.clone()];
+        assert_eq!(
+            choose_referral(&candidates, at(5), TouchPolicy::LastReferrer),
+            Some(&late)
+        );
+        // Before the late referral existed, only the early one qualifies.
+        assert_eq!(
+            choose_referral(&candidates, at(3), TouchPolicy::LastReferrer),
+            Some(&early)
+        );
+    }
+
+    #[test]
+    fn a_cancelled_referral_earns_nothing_after_its_cancellation() {
+        let mut referral = candidate(at(1), 30);
+        referral.cancelled_at = Some(at(5));
+        let candidates = vec![referral.clone()];
+        assert_eq!(
+            choose_referral(&candidates, at(4), TouchPolicy::FirstReferrer),
+            Some(&referral)
+        );
+        assert_eq!(
+            choose_referral(&candidates, at(5), TouchPolicy::FirstReferrer),
             None
         );
     }

@@ -38,6 +38,15 @@ pub enum Command {
         effective_from: DateTime<Utc>,
         now: DateTime<Utc>,
     },
+    /// An operator records an agreement both parties already made outside Tandem, possibly in
+    /// force since before today (a partnership migrated from another system). Only for a new
+    /// partnership.
+    Import {
+        referrer: MerchantId,
+        acceptor: MerchantId,
+        terms: Terms,
+        effective_from: DateTime<Utc>,
+    },
     /// The other party accepts a proposed version.
     Accept {
         version: u32,
@@ -207,13 +216,15 @@ pub enum PartnershipError {
     NonPositiveRefund,
 }
 
+/// One proposed version of the terms and whether it was accepted.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct TermsVersion {
-    version: u32,
-    proposed_by: MerchantId,
-    terms: Terms,
-    effective_from: DateTime<Utc>,
-    accepted_by: Option<MerchantId>,
+pub struct TermsVersion {
+    pub version: u32,
+    pub proposed_by: MerchantId,
+    pub terms: Terms,
+    /// The proposed effective time, or once accepted, the time it is in force from.
+    pub effective_from: DateTime<Utc>,
+    pub accepted_by: Option<MerchantId>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -264,6 +275,14 @@ impl Partnership {
     /// `(referrer, acceptor)`, once the partnership exists.
     pub fn parties(&self) -> Option<(&MerchantId, &MerchantId)> {
         self.parties.as_ref().map(|(r, a)| (r, a))
+    }
+
+    pub fn versions(&self) -> &[TermsVersion] {
+        &self.versions
+    }
+
+    pub fn terminated_at(&self) -> Option<DateTime<Utc>> {
+        self.terminated_at
     }
 
     pub fn purchase(&self, purchase_id: &PurchaseId) -> Option<&PurchaseRecord> {
@@ -465,6 +484,33 @@ pub fn decide(state: &Partnership, command: Command) -> Result<Vec<Event>, Partn
                 effective_from,
             }])
         }
+        Command::Import {
+            referrer,
+            acceptor,
+            terms,
+            effective_from,
+        } => {
+            check_not_self_referral(&referrer, &acceptor)?;
+            if state.parties().is_some() {
+                return Err(PartnershipError::PartiesChanged);
+            }
+            let terms = terms.validated()?;
+            Ok(vec![
+                Event::TermsProposed {
+                    version: 1,
+                    referrer: referrer.clone(),
+                    acceptor: acceptor.clone(),
+                    proposed_by: referrer,
+                    terms,
+                    effective_from,
+                },
+                Event::TermsAccepted {
+                    version: 1,
+                    accepted_by: acceptor,
+                    effective_from,
+                },
+            ])
+        }
         Command::Accept {
             version,
             accepted_by,
@@ -628,11 +674,15 @@ fn decide_attribution(
             let Some(record) = after.purchases.get(&purchase_id) else {
                 break;
             };
+            // A purchase cannot be refused, so a waiting refund larger than what is left is cut
+            // down to it: refunds never exceed the purchase.
+            let remaining = record.amount.amount_minor - record.refunded_minor;
+            let capped = Money::new(refund.amount_minor.min(remaining).max(0), refund.currency);
             let event = refund_event(
                 &purchase_id,
                 record,
                 refund_id.clone(),
-                *refund,
+                capped,
                 *refunded_at,
             )?;
             after = after.apply(&event);
@@ -819,4 +869,141 @@ fn refund_event(
         refunded_at,
         within_holding_period: refunded_at < record.payable_at,
     })
+}
+
+/// What is needed to explain one commission line in words.
+#[derive(Debug, Clone)]
+pub struct CommissionLine<'a> {
+    pub amount: Money,
+    pub terms_version: Option<u32>,
+    pub terms: Option<&'a Terms>,
+    pub commission: Money,
+    pub calculation: Option<&'a Calculation>,
+    pub not_earned: Option<&'a NotEarned>,
+    pub refunded_minor: i64,
+    pub reversed_minor: i64,
+    pub payable_at: DateTime<Utc>,
+}
+
+fn percent(rate_bps: u32) -> String {
+    format!("{}.{:02}%", rate_bps / 100, rate_bps % 100)
+}
+
+/// The line in words: which terms, which rule, how the amount came about, caps and refunds.
+pub fn explain(line: &CommissionLine<'_>) -> String {
+    let money = |minor: i64| Money::new(minor, line.amount.currency).to_string();
+    let mut text = format!("Purchase of {}", line.amount);
+    match line.terms_version {
+        Some(version) => text.push_str(&format!(", under terms version {version}: ")),
+        None => text.push_str(": "),
+    }
+    if let Some(reason) = line.not_earned {
+        let why = match reason {
+            NotEarned::NoTermsInForce => {
+                "no accepted terms were in force at the time of the purchase".to_owned()
+            }
+            NotEarned::Terminated => {
+                "the partnership had been terminated before the purchase".to_owned()
+            }
+            NotEarned::CurrencyMismatch { terms_currency } => {
+                format!("the terms pay commission on purchases in {terms_currency} only")
+            }
+            NotEarned::ReturningCustomer {
+                previous_purchase_at,
+            } => {
+                format!("the terms pay for new customers only, and this customer had bought at the acceptor on {previous_purchase_at}, within the look-back before the referral")
+            }
+            NotEarned::BelowMinimum { min_purchase_minor } => format!(
+                "the purchase is below the minimum of {}",
+                money(*min_purchase_minor)
+            ),
+            NotEarned::AboveMaximum { max_purchase_minor } => format!(
+                "the purchase is above the maximum of {}",
+                money(*max_purchase_minor)
+            ),
+            NotEarned::NotFirstPurchase => {
+                "the terms pay on the customer's first purchase only, and this was not it"
+                    .to_owned()
+            }
+            NotEarned::DurationOver => "the terms' duration for this customer was over".to_owned(),
+        };
+        text.push_str(&format!("no commission, because {why}."));
+        return text;
+    }
+    if let (Some(terms), Some(calculation)) = (line.terms, line.calculation) {
+        match &terms.rule {
+            CommissionRule::Percentage { rate_bps } => text.push_str(&format!(
+                "{} of {} = {} (rounded half to even to the cent)",
+                percent(*rate_bps),
+                line.amount,
+                money(calculation.gross_minor)
+            )),
+            CommissionRule::FlatPerFirstPurchase { .. } => {
+                text.push_str(&format!(
+                    "a flat {} on the customer's first purchase",
+                    money(calculation.gross_minor)
+                ));
+            }
+            CommissionRule::FlatPerPurchase { .. } => {
+                text.push_str(&format!(
+                    "a flat {} per purchase",
+                    money(calculation.gross_minor)
+                ));
+            }
+            CommissionRule::MarginalTiers { .. } => {
+                let bands: Vec<String> = calculation
+                    .bands
+                    .iter()
+                    .map(|band| {
+                        format!(
+                            "{} at {} (tier from {})",
+                            money(band.portion_minor),
+                            percent(band.rate_bps),
+                            money(band.from_minor)
+                        )
+                    })
+                    .collect();
+                text.push_str(&format!(
+                    "marginal tiers on the period's attributed spend: {} = {} (rounded half to even)",
+                    bands.join(" + "),
+                    money(calculation.gross_minor)
+                ));
+            }
+        }
+        match calculation.capped_by {
+            Some(Cap::PerCustomer {
+                cap_minor,
+                earned_before_minor,
+            }) => text.push_str(&format!(
+                "; capped by the per-customer cap of {} ({} earned before) to {}",
+                money(cap_minor),
+                money(earned_before_minor),
+                line.commission
+            )),
+            Some(Cap::PerPeriod {
+                cap_minor,
+                earned_before_minor,
+            }) => text.push_str(&format!(
+                "; capped by the per-period cap of {} ({} earned before in the period) to {}",
+                money(cap_minor),
+                money(earned_before_minor),
+                line.commission
+            )),
+            None => {}
+        }
+        text.push('.');
+    }
+    if line.refunded_minor > 0 {
+        text.push_str(&format!(
+            " Refunds of {} clawed back {}, leaving {}.",
+            money(line.refunded_minor),
+            money(line.reversed_minor),
+            money(line.commission.amount_minor - line.reversed_minor)
+        ));
+    }
+    text.push_str(&format!(
+        " Payable from {}.",
+        line.payable_at.format("%Y-%m-%d %H:%M UTC")
+    ));
+    text
 }

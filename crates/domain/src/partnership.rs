@@ -16,7 +16,7 @@
 use chrono::{DateTime, Datelike, Duration, NaiveTime, TimeZone, Utc};
 
 use crate::ids::MerchantId;
-use crate::money::{Currency, Money};
+use crate::money::Currency;
 use crate::ValidationError;
 
 /// The longest attribution window Tandem accepts.
@@ -143,6 +143,8 @@ pub struct Terms {
     pub settlement_cycle: SettlementCycle,
     /// Payouts below this are carried forward to the next cycle.
     pub minimum_payout_minor: i64,
+    /// Every purchase at the referrer refers its customer to the acceptor.
+    pub auto_refer: bool,
 }
 
 impl Terms {
@@ -172,6 +174,7 @@ impl Terms {
             holding_period_days: 0,
             settlement_cycle: SettlementCycle::Monthly,
             minimum_payout_minor: 0,
+            auto_refer: false,
         }
         .validated()
     }
@@ -187,47 +190,58 @@ impl Terms {
             _ => Ok(()),
         };
         match &self.rule {
-            CommissionRule::Percentage { rate_bps } => rate("rule.rate_bps", *rate_bps, 1)?,
+            CommissionRule::Percentage { rate_bps } => rate("percentage_bps", *rate_bps, 1)?,
             CommissionRule::FlatPerFirstPurchase { amount_minor }
             | CommissionRule::FlatPerPurchase { amount_minor } => {
-                positive("rule.amount_minor", Some(*amount_minor))?;
+                positive(
+                    if matches!(self.rule, CommissionRule::FlatPerPurchase { .. }) {
+                        "flat_per_purchase_minor"
+                    } else {
+                        "flat_per_first_purchase_minor"
+                    },
+                    Some(*amount_minor),
+                )?;
             }
             CommissionRule::MarginalTiers { tiers } => {
                 if tiers.is_empty() || tiers.len() > MAX_TIERS {
                     return Err(ValidationError::new(
-                        "rule.tiers",
+                        "marginal_tiers.tiers",
                         format!("must have 1 to {MAX_TIERS} tiers, got {}", tiers.len()),
                     ));
                 }
                 if tiers[0].from_minor != 0 {
                     return Err(ValidationError::new(
-                        "rule.tiers[0].from_minor",
+                        "marginal_tiers.tiers[0].from_minor",
                         "must be 0: the first tier starts at no spend",
                     ));
                 }
                 for (index, pair) in tiers.windows(2).enumerate() {
                     if pair[1].from_minor <= pair[0].from_minor {
                         return Err(ValidationError::new(
-                            format!("rule.tiers[{}].from_minor", index + 1),
+                            format!("marginal_tiers.tiers[{}].from_minor", index + 1),
                             "must be greater than the previous tier's from_minor",
                         ));
                     }
                 }
                 for (index, tier) in tiers.iter().enumerate() {
-                    rate(&format!("rule.tiers[{index}].rate_bps"), tier.rate_bps, 0)?;
+                    rate(
+                        &format!("marginal_tiers.tiers[{index}].rate_bps"),
+                        tier.rate_bps,
+                        0,
+                    )?;
                 }
             }
         }
         match self.duration {
             CommissionDuration::FirstPurchases(0) => {
                 return Err(ValidationError::new(
-                    "duration.first_purchases",
+                    "first_purchases",
                     "must be at least 1",
                 ))
             }
             CommissionDuration::DaysAfterFirstPurchase(days) if !(1..=3650).contains(&days) => {
                 return Err(ValidationError::new(
-                    "duration.days_after_first_purchase",
+                    "days_after_first_purchase",
                     "must be 1 to 3650 days",
                 ))
             }
@@ -266,11 +280,6 @@ impl Terms {
             ));
         }
         Ok(self)
-    }
-
-    /// A commission on `base` under a plain rate, as money in the terms' currency.
-    pub fn money(&self, amount_minor: i64) -> Money {
-        Money::new(amount_minor, self.currency)
     }
 }
 
@@ -316,11 +325,11 @@ mod tests {
         assert!(Terms::percentage(eur(), 1000, 30).is_ok());
         assert_eq!(
             Terms::percentage(eur(), 0, 30).unwrap_err().field,
-            "rule.rate_bps"
+            "percentage_bps"
         );
         assert_eq!(
             Terms::percentage(eur(), 10_001, 30).unwrap_err().field,
-            "rule.rate_bps"
+            "percentage_bps"
         );
         assert_eq!(
             Terms::percentage(eur(), 1000, 0).unwrap_err().field,
@@ -350,28 +359,28 @@ mod tests {
                 rule: tiers(vec![]),
                 ..base.clone()
             }),
-            "rule.tiers"
+            "marginal_tiers.tiers"
         );
         assert_eq!(
             field(Terms {
                 rule: tiers(vec![(100, 500)]),
                 ..base.clone()
             }),
-            "rule.tiers[0].from_minor"
+            "marginal_tiers.tiers[0].from_minor"
         );
         assert_eq!(
             field(Terms {
                 rule: tiers(vec![(0, 500), (0, 600)]),
                 ..base.clone()
             }),
-            "rule.tiers[1].from_minor"
+            "marginal_tiers.tiers[1].from_minor"
         );
         assert_eq!(
             field(Terms {
                 rule: tiers(vec![(0, 500), (10, 10_001)]),
                 ..base.clone()
             }),
-            "rule.tiers[1].rate_bps"
+            "marginal_tiers.tiers[1].rate_bps"
         );
         assert!(Terms {
             rule: tiers(vec![(0, 0), (100_000, 500)]),
@@ -384,21 +393,21 @@ mod tests {
                 rule: CommissionRule::FlatPerPurchase { amount_minor: 0 },
                 ..base.clone()
             }),
-            "rule.amount_minor"
+            "flat_per_purchase_minor"
         );
         assert_eq!(
             field(Terms {
                 duration: CommissionDuration::FirstPurchases(0),
                 ..base.clone()
             }),
-            "duration.first_purchases"
+            "first_purchases"
         );
         assert_eq!(
             field(Terms {
                 duration: CommissionDuration::DaysAfterFirstPurchase(0),
                 ..base.clone()
             }),
-            "duration.days_after_first_purchase"
+            "days_after_first_purchase"
         );
         assert_eq!(
             field(Terms {

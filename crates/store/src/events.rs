@@ -11,6 +11,9 @@ pub struct NewEvent {
     pub event_id: Uuid,
     pub event_type: &'static str,
     pub payload: Vec<u8>,
+    /// When the fact was recorded. Given by the caller, so that projections that show it are
+    /// rebuilt identically from the stored events.
+    pub recorded_at: chrono::DateTime<chrono::Utc>,
 }
 
 /// Appends `events` to `stream_id`, which the caller last saw at sequence `expected_sequence`
@@ -25,7 +28,7 @@ pub async fn append_events(
         return Ok(());
     }
     let mut query: QueryBuilder<Postgres> = QueryBuilder::new(
-        "INSERT INTO events (stream_id, sequence, event_id, event_type, payload) ",
+        "INSERT INTO events (stream_id, sequence, event_id, event_type, payload, recorded_at) ",
     );
     let mut sequence = expected_sequence;
     query.push_values(events, |mut row, event| {
@@ -34,7 +37,8 @@ pub async fn append_events(
             .push_bind(sequence)
             .push_bind(event.event_id)
             .push_bind(event.event_type)
-            .push_bind(&event.payload);
+            .push_bind(&event.payload)
+            .push_bind(event.recorded_at);
     });
     match query.build().execute(connection).await {
         Ok(_) => Ok(()),

@@ -87,6 +87,7 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
                 acceptor_merchant_id: acceptor.merchant_id.clone(),
                 commission_rate_bps: 750,
                 attribution_window_days: 30,
+                effective_from: None,
             },
             token,
         )?)

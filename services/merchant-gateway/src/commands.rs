@@ -135,7 +135,7 @@ fn parse_customer(
 
 /// An instant sent by the POS, or `now` if it sent none. Must lie within
 /// `[now - MAX_BACKDATE, now + MAX_CLOCK_SKEW]`.
-fn parse_instant(
+pub fn parse_instant(
     field: &str,
     sent: Option<&prost_types::Timestamp>,
     now: DateTime<Utc>,

@@ -2,6 +2,7 @@
 //! status and a message that says what to fix; internal failures are logged with their cause
 //! chain and reach the client only as a generic INTERNAL or UNAVAILABLE.
 
+use tandem_domain::commission::PartnershipError;
 use tandem_domain::ValidationError;
 use tonic::{Code, Status};
 
@@ -18,7 +19,16 @@ pub enum GatewayError {
     #[error("{0}")]
     FailedPrecondition(String),
     #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Aborted(String),
+    #[error("{0}")]
     Unavailable(String),
+    /// A client-caused status from the referral ledger, passed through unchanged.
+    #[error("{}", .0.message())]
+    Upstream(Status),
+    #[error("stored event of {0} has no payload")]
+    CorruptEvent(String),
     #[error("storage failure")]
     Store(#[from] tandem_store::StoreError),
     #[error("database failure")]
@@ -35,15 +45,46 @@ impl From<GatewayError> for Status {
             GatewayError::PermissionDenied(message) => Status::permission_denied(message),
             GatewayError::AlreadyExists(message) => Status::already_exists(message),
             GatewayError::FailedPrecondition(message) => Status::failed_precondition(message),
+            GatewayError::NotFound(message) => Status::not_found(message),
+            GatewayError::Aborted(message) => Status::aborted(message),
             GatewayError::Unavailable(message) => Status::unavailable(message),
+            GatewayError::Upstream(status) => status,
             internal @ (GatewayError::Store(_)
             | GatewayError::Database(_)
-            | GatewayError::CorruptResponse(_)) => {
+            | GatewayError::CorruptResponse(_)
+            | GatewayError::CorruptEvent(_)) => {
                 tracing::error!(error = %tandem_runtime::error_chain(&internal), "internal error");
                 Status::new(
                     Code::Internal,
                     "internal error; nothing was recorded, so the request can be retried unchanged",
                 )
+            }
+        }
+    }
+}
+
+impl From<PartnershipError> for GatewayError {
+    fn from(error: PartnershipError) -> Self {
+        match error {
+            PartnershipError::InvalidTerms(invalid) => GatewayError::Invalid(invalid),
+            PartnershipError::Retroactive { .. } => {
+                GatewayError::Invalid(ValidationError::new("effective_from", error.to_string()))
+            }
+            PartnershipError::NotAParty(_) => GatewayError::PermissionDenied(error.to_string()),
+            PartnershipError::NonPositiveRefund => GatewayError::Invalid(ValidationError::new(
+                "amount.amount_minor",
+                error.to_string(),
+            )),
+            PartnershipError::NotCreated
+            | PartnershipError::PartiesChanged
+            | PartnershipError::UnknownVersion(_)
+            | PartnershipError::AlreadyAccepted(_)
+            | PartnershipError::Superseded(_)
+            | PartnershipError::OwnProposal
+            | PartnershipError::Terminated(_)
+            | PartnershipError::RefundExceedsPurchase { .. }
+            | PartnershipError::RefundCurrency { .. } => {
+                GatewayError::FailedPrecondition(error.to_string())
             }
         }
     }

@@ -11,7 +11,10 @@ mod error;
 mod events;
 mod idempotency;
 mod operator;
+mod partnerships;
 mod pos;
+mod queries;
+mod refunds;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,6 +24,7 @@ use tandem_bus::{idempotent_producer, run_outbox_relay, RelaySettings};
 use tandem_domain::customer::NetworkKey;
 use tandem_proto::v1::merchant_gateway_server::MerchantGatewayServer;
 use tandem_proto::v1::operator_service_server::OperatorServiceServer;
+use tandem_proto::v1::partnership_service_server::PartnershipServiceServer;
 use tandem_proto::v1::referral_ledger_client::ReferralLedgerClient;
 use tandem_runtime::{BusArgs, DatabaseArgs, Secret};
 use tokio::net::TcpListener;
@@ -137,6 +141,11 @@ pub async fn run(
         state: state.clone(),
         ledger: ReferralLedgerClient::new(ledger_channel),
     }))
+    .add_service(PartnershipServiceServer::new(
+        partnerships::PartnershipApi {
+            state: state.clone(),
+        },
+    ))
     .add_service(OperatorServiceServer::new(operator::OperatorApi { state }));
     let served = tandem_runtime::serve(
         listener,
@@ -144,6 +153,7 @@ pub async fn run(
         &[
             <MerchantGatewayServer<pos::PosApi> as NamedService>::NAME,
             <OperatorServiceServer<operator::OperatorApi> as NamedService>::NAME,
+            <PartnershipServiceServer<partnerships::PartnershipApi> as NamedService>::NAME,
         ],
         shutdown.clone(),
     )

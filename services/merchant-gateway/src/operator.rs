@@ -3,11 +3,13 @@
 use std::sync::Arc;
 
 use chrono::Utc;
+use tandem_domain::commission::{Command, Partnership};
 use tandem_domain::ids::{MerchantId, PartnershipId};
 use tandem_domain::money::Currency;
-use tandem_domain::partnership::{check_not_self_referral, parse_rate_bps, AttributionWindow};
+use tandem_domain::partnership::{
+    check_not_self_referral, parse_rate_bps, AttributionWindow, Terms,
+};
 use tandem_domain::ValidationError;
-use tandem_proto::time::timestamp;
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::event_envelope::Payload;
 use tandem_proto::v1::operator_service_server::OperatorService;
@@ -15,6 +17,7 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::{api_key_sha256, authenticate_operator, generate_api_key};
 use crate::events::record_event;
+use crate::partnerships::{decide_and_record, register_pair};
 use crate::{GatewayError, State};
 
 pub struct OperatorApi {
@@ -105,73 +108,57 @@ impl OperatorApi {
         let acceptor = MerchantId::parse("acceptor_merchant_id", &request.acceptor_merchant_id)?;
         check_not_self_referral(&referrer, &acceptor)?;
         let rate_bps = parse_rate_bps("commission_rate_bps", request.commission_rate_bps, 1)?;
-        let window = AttributionWindow::from_days(
-            "attribution_window_days",
-            request.attribution_window_days,
-        )?;
+        AttributionWindow::from_days("attribution_window_days", request.attribution_window_days)?;
         let partnership_id = PartnershipId::generate();
         tracing::Span::current().record("partnership_id", partnership_id.as_str());
         let now = tandem_proto::time::truncate_to_micros(Utc::now());
-        let terms_version = 1u32;
+        let effective_from = match request.effective_from.as_ref() {
+            None => now,
+            Some(sent) => tandem_proto::time::datetime(sent)
+                .filter(|instant| {
+                    *instant >= now - chrono::Duration::days(365)
+                        && *instant <= now + chrono::Duration::days(365)
+                })
+                .ok_or_else(|| {
+                    ValidationError::new(
+                        "effective_from",
+                        "must be a timestamp within 365 days of now",
+                    )
+                })?,
+        };
 
         let mut tx = self.state.pool.begin().await?;
-        for (field, merchant) in [
-            ("referrer_merchant_id", &referrer),
-            ("acceptor_merchant_id", &acceptor),
-        ] {
-            let exists: bool = sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM merchants WHERE merchant_id = $1)",
-            )
-            .bind(merchant.as_str())
-            .fetch_one(&mut *tx)
-            .await?;
-            if !exists {
-                return Err(GatewayError::FailedPrecondition(format!(
-                    "{field} {merchant} is not a registered merchant; create it first"
-                )));
-            }
-        }
-        let inserted = sqlx::query(
-            "INSERT INTO partnerships (partnership_id, referrer_merchant_id, acceptor_merchant_id, terms_version, \
-             commission_rate_bps, attribution_window_days, effective_from) VALUES ($1, $2, $3, $4, $5, $6, $7) \
-             ON CONFLICT (referrer_merchant_id, acceptor_merchant_id) DO NOTHING",
-        )
-        .bind(partnership_id.as_str())
-        .bind(referrer.as_str())
-        .bind(acceptor.as_str())
-        .bind(terms_version as i32)
-        .bind(rate_bps as i32)
-        .bind(window.days() as i32)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        if inserted.rows_affected() == 0 {
-            return Err(GatewayError::AlreadyExists(format!(
-                "a partnership from {referrer} to {acceptor} already exists"
-            )));
-        }
-        let event = pb::PartnershipCreated {
-            partnership_id: partnership_id.to_string(),
-            referrer_merchant_id: referrer.to_string(),
-            acceptor_merchant_id: acceptor.to_string(),
-            terms_version,
-            commission_rate_bps: rate_bps,
-            attribution_window_days: window.days(),
-            effective_from: Some(timestamp(now)),
-        };
-        let event_id = record_event(
+        register_pair(&mut tx, &partnership_id, &referrer, &acceptor).await?;
+        // Commissions are in the acceptor's settlement currency: it is the one paying them.
+        let currency: String =
+            sqlx::query_scalar("SELECT settlement_currency FROM merchants WHERE merchant_id = $1")
+                .bind(acceptor.as_str())
+                .fetch_one(&mut *tx)
+                .await?;
+        let currency = Currency::parse("settlement_currency", &currency)?;
+        let terms = Terms::percentage(currency, rate_bps, request.attribution_window_days)?;
+        // The operator records an agreement both merchants already made.
+        let commands = vec![Command::Import {
+            referrer: referrer.clone(),
+            acceptor: acceptor.clone(),
+            terms,
+            effective_from,
+        }];
+        decide_and_record(
             &mut tx,
-            &format!("partnership-{partnership_id}"),
-            Payload::PartnershipCreated(event),
+            &partnership_id,
+            Partnership::default(),
+            0,
+            commands,
             now,
         )
         .await?;
         tx.commit().await?;
         self.state.outbox_written.notify_one();
-        tracing::info!(%event_id, %referrer, %acceptor, "partnership created");
+        tracing::info!(%referrer, %acceptor, "partnership created by the operator");
         Ok(pb::CreatePartnershipResponse {
             partnership_id: partnership_id.to_string(),
-            terms_version,
+            terms_version: 1,
         })
     }
 }

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use chrono::Utc;
 use prost::Message;
 use tandem_domain::attribution::attribution_ends_at;
-use tandem_domain::ids::{MerchantId, PartnershipId, PurchaseId, ReferralId};
-use tandem_domain::partnership::{check_not_self_referral, AttributionWindow};
+use tandem_domain::ids::{PurchaseId, ReferralId};
+use tandem_domain::partnership::check_not_self_referral;
 use tandem_proto::time::timestamp;
 use tandem_proto::v1::event_envelope::Payload;
 use tandem_proto::v1::merchant_gateway_server::MerchantGateway;
@@ -17,7 +17,9 @@ use tonic::{Request, Response, Status};
 use crate::auth::{authenticate_merchant, check_acting_as};
 use crate::commands::{parse_create_referral, parse_record_purchase};
 use crate::events::record_event;
+use crate::partnerships::{find_by_pair, load_partnership};
 use crate::{idempotency, GatewayError, State};
+use crate::{queries, refunds};
 
 const MAX_PAGE_SIZE: u32 = 500;
 
@@ -44,6 +46,119 @@ impl MerchantGateway for PosApi {
     ) -> Result<Response<pb::RecordPurchaseResponse>, Status> {
         tandem_runtime::link_request_span(&request);
         Ok(Response::new(self.record_purchase(request).await?))
+    }
+
+    #[tracing::instrument(skip_all, fields(merchant_id, refund_id))]
+    async fn record_refund(
+        &self,
+        request: Request<pb::RecordRefundRequest>,
+    ) -> Result<Response<pb::RecordRefundResponse>, Status> {
+        tandem_runtime::link_request_span(&request);
+        Ok(Response::new(
+            refunds::record_refund(&self.state, request).await?,
+        ))
+    }
+
+    #[tracing::instrument(skip_all, fields(merchant_id, referral_id = %request.get_ref().referral_id))]
+    async fn cancel_referral(
+        &self,
+        request: Request<pb::CancelReferralRequest>,
+    ) -> Result<Response<pb::CancelReferralResponse>, Status> {
+        tandem_runtime::link_request_span(&request);
+        Ok(Response::new(
+            refunds::cancel_referral(&self.state, request).await?,
+        ))
+    }
+
+    #[tracing::instrument(skip_all, fields(merchant_id))]
+    async fn list_referrals(
+        &self,
+        request: Request<pb::ListReferralsRequest>,
+    ) -> Result<Response<pb::ListReferralsResponse>, Status> {
+        tandem_runtime::link_request_span(&request);
+        let response = queries::forward(
+            &self.state,
+            &self.ledger,
+            request,
+            |mut ledger, merchant_id, request| async move {
+                ledger
+                    .list_referrals(queries::traced(pb::LedgerListReferralsRequest {
+                        merchant_id,
+                        request: Some(request),
+                    }))
+                    .await
+            },
+        )
+        .await?;
+        Ok(Response::new(response))
+    }
+
+    #[tracing::instrument(skip_all, fields(merchant_id))]
+    async fn list_commissions(
+        &self,
+        request: Request<pb::ListCommissionsRequest>,
+    ) -> Result<Response<pb::ListCommissionsResponse>, Status> {
+        tandem_runtime::link_request_span(&request);
+        let response = queries::forward(
+            &self.state,
+            &self.ledger,
+            request,
+            |mut ledger, merchant_id, request| async move {
+                ledger
+                    .list_commissions(queries::traced(pb::LedgerListCommissionsRequest {
+                        merchant_id,
+                        request: Some(request),
+                    }))
+                    .await
+            },
+        )
+        .await?;
+        Ok(Response::new(response))
+    }
+
+    #[tracing::instrument(skip_all, fields(merchant_id, purchase_id = %request.get_ref().purchase_id))]
+    async fn explain_commission(
+        &self,
+        request: Request<pb::ExplainCommissionRequest>,
+    ) -> Result<Response<pb::ExplainCommissionResponse>, Status> {
+        tandem_runtime::link_request_span(&request);
+        let response = queries::forward(
+            &self.state,
+            &self.ledger,
+            request,
+            |mut ledger, merchant_id, request| async move {
+                ledger
+                    .explain_commission(queries::traced(pb::LedgerExplainCommissionRequest {
+                        merchant_id,
+                        request: Some(request),
+                    }))
+                    .await
+            },
+        )
+        .await?;
+        Ok(Response::new(response))
+    }
+
+    #[tracing::instrument(skip_all, fields(merchant_id))]
+    async fn get_balances(
+        &self,
+        request: Request<pb::GetBalancesRequest>,
+    ) -> Result<Response<pb::GetBalancesResponse>, Status> {
+        tandem_runtime::link_request_span(&request);
+        let response = queries::forward(
+            &self.state,
+            &self.ledger,
+            request,
+            |mut ledger, merchant_id, _| async move {
+                ledger
+                    .get_balances(queries::traced(pb::LedgerGetBalancesRequest {
+                        merchant_id,
+                    }))
+                    .await
+            },
+        )
+        .await?;
+        Ok(Response::new(response))
     }
 
     #[tracing::instrument(skip_all, fields(merchant_id))]
@@ -84,25 +199,29 @@ impl PosApi {
             tracing::info!("idempotent retry answered from the first response");
             return Ok(pb::CreateReferralResponse::decode(previous.as_slice())?);
         }
-        let partnership: Option<(String, i32, i32)> = sqlx::query_as(
-            "SELECT partnership_id, terms_version, attribution_window_days FROM partnerships \
-             WHERE referrer_merchant_id = $1 AND acceptor_merchant_id = $2",
-        )
-        .bind(merchant.as_str())
-        .bind(command.acceptor.as_str())
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some((partnership_id, terms_version, window_days)) = partnership else {
+        let Some(partnership_id) = find_by_pair(&mut tx, &merchant, &command.acceptor).await?
+        else {
             return Err(GatewayError::FailedPrecondition(format!(
-                "there is no partnership from {merchant} to {}; a referral needs one (ask the operator to create it)",
+                "there is no partnership from {merchant} to {}; a referral needs one (propose terms with PartnershipService)",
                 command.acceptor
             )));
         };
-        let partnership_id = PartnershipId::parse("partnership_id", &partnership_id)?;
-        let window = AttributionWindow::from_days(
-            "attribution_window_days",
-            u32::try_from(window_days).unwrap_or(0),
-        )?;
+        let (partnership, _) = load_partnership(&mut tx, &partnership_id).await?;
+        if let Some(terminated_at) = partnership
+            .terminated_at()
+            .filter(|at| *at <= command.referred_at)
+        {
+            return Err(GatewayError::FailedPrecondition(format!(
+                "partnership {partnership_id} was terminated at {terminated_at} and takes no new referrals"
+            )));
+        }
+        let Some((terms_version, terms)) = partnership.terms_at(command.referred_at) else {
+            return Err(GatewayError::FailedPrecondition(format!(
+                "partnership {partnership_id} has no accepted terms in force at {}; the other merchant must accept a proposal first",
+                command.referred_at
+            )));
+        };
+        let window = terms.attribution_window;
         let referral_id = ReferralId::generate();
         let ends_at = attribution_ends_at(command.referred_at, window);
         span.record("referral_id", referral_id.as_str());
@@ -111,7 +230,7 @@ impl PosApi {
         let event = pb::CustomerReferred {
             referral_id: referral_id.to_string(),
             partnership_id: partnership_id.to_string(),
-            terms_version: u32::try_from(terms_version).unwrap_or(0),
+            terms_version,
             referrer_merchant_id: merchant.to_string(),
             acceptor_merchant_id: command.acceptor.to_string(),
             customer_keys: command
@@ -123,6 +242,15 @@ impl PosApi {
             referred_at: Some(timestamp(command.referred_at)),
             attribution_ends_at: Some(timestamp(ends_at)),
         };
+        sqlx::query(
+            "INSERT INTO referrals (referral_id, referrer_merchant_id, acceptor_merchant_id, customer_keys) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(referral_id.as_str())
+        .bind(merchant.as_str())
+        .bind(command.acceptor.as_str())
+        .bind(&event.customer_keys)
+        .execute(&mut *tx)
+        .await?;
         let event_id = record_event(
             &mut tx,
             &format!("referral-{referral_id}"),
@@ -179,13 +307,23 @@ impl PosApi {
         }
         let purchase_id = PurchaseId::generate();
         span.record("purchase_id", purchase_id.as_str());
+        let customer_keys: Vec<String> = command
+            .customer_keys
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        // Refunds recorded before their purchase count against it from the start.
         let inserted = sqlx::query(
-            "INSERT INTO purchases (merchant_id, transaction_id, purchase_id) VALUES ($1, $2, $3) \
+            "INSERT INTO purchases (merchant_id, transaction_id, purchase_id, amount_minor, currency, customer_keys, refunded_minor) \
+             VALUES ($1, $2, $3, $4, $5, $6, (SELECT coalesce(sum(amount_minor), 0) FROM refunds WHERE merchant_id = $1 AND transaction_id = $2)) \
              ON CONFLICT (merchant_id, transaction_id) DO NOTHING",
         )
         .bind(merchant.as_str())
         .bind(&command.transaction_id)
         .bind(purchase_id.as_str())
+        .bind(command.amount.amount_minor)
+        .bind(command.amount.currency.as_str())
+        .bind(&customer_keys)
         .execute(&mut *tx)
         .await?;
         if inserted.rows_affected() == 0 {
@@ -198,11 +336,7 @@ impl PosApi {
             purchase_id: purchase_id.to_string(),
             merchant_id: merchant.to_string(),
             transaction_id: command.transaction_id,
-            customer_keys: command
-                .customer_keys
-                .iter()
-                .map(ToString::to_string)
-                .collect(),
+            customer_keys,
             amount: Some(pb::Money {
                 amount_minor: command.amount.amount_minor,
                 currency: command.amount.currency.to_string(),
@@ -239,44 +373,30 @@ impl PosApi {
         &self,
         request: Request<pb::ListReferralActivityRequest>,
     ) -> Result<pb::ListReferralActivityResponse, GatewayError> {
-        let merchant: MerchantId =
-            authenticate_merchant(&self.state.pool, request.metadata()).await?;
-        tracing::Span::current().record("merchant_id", merchant.as_str());
-        let request = request.into_inner();
-        if request.page_size > MAX_PAGE_SIZE {
+        if request.get_ref().page_size > MAX_PAGE_SIZE {
             return Err(tandem_domain::ValidationError::new(
                 "page_size",
-                format!("must be at most {MAX_PAGE_SIZE}, got {}", request.page_size),
+                format!(
+                    "must be at most {MAX_PAGE_SIZE}, got {}",
+                    request.get_ref().page_size
+                ),
             )
             .into());
         }
-        let mut ledger_request = Request::new(pb::ListReferrerActivityRequest {
-            referrer_merchant_id: merchant.to_string(),
-            page_size: request.page_size,
-            page_token: request.page_token,
-        });
-        for (name, value) in tandem_telemetry::current_trace_headers() {
-            let key = match name.as_str() {
-                "traceparent" => "traceparent",
-                "tracestate" => "tracestate",
-                _ => continue,
-            };
-            if let Ok(value) = value.parse() {
-                ledger_request.metadata_mut().insert(key, value);
-            }
-        }
-        let mut ledger = self.ledger.clone();
-        match ledger.list_referral_activity(ledger_request).await {
-            Ok(response) => Ok(response.into_inner()),
-            Err(status) if status.code() == tonic::Code::InvalidArgument => {
-                Err(tandem_domain::ValidationError::new("page_token", status.message()).into())
-            }
-            Err(status) => {
-                tracing::warn!(code = ?status.code(), message = status.message(), "referral ledger call failed");
-                Err(GatewayError::Unavailable(
-                    "referral activity is temporarily unavailable; retry shortly".to_owned(),
-                ))
-            }
-        }
+        queries::forward(
+            &self.state,
+            &self.ledger,
+            request,
+            |mut ledger, referrer_merchant_id, request| async move {
+                ledger
+                    .list_referral_activity(queries::traced(pb::ListReferrerActivityRequest {
+                        referrer_merchant_id,
+                        page_size: request.page_size,
+                        page_token: request.page_token,
+                    }))
+                    .await
+            },
+        )
+        .await
     }
 }

@@ -1,18 +1,22 @@
-//! Applying a batch of events in one transaction: deduplicate by message id, then update the
-//! projections and post ledger entries. Attribution is decided by the pure rules in
-//! `tandem_domain::attribution`; this module only loads the candidates and writes the outcome.
+//! Applying a batch of messages in one transaction: deduplicate by message id, then, per message,
+//! update the per-customer-key projections (referrals, purchases, refunds), attribute purchases
+//! to referrals, and let the partnership aggregate decide commissions and reversals (see
+//! `book`). Which referral wins is decided by the pure rules in `tandem_domain::attribution`;
+//! how much it earns by `tandem_domain::commission`.
 
 use chrono::{DateTime, Utc};
+use sha2::{Digest, Sha256};
 use sqlx::{PgConnection, PgPool};
 use tandem_bus::{BatchHandler, Delivery};
-use tandem_domain::attribution::{choose_referral, Candidate};
-use tandem_domain::customer::CustomerKey;
-use tandem_domain::ids::{MerchantId, ReferralId};
-use tandem_domain::ledger::commission_accrual;
+use tandem_domain::attribution::{attribution_ends_at, choose_referral, Candidate};
+use tandem_domain::commission::{Attribution, Command};
+use tandem_domain::ids::{MerchantId, PartnershipId, PurchaseId, ReferralId, RefundId};
 use tandem_domain::money::Money;
+use tandem_domain::partnership::TouchPolicy;
 use tracing::Instrument;
 
-use crate::events::{decode, Incoming, LedgerEvent, PartnershipTerms, Purchase, Referral};
+use crate::book;
+use crate::events::{decode, Incoming, LedgerEvent, Purchase, Referral, Refund};
 use crate::LedgerError;
 
 pub struct Applier {
@@ -50,17 +54,18 @@ impl BatchHandler for Applier {
             }
             let span = tracing::info_span!("apply_event", message_id = %message_id, topic = delivery.topic.logical_name(), partition = delivery.partition, offset = delivery.offset);
             delivery.link_span(&span);
-            match incoming {
-                Ok(incoming) => apply(&mut tx, incoming).instrument(span).await?,
-                Err(reason) => {
-                    span.in_scope(|| tracing::error!(reason = %reason, "message rejected; kept in rejected_messages"));
-                    sqlx::query("INSERT INTO rejected_messages (message_ref, reason, payload) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
-                        .bind(&message_id)
-                        .bind(&reason)
-                        .bind(&delivery.payload)
-                        .execute(&mut *tx)
-                        .await?;
-                }
+            let outcome = match incoming {
+                Ok(incoming) => apply(&mut tx, incoming).instrument(span.clone()).await?,
+                Err(reason) => Err(reason),
+            };
+            if let Err(reason) = outcome {
+                span.in_scope(|| tracing::error!(reason = %reason, "message rejected; kept in rejected_messages"));
+                sqlx::query("INSERT INTO rejected_messages (message_ref, reason, payload) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
+                    .bind(&message_id)
+                    .bind(&reason)
+                    .bind(&delivery.payload)
+                    .execute(&mut *tx)
+                    .await?;
             }
             applied += 1;
         }
@@ -70,39 +75,46 @@ impl BatchHandler for Applier {
     }
 }
 
-async fn apply(connection: &mut PgConnection, incoming: Incoming) -> Result<(), LedgerError> {
+/// Applies one message. `Ok(Err(reason))` means the domain refused it: it is recorded as
+/// rejected and the consumer moves on. `Err` is a failure: the whole batch is retried.
+async fn apply(
+    connection: &mut PgConnection,
+    incoming: Incoming,
+) -> Result<Result<(), String>, LedgerError> {
+    let recorded_at = incoming.recorded_at;
     match incoming.event {
-        LedgerEvent::MerchantRegistered => Ok(()),
-        LedgerEvent::PartnershipCreated(terms) => apply_terms(connection, &terms).await,
+        LedgerEvent::MerchantRegistered => {}
+        LedgerEvent::Partnership {
+            partnership_id,
+            event_id,
+            event,
+        } => {
+            let mut loaded = book::load(connection, &partnership_id).await?;
+            book::record(connection, &mut loaded, &[event], &[event_id], recorded_at).await?;
+            tracing::info!(%partnership_id, "partnership terms event recorded");
+        }
         LedgerEvent::CustomerReferred(referral) => {
-            apply_referral(connection, &referral, incoming.recorded_at).await
+            apply_referral(connection, &referral, recorded_at).await?
+        }
+        LedgerEvent::ReferralCancelled {
+            referral_id,
+            cancelled_at,
+        } => {
+            sqlx::query("UPDATE referrals SET cancelled_at = $2 WHERE referral_id = $1 AND cancelled_at IS NULL")
+                .bind(referral_id.as_str())
+                .bind(cancelled_at)
+                .execute(&mut *connection)
+                .await?;
+            tracing::info!(%referral_id, "referral cancelled");
         }
         LedgerEvent::PurchaseRecorded(purchase) => {
-            apply_purchase(connection, &purchase, incoming.recorded_at).await
+            apply_purchase(connection, &purchase, recorded_at).await?
+        }
+        LedgerEvent::RefundRecorded(refund) => {
+            return apply_refund(connection, &refund, recorded_at).await
         }
     }
-}
-
-async fn apply_terms(
-    connection: &mut PgConnection,
-    terms: &PartnershipTerms,
-) -> Result<(), LedgerError> {
-    sqlx::query(
-        "INSERT INTO partnership_terms (partnership_id, terms_version, referrer_merchant_id, acceptor_merchant_id, \
-         commission_rate_bps, attribution_window_days, effective_from) VALUES ($1, $2, $3, $4, $5, $6, $7) \
-         ON CONFLICT DO NOTHING",
-    )
-    .bind(terms.partnership_id.as_str())
-    .bind(terms.terms_version)
-    .bind(terms.referrer.as_str())
-    .bind(terms.acceptor.as_str())
-    .bind(i32::try_from(terms.commission_rate_bps).unwrap_or(i32::MAX))
-    .bind(i32::try_from(terms.attribution_window_days).unwrap_or(i32::MAX))
-    .bind(terms.effective_from)
-    .execute(connection)
-    .await?;
-    tracing::info!(partnership_id = %terms.partnership_id, terms_version = terms.terms_version, "partnership terms recorded");
-    Ok(())
+    Ok(Ok(()))
 }
 
 async fn apply_referral(
@@ -110,10 +122,11 @@ async fn apply_referral(
     referral: &Referral,
     recorded_at: DateTime<Utc>,
 ) -> Result<(), LedgerError> {
-    // The gateway publishes a partnership before any referral under it, but on another topic:
-    // until the admin copy has been applied, the referral waits (the batch is retried).
+    // The gateway publishes a partnership's terms before any referral under them, but on
+    // another topic: until the admin copy has been applied, the referral waits (the batch is
+    // retried; the admin topic has its own consumer, so it gets there).
     let known: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM partnership_terms WHERE partnership_id = $1 AND terms_version = $2)",
+        "SELECT EXISTS (SELECT 1 FROM partnership_versions WHERE partnership_id = $1 AND version = $2 AND accepted_by IS NOT NULL)",
     )
     .bind(referral.partnership_id.as_str())
     .bind(referral.terms_version)
@@ -124,32 +137,7 @@ async fn apply_referral(
             referral.partnership_id.to_string(),
         ));
     }
-    sqlx::query(
-        "INSERT INTO referrals (referral_id, partnership_id, terms_version, referrer_merchant_id, acceptor_merchant_id, \
-         referrer_reference, referred_at, attribution_ends_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-         ON CONFLICT (referral_id) DO NOTHING",
-    )
-    .bind(referral.referral_id.as_str())
-    .bind(referral.partnership_id.as_str())
-    .bind(referral.terms_version)
-    .bind(referral.referrer.as_str())
-    .bind(referral.acceptor.as_str())
-    .bind(&referral.referrer_reference)
-    .bind(referral.referred_at)
-    .bind(referral.attribution_ends_at)
-    .execute(&mut *connection)
-    .await?;
-    sqlx::query(
-        "INSERT INTO referral_keys (customer_key, acceptor_merchant_id, referral_id, referred_at, attribution_ends_at) \
-         VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-    )
-    .bind(referral.customer_key.as_str())
-    .bind(referral.acceptor.as_str())
-    .bind(referral.referral_id.as_str())
-    .bind(referral.referred_at)
-    .bind(referral.attribution_ends_at)
-    .execute(&mut *connection)
-    .await?;
+    insert_referral(connection, referral, false).await?;
     tracing::info!(referral_id = %referral.referral_id, partnership_id = %referral.partnership_id, "referral recorded");
 
     // A referral may arrive after purchases it covers (a till that was offline). Those purchases
@@ -168,9 +156,44 @@ async fn apply_referral(
     .fetch_all(&mut *connection)
     .await?;
     for (purchase_id,) in waiting {
-        let purchase = load_purchase(connection, &purchase_id, &referral.customer_key).await?;
+        let purchase = load_purchase(connection, &purchase_id, referral).await?;
         attribute(connection, &purchase, recorded_at).await?;
     }
+    Ok(())
+}
+
+async fn insert_referral(
+    connection: &mut PgConnection,
+    referral: &Referral,
+    automatic: bool,
+) -> Result<(), LedgerError> {
+    sqlx::query(
+        "INSERT INTO referrals (referral_id, partnership_id, terms_version, referrer_merchant_id, acceptor_merchant_id, \
+         referrer_reference, referred_at, attribution_ends_at, automatic) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+         ON CONFLICT (referral_id) DO NOTHING",
+    )
+    .bind(referral.referral_id.as_str())
+    .bind(referral.partnership_id.as_str())
+    .bind(referral.terms_version)
+    .bind(referral.referrer.as_str())
+    .bind(referral.acceptor.as_str())
+    .bind(&referral.referrer_reference)
+    .bind(referral.referred_at)
+    .bind(referral.attribution_ends_at)
+    .bind(automatic)
+    .execute(&mut *connection)
+    .await?;
+    sqlx::query(
+        "INSERT INTO referral_keys (customer_key, acceptor_merchant_id, referral_id, referred_at, attribution_ends_at) \
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+    )
+    .bind(referral.customer_key.as_str())
+    .bind(referral.acceptor.as_str())
+    .bind(referral.referral_id.as_str())
+    .bind(referral.referred_at)
+    .bind(referral.attribution_ends_at)
+    .execute(&mut *connection)
+    .await?;
     Ok(())
 }
 
@@ -201,15 +224,74 @@ async fn apply_purchase(
     .bind(purchase.purchased_at)
     .execute(&mut *connection)
     .await?;
+    refer_automatically(connection, purchase).await?;
     attribute(connection, purchase, recorded_at).await
 }
 
+/// Partnerships whose terms say so turn every purchase at the referrer into a referral of its
+/// customer to the acceptor. The referral id is derived from the purchase and the partnership,
+/// so every customer key's copy of the purchase creates the same referral.
+async fn refer_automatically(
+    connection: &mut PgConnection,
+    purchase: &Purchase,
+) -> Result<(), LedgerError> {
+    let partnerships: Vec<(String,)> = sqlx::query_as(
+        "SELECT partnership_id FROM partnerships WHERE referrer_merchant_id = $1 AND (terminated_at IS NULL OR terminated_at > $2)",
+    )
+    .bind(purchase.merchant.as_str())
+    .bind(purchase.purchased_at)
+    .fetch_all(&mut *connection)
+    .await?;
+    for (partnership_id,) in partnerships {
+        let partnership_id = PartnershipId::parse("partnership_id", &partnership_id)?;
+        let loaded = book::load(connection, &partnership_id).await?;
+        let Some((version, terms)) = loaded.state.terms_at(purchase.purchased_at) else {
+            continue;
+        };
+        if !terms.auto_refer {
+            continue;
+        }
+        let Some((referrer, acceptor)) = loaded.state.parties() else {
+            continue;
+        };
+        let digest =
+            Sha256::digest(format!("{}/{}", purchase.purchase_id, partnership_id).as_bytes());
+        let mut bytes = [0u8; 16];
+        bytes.copy_from_slice(&digest[..16]);
+        let referral = Referral {
+            referral_id: ReferralId::from_uuid(uuid::Uuid::from_bytes(bytes)),
+            partnership_id: partnership_id.clone(),
+            terms_version: i32::try_from(version).unwrap_or(i32::MAX),
+            referrer: referrer.clone(),
+            acceptor: acceptor.clone(),
+            customer_key: purchase.customer_key.clone(),
+            referrer_reference: format!("auto:{}", purchase.transaction_id),
+            referred_at: purchase.purchased_at,
+            attribution_ends_at: attribution_ends_at(
+                purchase.purchased_at,
+                terms.attribution_window,
+            ),
+        };
+        insert_referral(connection, &referral, true).await?;
+        tracing::info!(referral_id = %referral.referral_id, %partnership_id, "automatic referral recorded");
+    }
+    Ok(())
+}
+
+type CandidateRow = (
+    String,
+    DateTime<Utc>,
+    DateTime<Utc>,
+    Option<DateTime<Utc>>,
+    String,
+);
+
 /// Attributes `purchase` (one customer key's copy) to the winning referral of that key, if any,
-/// unless the purchase already has its commission.
+/// unless the purchase was already attributed, then lets the partnership decide the commission.
 async fn attribute(
     connection: &mut PgConnection,
     purchase: &Purchase,
-    attributed_at: DateTime<Utc>,
+    recorded_at: DateTime<Utc>,
 ) -> Result<(), LedgerError> {
     let already: bool =
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM commissions WHERE purchase_id = $1)")
@@ -219,116 +301,212 @@ async fn attribute(
     if already {
         return Ok(());
     }
-    let rows: Vec<(String, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT referral_id, referred_at, attribution_ends_at FROM referral_keys \
-         WHERE customer_key = $1 AND acceptor_merchant_id = $2 AND referred_at <= $3 AND attribution_ends_at > $3",
+    let rows: Vec<CandidateRow> = sqlx::query_as(
+        "SELECT k.referral_id, k.referred_at, k.attribution_ends_at, r.cancelled_at, r.partnership_id \
+         FROM referral_keys k JOIN referrals r ON r.referral_id = k.referral_id \
+         WHERE k.customer_key = $1 AND k.acceptor_merchant_id = $2 AND k.referred_at <= $3 AND k.attribution_ends_at > $3",
     )
     .bind(purchase.customer_key.as_str())
     .bind(purchase.merchant.as_str())
     .bind(purchase.purchased_at)
     .fetch_all(&mut *connection)
     .await?;
+    if rows.is_empty() {
+        return Ok(());
+    }
+    // Each partnership's terms pick first or last touch; when referrers with different policies
+    // compete, the first referrer wins.
+    let mut policy = TouchPolicy::LastReferrer;
     let mut candidates = Vec::with_capacity(rows.len());
-    for (referral_id, referred_at, attribution_ends_at) in rows {
+    let mut partnership_of = std::collections::HashMap::new();
+    for (referral_id, referred_at, attribution_ends_at, cancelled_at, partnership_id) in rows {
+        let partnership_id = PartnershipId::parse("partnership_id", &partnership_id)?;
+        let loaded = book::load(connection, &partnership_id).await?;
+        if loaded
+            .state
+            .terms_at(purchase.purchased_at)
+            .is_none_or(|(_, terms)| terms.touch_policy == TouchPolicy::FirstReferrer)
+        {
+            policy = TouchPolicy::FirstReferrer;
+        }
+        let referral_id = ReferralId::parse("referral_id", &referral_id)?;
+        partnership_of.insert(referral_id.clone(), (partnership_id, referred_at));
         candidates.push(Candidate {
-            referral_id: ReferralId::parse("referral_id", &referral_id)?,
+            referral_id,
             referred_at,
             attribution_ends_at,
+            cancelled_at,
         });
     }
-    let Some(winner) = choose_referral(&candidates, purchase.purchased_at) else {
+    let Some(winner) = choose_referral(&candidates, purchase.purchased_at, policy) else {
         return Ok(());
     };
-
-    let (partnership_id, referral_terms_version, referrer, acceptor): (String, i32, String, String) = sqlx::query_as(
-        "SELECT partnership_id, terms_version, referrer_merchant_id, acceptor_merchant_id FROM referrals WHERE referral_id = $1",
+    let (partnership_id, referred_at) = partnership_of
+        .get(&winner.referral_id)
+        .cloned()
+        .ok_or(LedgerError::Invariant("winner without partnership"))?;
+    let previous_purchase_at: Option<DateTime<Utc>> = sqlx::query_scalar(
+        "SELECT max(purchased_at) FROM purchase_keys WHERE customer_key = $1 AND merchant_id = $2 AND purchased_at < $3",
     )
-    .bind(winner.referral_id.as_str())
+    .bind(purchase.customer_key.as_str())
+    .bind(purchase.merchant.as_str())
+    .bind(referred_at)
     .fetch_one(&mut *connection)
     .await?;
-    // The terms in force when the purchase happened: the latest version effective by then. A
-    // purchase dated before the partnership's first version (a till that was offline) uses the
-    // version the referral was made under.
-    let (terms_version, rate_bps): (i32, i32) = sqlx::query_as(
-        "SELECT terms_version, commission_rate_bps FROM partnership_terms \
-         WHERE partnership_id = $1 AND (effective_from <= $2 OR terms_version = $3) \
-         ORDER BY (effective_from <= $2) DESC, terms_version DESC LIMIT 1",
-    )
-    .bind(&partnership_id)
-    .bind(purchase.purchased_at)
-    .bind(referral_terms_version)
-    .fetch_optional(&mut *connection)
-    .await?
-    .ok_or_else(|| LedgerError::AwaitingPartnership(partnership_id.clone()))?;
-    let rate_bps =
-        u32::try_from(rate_bps).map_err(|_| LedgerError::Invariant("negative commission rate"))?;
-    let commission: Money = purchase.amount.times_bps(rate_bps);
-    let referrer = MerchantId::parse("referrer_merchant_id", &referrer)?;
-    let acceptor = MerchantId::parse("acceptor_merchant_id", &acceptor)?;
 
-    sqlx::query(
-        "INSERT INTO commissions (purchase_id, referral_id, partnership_id, terms_version, referrer_merchant_id, \
-         acceptor_merchant_id, amount_minor, currency, commission_rate_bps, commission_minor, purchased_at, attributed_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-    )
-    .bind(purchase.purchase_id.as_str())
-    .bind(winner.referral_id.as_str())
-    .bind(&partnership_id)
-    .bind(terms_version)
-    .bind(referrer.as_str())
-    .bind(acceptor.as_str())
-    .bind(purchase.amount.amount_minor)
-    .bind(purchase.amount.currency.as_str())
-    .bind(i32::try_from(rate_bps).unwrap_or(i32::MAX))
-    .bind(commission.amount_minor)
-    .bind(purchase.purchased_at)
-    .bind(attributed_at)
-    .execute(&mut *connection)
-    .await?;
-    sqlx::query(
-        "UPDATE referrals SET status = 'converted' WHERE referral_id = $1 AND status = 'open'",
-    )
-    .bind(winner.referral_id.as_str())
-    .execute(&mut *connection)
-    .await?;
+    let mut loaded = book::load(connection, &partnership_id).await?;
+    let command = Command::AttributePurchase(Attribution {
+        purchase_id: purchase.purchase_id.clone(),
+        referral_id: winner.referral_id.clone(),
+        amount: purchase.amount,
+        purchased_at: purchase.purchased_at,
+        referred_at,
+        previous_purchase_at,
+    });
+    if let Err(refused) =
+        book::decide_and_record(connection, &mut loaded, command, recorded_at).await?
+    {
+        // Only a partnership the ledger has not seen yet can refuse an attribution.
+        tracing::warn!(%partnership_id, reason = %refused, "attribution refused; waiting for the partnership");
+        return Err(LedgerError::AwaitingPartnership(partnership_id.to_string()));
+    }
+    sqlx::query("UPDATE referrals SET converted = true WHERE referral_id = $1")
+        .bind(winner.referral_id.as_str())
+        .execute(&mut *connection)
+        .await?;
+    tracing::info!(purchase_id = %purchase.purchase_id, referral_id = %winner.referral_id, %partnership_id, "purchase attributed");
 
-    if commission.amount_minor > 0 {
-        let entry = commission_accrual(&referrer, &acceptor, commission)?;
-        let entry_id = format!("accrual/{}", purchase.purchase_id);
-        sqlx::query("INSERT INTO ledger_entries (entry_id, kind, purchase_id, currency, recorded_at) VALUES ($1, 'commission_accrual', $2, $3, $4)")
-            .bind(&entry_id)
-            .bind(purchase.purchase_id.as_str())
-            .bind(entry.currency().as_str())
-            .bind(attributed_at)
-            .execute(&mut *connection)
-            .await?;
-        for posting in entry.postings() {
-            sqlx::query("INSERT INTO ledger_postings (entry_id, account, merchant_id, currency, amount_minor) VALUES ($1, $2, $3, $4, $5)")
-                .bind(&entry_id)
-                .bind(posting.account.as_str())
-                .bind(posting.merchant.as_str())
-                .bind(entry.currency().as_str())
-                .bind(posting.amount_minor)
-                .execute(&mut *connection)
-                .await?;
+    // Refunds that reached the ledger before their purchase are applied now.
+    let waiting: Vec<(String, i64, String, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT refund_id, amount_minor, currency, refunded_at FROM refunds \
+         WHERE merchant_id = $1 AND transaction_id = $2 AND NOT handled ORDER BY refunded_at, refund_id",
+    )
+    .bind(purchase.merchant.as_str())
+    .bind(&purchase.transaction_id)
+    .fetch_all(&mut *connection)
+    .await?;
+    for (refund_id, amount_minor, currency, refunded_at) in waiting {
+        let refund = Refund {
+            refund_id: RefundId::parse("refund_id", &refund_id)?,
+            merchant: purchase.merchant.clone(),
+            transaction_id: purchase.transaction_id.clone(),
+            amount: Money::parse_positive("amount", amount_minor, &currency)?,
+            refunded_at,
+        };
+        if let Err(reason) = refund_attributed(
+            connection,
+            &mut loaded,
+            &purchase.purchase_id,
+            &refund,
+            recorded_at,
+        )
+        .await?
+        {
+            tracing::warn!(%refund_id, reason = %reason, "waiting refund refused");
         }
     }
-    tracing::info!(
-        purchase_id = %purchase.purchase_id,
-        referral_id = %winner.referral_id,
-        partnership_id = %partnership_id,
-        terms_version,
-        commission_minor = commission.amount_minor,
-        currency = %commission.currency,
-        "purchase attributed"
-    );
+    Ok(())
+}
+
+async fn apply_refund(
+    connection: &mut PgConnection,
+    refund: &Refund,
+    recorded_at: DateTime<Utc>,
+) -> Result<Result<(), String>, LedgerError> {
+    let inserted = sqlx::query(
+        "INSERT INTO refunds (refund_id, merchant_id, transaction_id, amount_minor, currency, refunded_at) \
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (refund_id) DO NOTHING",
+    )
+    .bind(refund.refund_id.as_str())
+    .bind(refund.merchant.as_str())
+    .bind(&refund.transaction_id)
+    .bind(refund.amount.amount_minor)
+    .bind(refund.amount.currency.as_str())
+    .bind(refund.refunded_at)
+    .execute(&mut *connection)
+    .await?;
+    if inserted.rows_affected() == 0 {
+        // Another customer key's copy of this refund got here first.
+        return Ok(Ok(()));
+    }
+    let attributed: Option<(String, String)> = sqlx::query_as(
+        "SELECT p.purchase_id, c.partnership_id FROM purchases p JOIN commissions c ON c.purchase_id = p.purchase_id \
+         WHERE p.merchant_id = $1 AND p.transaction_id = $2",
+    )
+    .bind(refund.merchant.as_str())
+    .bind(&refund.transaction_id)
+    .fetch_optional(&mut *connection)
+    .await?;
+    match attributed {
+        Some((purchase_id, partnership_id)) => {
+            let purchase_id = PurchaseId::parse("purchase_id", &purchase_id)?;
+            let mut loaded = book::load(
+                connection,
+                &PartnershipId::parse("partnership_id", &partnership_id)?,
+            )
+            .await?;
+            refund_attributed(connection, &mut loaded, &purchase_id, refund, recorded_at).await
+        }
+        None => {
+            let known: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM purchases WHERE merchant_id = $1 AND transaction_id = $2)")
+                .bind(refund.merchant.as_str())
+                .bind(&refund.transaction_id)
+                .fetch_one(&mut *connection)
+                .await?;
+            if known {
+                // A purchase nobody referred: no commission to claw back.
+                mark_handled(connection, &refund.refund_id).await?;
+            } else {
+                tracing::info!(refund_id = %refund.refund_id, "refund waits for its purchase");
+            }
+            Ok(Ok(()))
+        }
+    }
+}
+
+/// Lets the partnership claw back commission for a refund of an attributed purchase.
+async fn refund_attributed(
+    connection: &mut PgConnection,
+    loaded: &mut book::Loaded,
+    purchase_id: &PurchaseId,
+    refund: &Refund,
+    recorded_at: DateTime<Utc>,
+) -> Result<Result<(), String>, LedgerError> {
+    let command = Command::RecordRefund {
+        refund_id: refund.refund_id.clone(),
+        purchase_id: purchase_id.clone(),
+        refund: refund.amount,
+        refunded_at: refund.refunded_at,
+    };
+    let decided = book::decide_and_record(connection, loaded, command, recorded_at).await?;
+    mark_handled(connection, &refund.refund_id).await?;
+    match decided {
+        Ok(_) => {
+            tracing::info!(refund_id = %refund.refund_id, %purchase_id, "refund applied");
+            Ok(Ok(()))
+        }
+        Err(refused) => Ok(Err(format!(
+            "refund {} refused: {refused}",
+            refund.refund_id
+        ))),
+    }
+}
+
+async fn mark_handled(
+    connection: &mut PgConnection,
+    refund_id: &RefundId,
+) -> Result<(), LedgerError> {
+    sqlx::query("UPDATE refunds SET handled = true WHERE refund_id = $1")
+        .bind(refund_id.as_str())
+        .execute(connection)
+        .await?;
     Ok(())
 }
 
 async fn load_purchase(
     connection: &mut PgConnection,
     purchase_id: &str,
-    customer_key: &CustomerKey,
+    referral: &Referral,
 ) -> Result<Purchase, LedgerError> {
     let (merchant_id, transaction_id, amount_minor, currency, purchased_at): (String, String, i64, String, DateTime<Utc>) =
         sqlx::query_as("SELECT merchant_id, transaction_id, amount_minor, currency, purchased_at FROM purchases WHERE purchase_id = $1")
@@ -336,10 +514,10 @@ async fn load_purchase(
             .fetch_one(&mut *connection)
             .await?;
     Ok(Purchase {
-        purchase_id: tandem_domain::ids::PurchaseId::parse("purchase_id", purchase_id)?,
+        purchase_id: PurchaseId::parse("purchase_id", purchase_id)?,
         merchant: MerchantId::parse("merchant_id", &merchant_id)?,
         transaction_id,
-        customer_key: customer_key.clone(),
+        customer_key: referral.customer_key.clone(),
         amount: Money::parse_positive("amount", amount_minor, &currency)?,
         purchased_at,
     })

@@ -4,8 +4,9 @@
 use chrono::{DateTime, Utc};
 use prost::Message;
 use tandem_bus::Delivery;
+use tandem_domain::commission::Event;
 use tandem_domain::customer::CustomerKey;
-use tandem_domain::ids::{MerchantId, PartnershipId, PurchaseId, ReferralId};
+use tandem_domain::ids::{MerchantId, PartnershipId, PurchaseId, ReferralId, RefundId};
 use tandem_domain::money::Money;
 use tandem_domain::ValidationError;
 use tandem_proto::v1::{event_envelope::Payload, EventEnvelope};
@@ -22,20 +23,29 @@ pub struct Incoming {
 #[derive(Debug, Clone)]
 pub enum LedgerEvent {
     MerchantRegistered,
-    PartnershipCreated(PartnershipTerms),
+    /// A terms event of a partnership, decided by the gateway; `event_id` is the gateway's.
+    Partnership {
+        partnership_id: PartnershipId,
+        event_id: uuid::Uuid,
+        event: Event,
+    },
     CustomerReferred(Referral),
     PurchaseRecorded(Purchase),
+    ReferralCancelled {
+        referral_id: ReferralId,
+        cancelled_at: DateTime<Utc>,
+    },
+    RefundRecorded(Refund),
 }
 
+/// One refund, from whichever customer key's copy arrives first.
 #[derive(Debug, Clone)]
-pub struct PartnershipTerms {
-    pub partnership_id: PartnershipId,
-    pub terms_version: i32,
-    pub referrer: MerchantId,
-    pub acceptor: MerchantId,
-    pub commission_rate_bps: u32,
-    pub attribution_window_days: u32,
-    pub effective_from: DateTime<Utc>,
+pub struct Refund {
+    pub refund_id: RefundId,
+    pub merchant: MerchantId,
+    pub transaction_id: String,
+    pub amount: Money,
+    pub refunded_at: DateTime<Utc>,
 }
 
 /// One customer key's copy of a referral.
@@ -78,18 +88,52 @@ fn parse(envelope: EventEnvelope) -> Result<Incoming, ValidationError> {
         Some(Payload::MerchantRegistered(_)) => {
             (envelope.event_id, LedgerEvent::MerchantRegistered)
         }
-        Some(Payload::PartnershipCreated(event)) => (
-            envelope.event_id,
-            LedgerEvent::PartnershipCreated(PartnershipTerms {
-                partnership_id: PartnershipId::parse("partnership_id", &event.partnership_id)?,
-                terms_version: version(event.terms_version)?,
-                referrer: MerchantId::parse("referrer_merchant_id", &event.referrer_merchant_id)?,
-                acceptor: MerchantId::parse("acceptor_merchant_id", &event.acceptor_merchant_id)?,
-                commission_rate_bps: event.commission_rate_bps,
-                attribution_window_days: event.attribution_window_days,
-                effective_from: instant("effective_from", event.effective_from.as_ref())?,
-            }),
-        ),
+        Some(
+            payload @ (Payload::PartnershipTermsProposed(_)
+            | Payload::PartnershipTermsAccepted(_)
+            | Payload::PartnershipTerminated(_)),
+        ) => {
+            let event_id = uuid::Uuid::try_parse(&envelope.event_id)
+                .map_err(|_| ValidationError::new("event_id", "is not a UUID"))?;
+            let (partnership_id, event) = tandem_codec::partnership_event_from_payload(&payload)
+                .ok_or_else(|| {
+                ValidationError::new("payload", "is not a partnership event")
+            })??;
+            (
+                envelope.event_id,
+                LedgerEvent::Partnership {
+                    partnership_id,
+                    event_id,
+                    event,
+                },
+            )
+        }
+        Some(Payload::ReferralCancelled(event)) => {
+            let customer_key = routing(&routing_key, &event.customer_keys)?;
+            (
+                format!("{}/{}", envelope.event_id, customer_key),
+                LedgerEvent::ReferralCancelled {
+                    referral_id: ReferralId::parse("referral_id", &event.referral_id)?,
+                    cancelled_at: instant("cancelled_at", event.cancelled_at.as_ref())?,
+                },
+            )
+        }
+        Some(Payload::RefundRecorded(event)) => {
+            let customer_key = routing(&routing_key, &event.customer_keys)?;
+            let amount = event
+                .amount
+                .ok_or_else(|| ValidationError::new("amount", "is missing"))?;
+            (
+                format!("{}/{}", envelope.event_id, customer_key),
+                LedgerEvent::RefundRecorded(Refund {
+                    refund_id: RefundId::parse("refund_id", &event.refund_id)?,
+                    merchant: MerchantId::parse("merchant_id", &event.merchant_id)?,
+                    transaction_id: event.transaction_id,
+                    amount: Money::parse_positive("amount", amount.amount_minor, &amount.currency)?,
+                    refunded_at: instant("refunded_at", event.refunded_at.as_ref())?,
+                }),
+            )
+        }
         Some(Payload::CustomerReferred(event)) => {
             let customer_key = routing(&routing_key, &event.customer_keys)?;
             (

@@ -3,8 +3,11 @@
 //! double-entry ledger. Every projection here is rebuilt by replaying the topics from the start.
 
 mod apply;
+mod book;
 mod events;
 mod query;
+
+pub use book::rebuild_projections;
 
 use std::net::SocketAddr;
 use std::time::Duration;

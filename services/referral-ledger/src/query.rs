@@ -1,19 +1,99 @@
 //! The ledger's internal gRPC API: queries the merchant gateway makes on behalf of an
-//! authenticated merchant.
+//! authenticated merchant. Every query is scoped to that merchant; lists are keyset-paged,
+//! newest first.
 
 use chrono::{DateTime, Utc};
+use prost::Message;
 use sqlx::PgPool;
-use tandem_domain::ids::MerchantId;
+use tandem_codec::{calculation_to_proto, terms_to_proto};
+use tandem_domain::commission::{explain, CommissionLine, Event};
+use tandem_domain::ids::{MerchantId, PartnershipId, PurchaseId};
+use tandem_domain::money::{Currency, Money};
 use tandem_proto::time::timestamp;
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::referral_ledger_server::ReferralLedger;
 use tonic::{Request, Response, Status};
+
+use crate::book;
 
 const DEFAULT_PAGE_SIZE: u32 = 100;
 const MAX_PAGE_SIZE: u32 = 500;
 
 pub struct LedgerQueries {
     pub pool: PgPool,
+}
+
+fn internal(error: impl std::error::Error) -> Status {
+    tracing::error!(error = %tandem_runtime::error_chain(&error), "ledger query failed");
+    Status::unavailable("query failed; retry shortly")
+}
+
+fn merchant(value: &str) -> Result<MerchantId, Status> {
+    MerchantId::parse("merchant_id", value).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+fn page_size(requested: u32) -> Result<u32, Status> {
+    match requested {
+        0 => Ok(DEFAULT_PAGE_SIZE),
+        size if size <= MAX_PAGE_SIZE => Ok(size),
+        size => Err(Status::invalid_argument(format!(
+            "page_size: must be at most {MAX_PAGE_SIZE}, got {size}"
+        ))),
+    }
+}
+
+fn money(amount_minor: i64, currency: &str) -> Option<pb::Money> {
+    Some(pb::Money {
+        amount_minor,
+        currency: currency.to_owned(),
+    })
+}
+
+/// A keyset position, the last row of the previous page: `v1.<unix micros>.<id>`.
+fn encode_page_token(at: DateTime<Utc>, id: &str) -> String {
+    format!("v1.{}.{id}", at.timestamp_micros())
+}
+
+/// `(None, None)` for the first page.
+fn parse_page_token(token: &str) -> Result<(Option<DateTime<Utc>>, Option<String>), Status> {
+    if token.is_empty() {
+        return Ok((None, None));
+    }
+    let invalid = || {
+        Status::invalid_argument("page_token: is not a token this API returned; pass next_page_token unchanged, or empty for the first page")
+    };
+    let mut parts = token.splitn(3, '.');
+    let (Some("v1"), Some(micros), Some(id)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(invalid());
+    };
+    let at = micros
+        .parse()
+        .ok()
+        .and_then(DateTime::from_timestamp_micros)
+        .ok_or_else(invalid)?;
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return Err(invalid());
+    }
+    Ok((Some(at), Some(id.to_owned())))
+}
+
+/// The next page's token if the query returned more rows than the page holds.
+fn next_token<T>(
+    rows: &mut Vec<T>,
+    size: u32,
+    key: impl Fn(&T) -> (DateTime<Utc>, String),
+) -> String {
+    if rows.len() > size as usize {
+        rows.truncate(size as usize);
+        rows.last()
+            .map(|row| {
+                let (at, id) = key(row);
+                encode_page_token(at, &id)
+            })
+            .unwrap_or_default()
+    } else {
+        String::new()
+    }
 }
 
 type ActivityRow = (
@@ -25,11 +105,65 @@ type ActivityRow = (
     i64,
     String,
     i64,
-    i32,
+    Option<Vec<u8>>,
     i32,
     DateTime<Utc>,
     DateTime<Utc>,
 );
+
+#[derive(sqlx::FromRow)]
+struct LineRow {
+    purchase_id: String,
+    partnership_id: String,
+    referrer_merchant_id: String,
+    acceptor_merchant_id: String,
+    referral_id: String,
+    terms_version: i32,
+    rule: String,
+    amount_minor: i64,
+    currency: String,
+    commission_minor: i64,
+    refunded_minor: i64,
+    reversed_minor: i64,
+    purchased_at: DateTime<Utc>,
+    period_start: Option<DateTime<Utc>>,
+    payable_at: DateTime<Utc>,
+    not_earned_reason: Option<String>,
+}
+
+const LINE_COLUMNS: &str = "purchase_id, partnership_id, referrer_merchant_id, acceptor_merchant_id, referral_id, terms_version, rule, \
+    amount_minor, currency, commission_minor, refunded_minor, reversed_minor, purchased_at, period_start, payable_at, not_earned_reason";
+
+impl LineRow {
+    fn to_proto(&self, now: DateTime<Utc>) -> pb::CommissionLine {
+        let status = if self.not_earned_reason.is_some() {
+            pb::CommissionStatus::NotEarned
+        } else if self.payable_at > now {
+            pb::CommissionStatus::Accrued
+        } else {
+            pb::CommissionStatus::Payable
+        };
+        pb::CommissionLine {
+            purchase_id: self.purchase_id.clone(),
+            partnership_id: self.partnership_id.clone(),
+            referrer_merchant_id: self.referrer_merchant_id.clone(),
+            acceptor_merchant_id: self.acceptor_merchant_id.clone(),
+            referral_id: self.referral_id.clone(),
+            amount: money(self.amount_minor, &self.currency),
+            commission: money(self.commission_minor, &self.currency),
+            refunded: money(self.refunded_minor, &self.currency),
+            reversed: money(self.reversed_minor, &self.currency),
+            net_commission: money(self.commission_minor - self.reversed_minor, &self.currency),
+            terms_version: u32::try_from(self.terms_version).unwrap_or(0),
+            rule: self.rule.clone(),
+            purchased_at: Some(timestamp(self.purchased_at)),
+            period_start: self.period_start.map(timestamp),
+            payable_at: Some(timestamp(self.payable_at)),
+            status: status as i32,
+            not_earned_reason: self.not_earned_reason.clone().unwrap_or_default(),
+        }
+    }
+}
 
 #[tonic::async_trait]
 impl ReferralLedger for LedgerQueries {
@@ -40,20 +174,14 @@ impl ReferralLedger for LedgerQueries {
     ) -> Result<Response<pb::ListReferralActivityResponse>, Status> {
         tandem_runtime::link_request_span(&request);
         let request = request.into_inner();
-        let referrer = MerchantId::parse("referrer_merchant_id", &request.referrer_merchant_id)
-            .map_err(|error| Status::invalid_argument(error.to_string()))?;
-        let page_size = match request.page_size {
-            0 => DEFAULT_PAGE_SIZE,
-            size => size.min(MAX_PAGE_SIZE),
-        };
-        let after = PageToken::parse(&request.page_token)?;
-        let (after_at, after_id) = after.map_or((None, None), |t| {
-            (Some(t.purchased_at), Some(t.purchase_id))
-        });
-        let rows: Vec<ActivityRow> = sqlx::query_as(
+        let referrer = merchant(&request.referrer_merchant_id)?;
+        let size = page_size(request.page_size)?;
+        let (after_at, after_id) = parse_page_token(&request.page_token)?;
+        let mut rows: Vec<ActivityRow> = sqlx::query_as(
             "SELECT c.purchase_id, c.referral_id, r.referrer_reference, c.partnership_id, c.acceptor_merchant_id, \
-             c.amount_minor, c.currency, c.commission_minor, c.commission_rate_bps, c.terms_version, c.purchased_at, c.attributed_at \
+             c.amount_minor, c.currency, c.commission_minor, v.terms, c.terms_version, c.purchased_at, c.recorded_at \
              FROM commissions c JOIN referrals r ON r.referral_id = c.referral_id \
+             LEFT JOIN partnership_versions v ON v.partnership_id = c.partnership_id AND v.version = c.terms_version \
              WHERE c.referrer_merchant_id = $1 \
              AND ($2::timestamptz IS NULL OR (c.purchased_at, c.purchase_id) < ($2, $3)) \
              ORDER BY c.purchased_at DESC, c.purchase_id DESC LIMIT $4",
@@ -61,17 +189,13 @@ impl ReferralLedger for LedgerQueries {
         .bind(referrer.as_str())
         .bind(after_at)
         .bind(after_id)
-        .bind(i64::from(page_size) + 1)
+        .bind(i64::from(size) + 1)
         .fetch_all(&self.pool)
         .await
-        .map_err(|error| {
-            tracing::error!(error = %tandem_runtime::error_chain(&error), "activity query failed");
-            Status::unavailable("activity query failed; retry shortly")
-        })?;
-        let more = rows.len() > page_size as usize;
-        let purchases: Vec<pb::AttributedPurchase> = rows
+        .map_err(internal)?;
+        let next_page_token = next_token(&mut rows, size, |row| (row.10, row.0.clone()));
+        let purchases = rows
             .into_iter()
-            .take(page_size as usize)
             .map(
                 |(
                     purchase_id,
@@ -82,26 +206,28 @@ impl ReferralLedger for LedgerQueries {
                     amount,
                     currency,
                     commission,
-                    rate,
+                    terms,
                     version,
                     purchased_at,
                     attributed_at,
                 )| {
+                    // The rate, for terms that pay a percentage.
+                    let rate = terms
+                        .and_then(|bytes| pb::Terms::decode(bytes.as_slice()).ok())
+                        .and_then(|terms| match terms.rule {
+                            Some(pb::terms::Rule::PercentageBps(rate)) => Some(rate),
+                            _ => None,
+                        })
+                        .unwrap_or(0);
                     pb::AttributedPurchase {
                         purchase_id,
                         referral_id,
                         referrer_reference: reference,
                         partnership_id,
                         acceptor_merchant_id: acceptor,
-                        amount: Some(pb::Money {
-                            amount_minor: amount,
-                            currency: currency.clone(),
-                        }),
-                        commission: Some(pb::Money {
-                            amount_minor: commission,
-                            currency,
-                        }),
-                        commission_rate_bps: u32::try_from(rate).unwrap_or(0),
+                        amount: money(amount, &currency),
+                        commission: money(commission, &currency),
+                        commission_rate_bps: rate,
                         terms_version: u32::try_from(version).unwrap_or(0),
                         purchased_at: Some(timestamp(purchased_at)),
                         attributed_at: Some(timestamp(attributed_at)),
@@ -109,59 +235,281 @@ impl ReferralLedger for LedgerQueries {
                 },
             )
             .collect();
-        let next_page_token = match purchases.last() {
-            Some(last) if more => PageToken {
-                purchased_at: last
-                    .purchased_at
-                    .as_ref()
-                    .and_then(tandem_proto::time::datetime)
-                    .unwrap_or_default(),
-                purchase_id: last.purchase_id.clone(),
-            }
-            .encode(),
-            _ => String::new(),
-        };
         Ok(Response::new(pb::ListReferralActivityResponse {
             purchases,
             next_page_token,
         }))
     }
-}
 
-/// Keyset position: the last row of the previous page, as `v1.<unix micros>.<purchase id>`.
-struct PageToken {
-    purchased_at: DateTime<Utc>,
-    purchase_id: String,
-}
-
-impl PageToken {
-    fn encode(&self) -> String {
-        format!(
-            "v1.{}.{}",
-            self.purchased_at.timestamp_micros(),
-            self.purchase_id
+    #[tracing::instrument(skip_all, fields(merchant_id = %request.get_ref().merchant_id))]
+    async fn list_referrals(
+        &self,
+        request: Request<pb::LedgerListReferralsRequest>,
+    ) -> Result<Response<pb::ListReferralsResponse>, Status> {
+        tandem_runtime::link_request_span(&request);
+        let request = request.into_inner();
+        let referrer = merchant(&request.merchant_id)?;
+        let query = request.request.unwrap_or_default();
+        let size = page_size(query.page_size)?;
+        let (after_at, after_id) = parse_page_token(&query.page_token)?;
+        type Row = (
+            String,
+            String,
+            String,
+            String,
+            DateTime<Utc>,
+            DateTime<Utc>,
+            Option<DateTime<Utc>>,
+            bool,
+            bool,
+        );
+        let mut rows: Vec<Row> = sqlx::query_as(
+            "SELECT referral_id, partnership_id, acceptor_merchant_id, referrer_reference, referred_at, attribution_ends_at, \
+             cancelled_at, converted, automatic FROM referrals WHERE referrer_merchant_id = $1 \
+             AND ($2::timestamptz IS NULL OR (referred_at, referral_id) < ($2, $3)) \
+             ORDER BY referred_at DESC, referral_id DESC LIMIT $4",
         )
-    }
-
-    fn parse(token: &str) -> Result<Option<Self>, Status> {
-        if token.is_empty() {
-            return Ok(None);
-        }
-        let invalid = || {
-            Status::invalid_argument("is not a token this API returned; pass next_page_token unchanged, or empty for the first page")
-        };
-        let mut parts = token.splitn(3, '.');
-        let (Some("v1"), Some(micros), Some(purchase_id)) =
-            (parts.next(), parts.next(), parts.next())
-        else {
-            return Err(invalid());
-        };
-        let micros: i64 = micros.parse().map_err(|_| invalid())?;
-        let purchased_at = DateTime::from_timestamp_micros(micros).ok_or_else(invalid)?;
-        tandem_domain::ids::PurchaseId::parse("page_token", purchase_id).map_err(|_| invalid())?;
-        Ok(Some(Self {
-            purchased_at,
-            purchase_id: purchase_id.to_owned(),
+        .bind(referrer.as_str())
+        .bind(after_at)
+        .bind(after_id)
+        .bind(i64::from(size) + 1)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(internal)?;
+        let next_page_token = next_token(&mut rows, size, |row| (row.4, row.0.clone()));
+        let now = Utc::now();
+        let referrals = rows
+            .into_iter()
+            .map(
+                |(
+                    referral_id,
+                    partnership_id,
+                    acceptor,
+                    reference,
+                    referred_at,
+                    ends_at,
+                    cancelled_at,
+                    converted,
+                    automatic,
+                )| {
+                    let state = if cancelled_at.is_some() {
+                        pb::ReferralState::Cancelled
+                    } else if converted {
+                        pb::ReferralState::Converted
+                    } else if ends_at <= now {
+                        pb::ReferralState::Expired
+                    } else {
+                        pb::ReferralState::Open
+                    };
+                    pb::Referral {
+                        referral_id,
+                        partnership_id,
+                        acceptor_merchant_id: acceptor,
+                        referrer_reference: reference,
+                        referred_at: Some(timestamp(referred_at)),
+                        attribution_ends_at: Some(timestamp(ends_at)),
+                        state: state as i32,
+                        automatic,
+                    }
+                },
+            )
+            .collect();
+        Ok(Response::new(pb::ListReferralsResponse {
+            referrals,
+            next_page_token,
         }))
     }
+
+    #[tracing::instrument(skip_all, fields(merchant_id = %request.get_ref().merchant_id))]
+    async fn list_commissions(
+        &self,
+        request: Request<pb::LedgerListCommissionsRequest>,
+    ) -> Result<Response<pb::ListCommissionsResponse>, Status> {
+        tandem_runtime::link_request_span(&request);
+        let request = request.into_inner();
+        let merchant = merchant(&request.merchant_id)?;
+        let query = request.request.unwrap_or_default();
+        let column = match pb::PartnershipRole::try_from(query.role) {
+            Ok(pb::PartnershipRole::Referrer) => "referrer_merchant_id",
+            Ok(pb::PartnershipRole::Acceptor) => "acceptor_merchant_id",
+            _ => {
+                return Err(Status::invalid_argument(
+                    "role: must be REFERRER (what you earn) or ACCEPTOR (what you owe)",
+                ))
+            }
+        };
+        let partnership = if query.partnership_id.is_empty() {
+            None
+        } else {
+            Some(
+                PartnershipId::parse("partnership_id", &query.partnership_id)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?
+                    .to_string(),
+            )
+        };
+        let period_start = match &query.period_start {
+            None => None,
+            Some(t) => Some(tandem_proto::time::datetime(t).ok_or_else(|| {
+                Status::invalid_argument("period_start: is not a valid timestamp")
+            })?),
+        };
+        let size = page_size(query.page_size)?;
+        let (after_at, after_id) = parse_page_token(&query.page_token)?;
+        let sql = format!(
+            "SELECT {LINE_COLUMNS} FROM commissions WHERE {column} = $1 \
+             AND ($2::text IS NULL OR partnership_id = $2) AND ($3::timestamptz IS NULL OR period_start = $3) \
+             AND ($4::timestamptz IS NULL OR (purchased_at, purchase_id) < ($4, $5)) \
+             ORDER BY purchased_at DESC, purchase_id DESC LIMIT $6"
+        );
+        let mut rows: Vec<LineRow> = sqlx::query_as(&sql)
+            .bind(merchant.as_str())
+            .bind(partnership)
+            .bind(period_start)
+            .bind(after_at)
+            .bind(after_id)
+            .bind(i64::from(size) + 1)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(internal)?;
+        let next_page_token = next_token(&mut rows, size, |row| {
+            (row.purchased_at, row.purchase_id.clone())
+        });
+        let now = Utc::now();
+        let lines = rows.iter().map(|row| row.to_proto(now)).collect();
+        Ok(Response::new(pb::ListCommissionsResponse {
+            lines,
+            next_page_token,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(merchant_id = %request.get_ref().merchant_id))]
+    async fn explain_commission(
+        &self,
+        request: Request<pb::LedgerExplainCommissionRequest>,
+    ) -> Result<Response<pb::ExplainCommissionResponse>, Status> {
+        tandem_runtime::link_request_span(&request);
+        let request = request.into_inner();
+        let merchant = merchant(&request.merchant_id)?;
+        let purchase_id = request.request.unwrap_or_default().purchase_id;
+        let purchase_id = PurchaseId::parse("purchase_id", &purchase_id)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let sql = format!("SELECT {LINE_COLUMNS} FROM commissions WHERE purchase_id = $1 AND (referrer_merchant_id = $2 OR acceptor_merchant_id = $2)");
+        let row: Option<LineRow> = sqlx::query_as(&sql)
+            .bind(purchase_id.as_str())
+            .bind(merchant.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(internal)?;
+        let Some(row) = row else {
+            return Err(Status::not_found(format!(
+                "purchase_id: no commission line for {purchase_id} involves you; it was not attributed, or not yet"
+            )));
+        };
+        // The decision itself, from the partnership's stream.
+        let partnership_id =
+            PartnershipId::parse("partnership_id", &row.partnership_id).map_err(internal)?;
+        let mut connection = self.pool.acquire().await.map_err(internal)?;
+        let loaded = book::load(&mut connection, &partnership_id)
+            .await
+            .map_err(internal)?;
+        let decision = load_decision(&mut connection, &partnership_id, &purchase_id).await?;
+        let currency = Currency::parse("currency", &row.currency).map_err(internal)?;
+        let terms_version = u32::try_from(row.terms_version).ok().filter(|v| *v > 0);
+        let terms = terms_version
+            .and_then(|v| loaded.state.versions().iter().find(|t| t.version == v))
+            .map(|t| &t.terms);
+        let (calculation, not_earned) = match &decision {
+            Event::CommissionAccrued { calculation, .. } => (Some(calculation), None),
+            Event::CommissionNotEarned { reason, .. } => (None, Some(reason)),
+            _ => (None, None),
+        };
+        let explanation = explain(&CommissionLine {
+            amount: Money::new(row.amount_minor, currency),
+            terms_version,
+            terms,
+            commission: Money::new(row.commission_minor, currency),
+            calculation,
+            not_earned,
+            refunded_minor: row.refunded_minor,
+            reversed_minor: row.reversed_minor,
+            payable_at: row.payable_at,
+        });
+        Ok(Response::new(pb::ExplainCommissionResponse {
+            line: Some(row.to_proto(Utc::now())),
+            terms: terms.map(terms_to_proto),
+            calculation: calculation.map(calculation_to_proto),
+            explanation,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(merchant_id = %request.get_ref().merchant_id))]
+    async fn get_balances(
+        &self,
+        request: Request<pb::LedgerGetBalancesRequest>,
+    ) -> Result<Response<pb::GetBalancesResponse>, Status> {
+        tandem_runtime::link_request_span(&request);
+        let merchant = merchant(&request.get_ref().merchant_id)?;
+        let rows: Vec<(String, String, Option<i64>, Option<i64>)> = sqlx::query_as(
+            "SELECT p.currency, p.account, \
+             sum(p.amount_minor) FILTER (WHERE e.payable_at > now())::bigint, \
+             sum(p.amount_minor) FILTER (WHERE e.payable_at <= now())::bigint \
+             FROM ledger_postings p JOIN ledger_entries e ON e.entry_id = p.entry_id \
+             WHERE p.merchant_id = $1 GROUP BY p.currency, p.account ORDER BY p.currency, p.account",
+        )
+        .bind(merchant.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(internal)?;
+        let balances = rows
+            .into_iter()
+            .map(|(currency, account, accrued, payable)| {
+                // Receivable balances are debits (positive); payable ones credits (negative):
+                // both are reported as the positive amount owed.
+                let (role, sign) = if account == "commission_receivable" {
+                    (pb::PartnershipRole::Referrer, 1)
+                } else {
+                    (pb::PartnershipRole::Acceptor, -1)
+                };
+                pb::Balance {
+                    currency,
+                    role: role as i32,
+                    accrued_minor: sign * accrued.unwrap_or(0),
+                    payable_minor: sign * payable.unwrap_or(0),
+                    settled_minor: 0,
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::GetBalancesResponse { balances }))
+    }
+}
+
+/// The commission decision (accrued or not earned) for a purchase, from the partnership stream.
+async fn load_decision(
+    connection: &mut sqlx::PgConnection,
+    partnership_id: &PartnershipId,
+    purchase_id: &PurchaseId,
+) -> Result<Event, Status> {
+    let payloads: Vec<Vec<u8>> = sqlx::query_scalar(
+        "SELECT payload FROM events WHERE stream_id = $1 AND event_type IN ('CommissionAccrued', 'CommissionNotEarned') ORDER BY sequence",
+    )
+    .bind(book::stream_id(partnership_id))
+    .fetch_all(connection)
+    .await
+    .map_err(internal)?;
+    for payload in payloads {
+        let event = pb::PartnershipEvent::decode(payload.as_slice()).map_err(internal)?;
+        let event = tandem_codec::event_from_proto(&event).map_err(internal)?;
+        match &event {
+            Event::CommissionAccrued {
+                purchase_id: id, ..
+            }
+            | Event::CommissionNotEarned {
+                purchase_id: id, ..
+            } if id == purchase_id => return Ok(event),
+            _ => {}
+        }
+    }
+    Err(Status::not_found(format!(
+        "purchase_id: no commission decision for {purchase_id}"
+    )))
 }

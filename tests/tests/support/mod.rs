@@ -202,6 +202,19 @@ impl Stack {
         rate_bps: u32,
         window_days: u32,
     ) -> String {
+        self.partnership_since(referrer, acceptor, rate_bps, window_days, None)
+            .await
+    }
+
+    /// A partnership the operator imports, in force since `effective_from` (default: now).
+    pub async fn partnership_since(
+        &self,
+        referrer: &str,
+        acceptor: &str,
+        rate_bps: u32,
+        window_days: u32,
+        effective_from: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> String {
         self.operator()
             .await
             .create_partnership(as_operator(pb::CreatePartnershipRequest {
@@ -209,6 +222,7 @@ impl Stack {
                 acceptor_merchant_id: acceptor.into(),
                 commission_rate_bps: rate_bps,
                 attribution_window_days: window_days,
+                effective_from: effective_from.map(tandem_proto::time::timestamp),
             }))
             .await
             .expect("create partnership")

@@ -1,0 +1,289 @@
+//! Refunds, voids and referral cancellations: writes that change what was already recorded.
+
+use chrono::Utc;
+use prost::Message;
+use sha2::{Digest, Sha256};
+use tandem_domain::customer::CustomerIdentifiers;
+use tandem_domain::ids::{ReferralId, RefundId};
+use tandem_domain::money::Money;
+use tandem_domain::text::parse_token;
+use tandem_domain::ValidationError;
+use tandem_proto::time::timestamp;
+use tandem_proto::v1 as pb;
+use tandem_proto::v1::event_envelope::Payload;
+use tonic::Request;
+
+use crate::auth::authenticate_merchant;
+use crate::commands::parse_instant;
+use crate::events::record_event;
+use crate::{idempotency, GatewayError, State};
+
+type ReferralRow = (String, String, Vec<String>, Option<chrono::DateTime<Utc>>);
+type PurchaseRow = (
+    String,
+    Option<i64>,
+    Option<String>,
+    Option<Vec<String>>,
+    i64,
+);
+
+pub async fn record_refund(
+    state: &State,
+    request: Request<pb::RecordRefundRequest>,
+) -> Result<pb::RecordRefundResponse, GatewayError> {
+    let merchant = authenticate_merchant(&state.pool, request.metadata()).await?;
+    let span = tracing::Span::current();
+    span.record("merchant_id", merchant.as_str());
+    let request = request.into_inner();
+    let idempotency_key = parse_token("idempotency_key", &request.idempotency_key, 1, 128)?;
+    let transaction_id = parse_token("transaction_id", &request.transaction_id, 1, 128)?;
+    let now = Utc::now();
+    let refunded_at = parse_instant("refunded_at", request.refunded_at.as_ref(), now)?;
+    let amount = match (&request.amount, request.void) {
+        (Some(_), true) => {
+            return Err(ValidationError::new(
+                "amount",
+                "must be empty for a void: a void refunds whatever is left",
+            )
+            .into())
+        }
+        (None, false) => {
+            return Err(
+                ValidationError::new("amount", "is required for a refund (or set void)").into(),
+            )
+        }
+        (Some(amount), false) => Some(Money::parse_positive(
+            "amount",
+            amount.amount_minor,
+            &amount.currency,
+        )?),
+        (None, true) => None,
+    };
+    let customer_keys = match &request.customer {
+        Some(customer) => Some(
+            CustomerIdentifiers::parse(
+                "customer",
+                &customer.card_fingerprint,
+                &customer.phone,
+                &customer.email,
+            )?
+            .keys(&state.network_key)
+            .into_iter()
+            .map(|key| key.to_string())
+            .collect::<Vec<_>>(),
+        ),
+        None => None,
+    };
+    let mut hasher = Sha256::new();
+    for part in [
+        transaction_id.as_str(),
+        &amount.map(|a| a.to_string()).unwrap_or_default(),
+        if request.void { "void" } else { "refund" },
+        &customer_keys.clone().unwrap_or_default().join(","),
+        &request
+            .refunded_at
+            .map(|t| format!("{}.{}", t.seconds, t.nanos))
+            .unwrap_or_default(),
+    ] {
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part.as_bytes());
+    }
+    let fingerprint = hasher.finalize().to_vec();
+
+    let mut tx = state.pool.begin().await?;
+    if let Some(previous) = idempotency::begin(
+        &mut tx,
+        &merchant,
+        &idempotency_key,
+        "RecordRefund",
+        &fingerprint,
+    )
+    .await?
+    {
+        return Ok(pb::RecordRefundResponse::decode(previous.as_slice())?);
+    }
+    let purchase: Option<PurchaseRow> = sqlx::query_as(
+        "SELECT purchase_id, amount_minor, currency, customer_keys, refunded_minor FROM purchases \
+         WHERE merchant_id = $1 AND transaction_id = $2 FOR UPDATE",
+    )
+    .bind(merchant.as_str())
+    .bind(&transaction_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let (purchase_id, refund, keys) = match purchase {
+        Some((purchase_id, Some(amount_minor), Some(currency), Some(keys), refunded_minor)) => {
+            let remaining = amount_minor - refunded_minor;
+            let refund = match amount {
+                None if remaining <= 0 => {
+                    return Err(GatewayError::FailedPrecondition(format!("transaction {transaction_id} is already fully refunded")))
+                }
+                None => Money::parse_positive("amount", remaining, &currency)?,
+                Some(refund) if refund.currency.as_str() != currency => {
+                    return Err(ValidationError::new("amount.currency", format!("must be the purchase's currency {currency}")).into())
+                }
+                Some(refund) if refund.amount_minor > remaining => {
+                    return Err(GatewayError::FailedPrecondition(format!(
+                        "a refund of {refund} would exceed what is left to refund of transaction {transaction_id}: {} of {}",
+                        Money::new(remaining, refund.currency),
+                        Money::new(amount_minor, refund.currency)
+                    )))
+                }
+                Some(refund) => refund,
+            };
+            sqlx::query("UPDATE purchases SET refunded_minor = refunded_minor + $3 WHERE merchant_id = $1 AND transaction_id = $2")
+                .bind(merchant.as_str())
+                .bind(&transaction_id)
+                .bind(refund.amount_minor)
+                .execute(&mut *tx)
+                .await?;
+            (purchase_id, refund, keys)
+        }
+        _ => {
+            // The purchase has not reached Tandem yet (or predates refund support): the refund
+            // waits for it in the ledger, routed by the customer keys the POS sends now.
+            let Some(refund) = amount else {
+                return Err(GatewayError::FailedPrecondition(format!(
+                    "transaction {transaction_id} is not recorded, so there is nothing to void; record the purchase first or refund an amount"
+                )));
+            };
+            let Some(keys) = customer_keys else {
+                return Err(GatewayError::FailedPrecondition(format!(
+                    "transaction {transaction_id} is not recorded yet; send the customer identifiers with the refund so it can wait for the purchase"
+                )));
+            };
+            (String::new(), refund, keys)
+        }
+    };
+    let refund_id = RefundId::generate();
+    span.record("refund_id", refund_id.as_str());
+    sqlx::query("INSERT INTO refunds (refund_id, merchant_id, transaction_id, amount_minor, currency) VALUES ($1, $2, $3, $4, $5)")
+        .bind(refund_id.as_str())
+        .bind(merchant.as_str())
+        .bind(&transaction_id)
+        .bind(refund.amount_minor)
+        .bind(refund.currency.as_str())
+        .execute(&mut *tx)
+        .await?;
+    let refunded = pb::Money {
+        amount_minor: refund.amount_minor,
+        currency: refund.currency.to_string(),
+    };
+    let event = pb::RefundRecorded {
+        refund_id: refund_id.to_string(),
+        merchant_id: merchant.to_string(),
+        transaction_id,
+        purchase_id: purchase_id.clone(),
+        customer_keys: keys,
+        amount: Some(refunded.clone()),
+        refunded_at: Some(timestamp(refunded_at)),
+        void: request.void,
+    };
+    let event_id = record_event(
+        &mut tx,
+        &format!("refund-{refund_id}"),
+        Payload::RefundRecorded(event),
+        now,
+    )
+    .await?;
+    let response = pb::RecordRefundResponse {
+        refund_id: refund_id.to_string(),
+        purchase_id,
+        refunded: Some(refunded),
+    };
+    idempotency::finish(
+        &mut tx,
+        &merchant,
+        &idempotency_key,
+        "RecordRefund",
+        &fingerprint,
+        &response.encode_to_vec(),
+    )
+    .await?;
+    tx.commit().await?;
+    state.outbox_written.notify_one();
+    tracing::info!(%event_id, "refund recorded");
+    Ok(response)
+}
+
+pub async fn cancel_referral(
+    state: &State,
+    request: Request<pb::CancelReferralRequest>,
+) -> Result<pb::CancelReferralResponse, GatewayError> {
+    let merchant = authenticate_merchant(&state.pool, request.metadata()).await?;
+    tracing::Span::current().record("merchant_id", merchant.as_str());
+    let request = request.into_inner();
+    let idempotency_key = parse_token("idempotency_key", &request.idempotency_key, 1, 128)?;
+    let referral_id = ReferralId::parse("referral_id", &request.referral_id)?;
+    let fingerprint = Sha256::digest(referral_id.as_str().as_bytes()).to_vec();
+    let now = tandem_proto::time::truncate_to_micros(Utc::now());
+
+    let mut tx = state.pool.begin().await?;
+    if let Some(previous) = idempotency::begin(
+        &mut tx,
+        &merchant,
+        &idempotency_key,
+        "CancelReferral",
+        &fingerprint,
+    )
+    .await?
+    {
+        return Ok(pb::CancelReferralResponse::decode(previous.as_slice())?);
+    }
+    let referral: Option<ReferralRow> = sqlx::query_as(
+        "SELECT referrer_merchant_id, acceptor_merchant_id, customer_keys, cancelled_at FROM referrals WHERE referral_id = $1 FOR UPDATE",
+    )
+    .bind(referral_id.as_str())
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((referrer, acceptor, customer_keys, cancelled_at)) = referral else {
+        return Err(GatewayError::NotFound(format!(
+            "referral {referral_id} does not exist"
+        )));
+    };
+    if referrer != merchant.as_str() {
+        return Err(GatewayError::PermissionDenied(format!(
+            "referral {referral_id} was made by another merchant; only its referrer can cancel it"
+        )));
+    }
+    if let Some(at) = cancelled_at {
+        return Err(GatewayError::FailedPrecondition(format!(
+            "referral {referral_id} was already cancelled at {at}"
+        )));
+    }
+    sqlx::query("UPDATE referrals SET cancelled_at = $2 WHERE referral_id = $1")
+        .bind(referral_id.as_str())
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+    let event = pb::ReferralCancelled {
+        referral_id: referral_id.to_string(),
+        referrer_merchant_id: referrer,
+        acceptor_merchant_id: acceptor,
+        customer_keys,
+        cancelled_at: Some(timestamp(now)),
+    };
+    record_event(
+        &mut tx,
+        &format!("referral-{referral_id}-cancellation"),
+        Payload::ReferralCancelled(event),
+        now,
+    )
+    .await?;
+    let response = pb::CancelReferralResponse {
+        referral_id: referral_id.to_string(),
+        cancelled_at: Some(timestamp(now)),
+    };
+    idempotency::finish(
+        &mut tx,
+        &merchant,
+        &idempotency_key,
+        "CancelReferral",
+        &fingerprint,
+        &response.encode_to_vec(),
+    )
+    .await?;
+    tx.commit().await?;
+    state.outbox_written.notify_one();
+    tracing::info!("referral cancelled");
+    Ok(response)
+}
