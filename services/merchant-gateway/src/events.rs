@@ -39,10 +39,23 @@ pub async fn record_events(
     for payload in payloads {
         let event_id = Uuid::now_v7();
         let (event_type, topic, routing) = routing(&payload);
+        let admin_sequence = if topic == Topic::Admin {
+            // Takes the row lock until commit: admin events are numbered in commit order.
+            sqlx::query_scalar::<_, i64>(
+                "UPDATE admin_sequence SET value = value + 1 RETURNING value",
+            )
+            .fetch_one(&mut *connection)
+            .await?
+        } else {
+            sqlx::query_scalar::<_, i64>("SELECT value FROM admin_sequence")
+                .fetch_one(&mut *connection)
+                .await?
+        };
         let mut envelope = EventEnvelope {
             event_id: event_id.to_string(),
             recorded_at: Some(tandem_proto::time::timestamp(recorded_at)),
             customer_key: String::new(),
+            admin_sequence: u64::try_from(admin_sequence).unwrap_or(0),
             payload: Some(payload),
         };
         stored.push(NewEvent {

@@ -7,7 +7,7 @@
 use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 use sqlx::{PgConnection, PgPool};
-use tandem_bus::{BatchHandler, Delivery};
+use tandem_bus::{BatchHandler, Delivery, Topic};
 use tandem_domain::attribution::{attribution_ends_at, choose_referral, Candidate};
 use tandem_domain::commission::{Attribution, Command};
 use tandem_domain::ids::{MerchantId, PartnershipId, PurchaseId, ReferralId, RefundId};
@@ -27,27 +27,43 @@ impl BatchHandler for Applier {
     type Error = LedgerError;
 
     async fn handle(&self, batch: &[Delivery]) -> Result<(), LedgerError> {
-        let decoded: Vec<(String, Result<Incoming, String>)> = batch
+        let decoded: Vec<(String, u64, Result<Incoming, String>)> = batch
             .iter()
             .map(|delivery| match decode(delivery) {
-                Ok(incoming) => (incoming.message_id.clone(), Ok(incoming)),
-                Err(reason) => (
+                (sequence, Ok(incoming)) => (incoming.message_id.clone(), sequence, Ok(incoming)),
+                (sequence, Err(reason)) => (
                     format!(
                         "rejected/{}/{}/{}",
                         delivery.topic.logical_name(),
                         delivery.partition,
                         delivery.offset
                     ),
+                    sequence,
                     Err(reason),
                 ),
             })
             .collect();
-        let ids: Vec<String> = decoded.iter().map(|(id, _)| id.clone()).collect();
+        let ids: Vec<String> = decoded.iter().map(|(id, _, _)| id.clone()).collect();
 
         let mut tx = self.pool.begin().await?;
+        let mut admin_applied_through: i64 =
+            sqlx::query_scalar("SELECT applied_through FROM admin_progress")
+                .fetch_one(&mut *tx)
+                .await?;
         let mut unapplied = tandem_store::claim_unapplied(&mut tx, &ids).await?;
         let mut applied = 0usize;
-        for ((message_id, incoming), delivery) in decoded.into_iter().zip(batch) {
+        for ((message_id, admin_sequence, incoming), delivery) in decoded.into_iter().zip(batch) {
+            let admin_sequence = i64::try_from(admin_sequence).unwrap_or(i64::MAX);
+            if delivery.topic == Topic::Admin {
+                admin_applied_through = admin_applied_through.max(admin_sequence);
+            } else if admin_sequence > admin_applied_through {
+                // Recorded after admin events this ledger has not applied yet (new terms, a new
+                // partnership): wait for them; the admin consumer makes progress meanwhile.
+                return Err(LedgerError::AwaitingAdmin {
+                    needed: admin_sequence,
+                    applied: admin_applied_through,
+                });
+            }
             // `remove` is true once per id: a message delivered twice in one batch applies once.
             if !unapplied.remove(&message_id) {
                 continue;
@@ -69,6 +85,10 @@ impl BatchHandler for Applier {
             }
             applied += 1;
         }
+        sqlx::query("UPDATE admin_progress SET applied_through = greatest(applied_through, $1)")
+            .bind(admin_applied_through)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         tracing::debug!(received = batch.len(), applied, "batch applied");
         Ok(())

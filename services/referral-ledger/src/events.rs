@@ -73,11 +73,18 @@ pub struct Purchase {
     pub purchased_at: DateTime<Utc>,
 }
 
-/// Decodes one message, or says why it cannot be applied.
-pub fn decode(delivery: &Delivery) -> Result<Incoming, String> {
-    let envelope = EventEnvelope::decode(delivery.payload.as_slice())
-        .map_err(|error| format!("not an EventEnvelope: {error}"))?;
-    parse(envelope).map_err(|error| format!("event contract violated: {error}"))
+/// Decodes one message, or says why it cannot be applied. The admin sequence is returned either
+/// way when the envelope itself is readable, so that progress is kept even past a bad event.
+pub fn decode(delivery: &Delivery) -> (u64, Result<Incoming, String>) {
+    let envelope = match EventEnvelope::decode(delivery.payload.as_slice()) {
+        Ok(envelope) => envelope,
+        Err(error) => return (0, Err(format!("not an EventEnvelope: {error}"))),
+    };
+    let admin_sequence = envelope.admin_sequence;
+    (
+        admin_sequence,
+        parse(envelope).map_err(|error| format!("event contract violated: {error}")),
+    )
 }
 
 fn parse(envelope: EventEnvelope) -> Result<Incoming, ValidationError> {

@@ -56,6 +56,8 @@ pub enum LedgerError {
     Database(#[from] sqlx::Error),
     #[error("storage failure")]
     Store(#[from] tandem_store::StoreError),
+    #[error("waiting for admin event {needed}; applied through {applied}")]
+    AwaitingAdmin { needed: i64, applied: i64 },
     #[error("partnership {0} is not known yet; waiting for its admin event")]
     AwaitingPartnership(String),
     #[error("stored data violates the domain's rules")]
