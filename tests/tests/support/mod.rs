@@ -163,7 +163,7 @@ impl Stack {
         self.gateway.as_ref().expect("gateway running").address
     }
 
-    async fn channel(&self) -> Channel {
+    pub async fn channel(&self) -> Channel {
         tonic::transport::Endpoint::from_shared(format!("http://{}", self.gateway_address()))
             .unwrap()
             .connect()
@@ -334,6 +334,25 @@ pub async fn dump_tables(pool: &sqlx::PgPool, schemas: &[&str]) -> Vec<String> {
     for (schema, table) in tables {
         let dumped: Vec<String> = sqlx::query_scalar(&format!(
             "SELECT row_to_json(t)::text FROM {schema}.{table} t"
+        ))
+        .fetch_all(pool)
+        .await
+        .unwrap();
+        rows.extend(
+            dumped
+                .into_iter()
+                .map(|row| format!("{schema}.{table}: {row}")),
+        );
+    }
+    rows
+}
+
+/// Every row of the named tables of `schema`, as JSON text, sorted: for comparing projections.
+pub async fn dump_tables_named(pool: &sqlx::PgPool, schema: &str, tables: &[&str]) -> Vec<String> {
+    let mut rows = Vec::new();
+    for table in tables {
+        let dumped: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT row_to_json(t)::text FROM {schema}.{table} t ORDER BY 1"
         ))
         .fetch_all(pool)
         .await
