@@ -445,6 +445,15 @@ async fn a_partnership_through_agreement_amendment_refunds_and_termination() {
     );
 
     // C's referrals and their states.
+    // Newest first.
+    let newest_first: Vec<String> = at_acceptor.iter().rev().cloned().collect();
+    assert_eq!(
+        seen.iter()
+            .map(|l| l.purchase_id.clone())
+            .collect::<Vec<_>>(),
+        newest_first
+    );
+
     let referrals = pos
         .list_referrals(with_bearer(
             pb::ListReferralsRequest::default(),
@@ -542,5 +551,189 @@ async fn a_partnership_through_agreement_amendment_refunds_and_termination() {
         .into_inner();
     assert_eq!(partnership_view.versions.len(), 2);
     assert!(partnership_view.terminated_at.is_some());
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn automatic_referrals_and_paged_filtered_lists() {
+    let stack = Stack::start(true).await;
+    let (acceptor, acceptor_key) = stack.merchant("Atelier Bikes").await;
+    let (referrer, referrer_key) = stack.merchant("Cafe Lumiere").await;
+    let mut agreements = partnerships(&stack).await;
+    let mut pos = stack.pos().await;
+
+    // A proposes: every customer of C is referred to A automatically, 2% on A's purchases.
+    let proposed = agreements
+        .propose_terms(with_bearer(
+            pb::ProposeTermsRequest {
+                idempotency_key: "p-auto".into(),
+                counterparty_merchant_id: referrer.clone(),
+                caller_role: pb::PartnershipRole::Acceptor as i32,
+                terms: Some(pb::Terms {
+                    auto_refer: true,
+                    ..percentage_terms(200)
+                }),
+                ..Default::default()
+            },
+            &acceptor_key,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    // A retry of the proposal answers the same; accepting it twice is harmless too.
+    let again = agreements
+        .propose_terms(with_bearer(
+            pb::ProposeTermsRequest {
+                idempotency_key: "p-auto".into(),
+                counterparty_merchant_id: referrer.clone(),
+                caller_role: pb::PartnershipRole::Acceptor as i32,
+                terms: Some(pb::Terms {
+                    auto_refer: true,
+                    ..percentage_terms(200)
+                }),
+                ..Default::default()
+            },
+            &acceptor_key,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again, proposed);
+    let accept = pb::AcceptTermsRequest {
+        idempotency_key: "a-auto".into(),
+        partnership_id: proposed.partnership_id.clone(),
+        version: 1,
+    };
+    agreements
+        .accept_terms(with_bearer(accept.clone(), &referrer_key))
+        .await
+        .unwrap();
+    agreements
+        .accept_terms(with_bearer(accept, &referrer_key))
+        .await
+        .unwrap();
+
+    // Three customers pay at C (no referral call at all), then at A.
+    let phones = ["+44 7700 900001", "+44 7700 900002", "+44 7700 900003"];
+    let mut at_acceptor = Vec::new();
+    for (index, phone) in phones.iter().enumerate() {
+        pos.record_purchase(with_bearer(
+            purchase(
+                &format!("c-{index}"),
+                &format!("C-{index}"),
+                customer("", phone, ""),
+                1_000,
+            ),
+            &referrer_key,
+        ))
+        .await
+        .unwrap();
+        let bought = pos
+            .record_purchase(with_bearer(
+                purchase(
+                    &format!("a-{index}"),
+                    &format!("A-{index}"),
+                    customer("", phone, ""),
+                    10_000 * (index as i64 + 1),
+                ),
+                &acceptor_key,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        at_acceptor.push(bought.purchase_id);
+    }
+    let seen = wait_lines(
+        &stack,
+        &acceptor_key,
+        "three automatically referred purchases",
+        |lines| lines.len() == 3,
+    )
+    .await;
+    assert_eq!(
+        seen.iter()
+            .map(|l| l.commission.clone().unwrap().amount_minor)
+            .collect::<Vec<_>>(),
+        vec![600, 400, 200]
+    );
+
+    let referrals = pos
+        .list_referrals(with_bearer(
+            pb::ListReferralsRequest::default(),
+            &referrer_key,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .referrals;
+    assert_eq!(referrals.len(), 3);
+    assert!(referrals.iter().all(|r| r.automatic
+        && r.state == pb::ReferralState::Converted as i32
+        && r.referrer_reference.starts_with("auto:C-")));
+
+    // Paging: one line per page, in the same order as one big page.
+    let mut paged = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = pos
+            .list_commissions(with_bearer(
+                pb::ListCommissionsRequest {
+                    role: pb::PartnershipRole::Referrer as i32,
+                    page_size: 1,
+                    page_token,
+                    ..Default::default()
+                },
+                &referrer_key,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        paged.extend(page.lines);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    assert_eq!(paged, seen);
+    // Filters: by partnership and by settlement period (monthly: the first of this month).
+    let period_start = seen[0].period_start.clone();
+    let filtered = pos
+        .list_commissions(with_bearer(
+            pb::ListCommissionsRequest {
+                role: pb::PartnershipRole::Acceptor as i32,
+                partnership_id: proposed.partnership_id.clone(),
+                period_start,
+                ..Default::default()
+            },
+            &acceptor_key,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .lines;
+    assert_eq!(filtered, seen);
+    let bad_token = pos
+        .list_commissions(with_bearer(
+            pb::ListCommissionsRequest {
+                role: pb::PartnershipRole::Acceptor as i32,
+                page_token: "nonsense".into(),
+                ..Default::default()
+            },
+            &acceptor_key,
+        ))
+        .await
+        .expect_err("bad token");
+    assert_eq!(bad_token.code(), Code::InvalidArgument);
+    assert_eq!(
+        status_code(
+            pos.list_commissions(with_bearer(
+                pb::ListCommissionsRequest::default(),
+                &acceptor_key
+            ))
+            .await
+        ),
+        Code::InvalidArgument,
+        "role is required"
+    );
     stack.stop().await;
 }

@@ -20,6 +20,7 @@ enum Op {
         customer: usize,
         amount_minor: i64,
         after_hours: i64,
+        foreign: bool,
     },
     Refund {
         purchase: usize,
@@ -35,7 +36,7 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        6 => (0usize..4, 1i64..=200_000, 0i64..=96).prop_map(|(customer, amount_minor, after_hours)| Op::Purchase { customer, amount_minor, after_hours }),
+        6 => (0usize..4, 1i64..=200_000, 0i64..=96, proptest::bool::weighted(0.1)).prop_map(|(customer, amount_minor, after_hours, foreign)| Op::Purchase { customer, amount_minor, after_hours, foreign }),
         3 => (0usize..64, 1i64..=10_000).prop_map(|(purchase, share_bps)| Op::Refund { purchase, share_bps }),
         1 => (1u32..=10_000).prop_map(|rate_bps| Op::Amend { rate_bps }),
         1 => (0usize..64).prop_map(|command| Op::Redeliver { command }),
@@ -122,7 +123,7 @@ fn run(
             events.push(event);
         }
     }
-    let mut purchases: Vec<(PurchaseId, i64)> = Vec::new();
+    let mut purchases: Vec<(PurchaseId, i64, bool)> = Vec::new();
     let mut version = 1;
     for op in ops {
         let command = match op {
@@ -130,14 +131,21 @@ fn run(
                 customer,
                 amount_minor,
                 after_hours,
+                foreign,
             } => {
                 now += Duration::hours(*after_hours);
                 let purchase_id = PurchaseId::generate();
-                purchases.push((purchase_id.clone(), *amount_minor));
+                purchases.push((purchase_id.clone(), *amount_minor, *foreign));
+                // Now and then a purchase in another currency, which earns nothing.
+                let currency = if *foreign {
+                    Currency::parse("c", "USD").unwrap()
+                } else {
+                    initial.currency
+                };
                 Command::AttributePurchase(Attribution {
                     purchase_id,
                     referral_id: customers[*customer].clone(),
-                    amount: Money::new(*amount_minor, initial.currency),
+                    amount: Money::new(*amount_minor, currency),
                     purchased_at: now,
                     referred_at: start(),
                     previous_purchase_at: None,
@@ -147,10 +155,15 @@ fn run(
                 purchase,
                 share_bps,
             } => {
-                let Some((purchase_id, amount_minor)) =
+                let Some((purchase_id, amount_minor, foreign)) =
                     purchases.get(purchase % purchases.len().max(1)).cloned()
                 else {
                     continue;
+                };
+                let currency = if foreign {
+                    Currency::parse("c", "USD").unwrap()
+                } else {
+                    initial.currency
                 };
                 let refunded = state.purchase(&purchase_id).map_or(0, |p| p.refunded_minor);
                 let remaining = amount_minor - refunded;
@@ -161,7 +174,7 @@ fn run(
                 Command::RecordRefund {
                     refund_id: RefundId::generate(),
                     purchase_id,
-                    refund: Money::new(refund_minor, initial.currency),
+                    refund: Money::new(refund_minor, currency),
                     refunded_at: now,
                 }
             }
@@ -228,13 +241,13 @@ proptest! {
 
         // Ledger: every entry balances, so the whole ledger sums to zero; receivable equals
         // accrued minus reversed.
-        let mut ledger_sum = 0i64;
+        let mut ledger_sum: std::collections::BTreeMap<String, i64> = std::collections::BTreeMap::new();
         let mut receivable = 0i64;
         let mut replayed = Partnership::default();
         for event in &events {
             if let Some(entry) = replayed.ledger_entry(event).unwrap() {
                 for posting in entry.postings() {
-                    ledger_sum += posting.amount_minor;
+                    *ledger_sum.entry(entry.currency().to_string()).or_default() += posting.amount_minor;
                     if posting.account == Account::CommissionReceivable {
                         prop_assert_eq!(&posting.merchant, &referrer);
                         receivable += posting.amount_minor;
@@ -245,7 +258,7 @@ proptest! {
             }
             replayed = replayed.apply(event);
         }
-        prop_assert_eq!(ledger_sum, 0);
+        prop_assert!(ledger_sum.values().all(|sum| *sum == 0), "per currency the ledger sums to zero: {:?}", ledger_sum);
         let accrued: i64 = events.iter().map(|e| match e { Event::CommissionAccrued { commission, .. } => commission.amount_minor, _ => 0 }).sum();
         let reversed: i64 = events.iter().map(|e| match e { Event::RefundApplied { reversal, .. } => reversal.amount_minor, _ => 0 }).sum();
         prop_assert_eq!(receivable, accrued - reversed);
@@ -264,8 +277,9 @@ proptest! {
             }
         }
 
-        // Replay gives the live state.
+        // Replay gives the live state, every time.
         prop_assert_eq!(&replayed, &state);
+        prop_assert_eq!(&Partnership::replay(&events), &state);
 
         // Deciding the same commands again, from nothing, gives the same events.
         let mut again = Partnership::default();
