@@ -237,5 +237,70 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         Money::new(total_commission, eur)
     );
     println!("Customer D was never referred by C, so C learns nothing about D's purchase.");
+
+    // B returns part of the first purchase: the commission is clawed back in proportion.
+    let first_purchase = activity
+        .purchases
+        .iter()
+        .find(|p| p.amount.as_ref().is_some_and(|a| a.amount_minor == 12_000))
+        .map(|p| p.purchase_id.clone())
+        .ok_or("the EUR 120.00 purchase is missing from C's activity")?;
+    pos.record_refund(authorised(
+        pb::RecordRefundRequest {
+            idempotency_key: format!("demo-{run_tag}-refund"),
+            transaction_id: format!("A-{run_tag}-0"),
+            amount: Some(pb::Money {
+                amount_minor: 2_000,
+                currency: "EUR".into(),
+            }),
+            ..Default::default()
+        },
+        &acceptor.api_key,
+    )?)
+    .await
+    .map_err(status("refund at A"))?;
+    println!();
+    println!("B returned EUR 20.00 of the EUR 120.00 purchase at A.");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout_secs);
+    let explained = loop {
+        let explained = pos
+            .explain_commission(authorised(
+                pb::ExplainCommissionRequest {
+                    purchase_id: first_purchase.clone(),
+                },
+                &referrer.api_key,
+            )?)
+            .await
+            .map_err(status("explain commission for C"))?
+            .into_inner();
+        if explained
+            .line
+            .as_ref()
+            .and_then(|l| l.refunded.as_ref())
+            .is_some_and(|r| r.amount_minor > 0)
+        {
+            break explained;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err("the refund did not reach the ledger in time; see the service logs".into());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    println!("Why C earns what it earns on that purchase (ExplainCommission, as C):");
+    println!("  {}", explained.explanation);
+    let balances = pos
+        .get_balances(authorised(pb::GetBalancesRequest {}, &referrer.api_key)?)
+        .await
+        .map_err(status("balances for C"))?
+        .into_inner();
+    for balance in balances.balances {
+        let currency = Currency::parse("currency", &balance.currency).map_err(|e| e.to_string())?;
+        println!(
+            "C's commission balance: {} accrued, {} payable, {} settled",
+            Money::new(balance.accrued_minor, currency),
+            Money::new(balance.payable_minor, currency),
+            Money::new(balance.settled_minor, currency)
+        );
+    }
     Ok(())
 }
