@@ -45,6 +45,10 @@ pub struct Config {
         default_value = "referral-ledger"
     )]
     pub consumer_group: String,
+    /// Rebuild the projections of the partnership streams (commissions, balances, terms) from
+    /// the event table, then exit instead of serving.
+    #[arg(long)]
+    pub rebuild_projections: bool,
     /// Most events applied in one transaction.
     #[arg(long, env = "TANDEM_LEDGER_MAX_BATCH", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_batch: u32,
@@ -76,6 +80,8 @@ pub enum StartError {
     Bus(#[from] tandem_bus::BusError),
     #[error("gRPC server")]
     Serve(#[from] tandem_runtime::ServeError),
+    #[error("rebuilding the projections failed")]
+    Rebuild(#[from] LedgerError),
 }
 
 static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -88,6 +94,12 @@ pub async fn run(
 ) -> Result<(), StartError> {
     let pool = tandem_store::connect(&config.database.store_config(&config.schema)).await?;
     tandem_store::migrate(&pool, &MIGRATIONS).await?;
+    if config.rebuild_projections {
+        let replayed = rebuild_projections(&pool).await?;
+        tracing::info!(replayed, "projections rebuilt from the event table");
+        pool.close().await;
+        return Ok(());
+    }
     // Two consumers, so that customer activity waiting for a partnership it references never
     // holds up the admin topic that will bring it.
     let consumers: Vec<_> = [

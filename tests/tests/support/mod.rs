@@ -121,6 +121,7 @@ impl Stack {
             bus: self.bus_args(),
             schema: "ledger".into(),
             consumer_group: format!("{}-{group}", self.bus.topic_prefix),
+            rebuild_projections: false,
             max_batch: 500,
         };
         let shutdown = CancellationToken::new();
