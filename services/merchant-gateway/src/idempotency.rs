@@ -2,14 +2,79 @@
 //! (merchant, key) pair, so two concurrent tries of one request are serialised: the second waits
 //! for the first to commit and then returns its answer.
 
-use sqlx::PgConnection;
+use prost::Message;
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use tandem_domain::ids::MerchantId;
 
-use crate::GatewayError;
+use crate::{GatewayError, State};
+
+/// What identifies one idempotent write.
+#[derive(Debug, Clone, Copy)]
+pub struct Scope<'a> {
+    pub merchant: &'a MerchantId,
+    pub key: &'a str,
+    pub operation: &'static str,
+    /// SHA-256 of the request after pseudonymisation.
+    pub fingerprint: &'a [u8],
+}
+
+/// How an idempotent write begins: with the first answer to a retried request, or with a fresh
+/// transaction to do the work in.
+pub enum Begun<R> {
+    Replayed(R),
+    Fresh(Transaction<'static, Postgres>),
+}
+
+/// Opens the write's transaction and checks its idempotency key (see [`begin`]).
+pub async fn start<R: Message + Default>(
+    pool: &PgPool,
+    scope: &Scope<'_>,
+) -> Result<Begun<R>, GatewayError> {
+    let mut tx = pool.begin().await?;
+    match begin(
+        &mut tx,
+        scope.merchant,
+        scope.key,
+        scope.operation,
+        scope.fingerprint,
+    )
+    .await?
+    {
+        Some(previous) => {
+            tracing::info!(
+                operation = scope.operation,
+                "idempotent retry answered from the first response"
+            );
+            Ok(Begun::Replayed(R::decode(previous.as_slice())?))
+        }
+        None => Ok(Begun::Fresh(tx)),
+    }
+}
+
+/// Stores the answer with the write, commits, and wakes the outbox relay.
+pub async fn complete<R: Message>(
+    state: &State,
+    mut tx: Transaction<'static, Postgres>,
+    scope: &Scope<'_>,
+    response: &R,
+) -> Result<(), GatewayError> {
+    finish(
+        &mut tx,
+        scope.merchant,
+        scope.key,
+        scope.operation,
+        scope.fingerprint,
+        &response.encode_to_vec(),
+    )
+    .await?;
+    tx.commit().await?;
+    state.outbox_written.notify_one();
+    Ok(())
+}
 
 /// Starts an idempotent write: returns the stored answer if this key was already used for the
 /// same request, an error if it was used for a different one, and `None` for a new key.
-pub async fn begin(
+async fn begin(
     connection: &mut PgConnection,
     merchant: &MerchantId,
     idempotency_key: &str,
@@ -44,7 +109,7 @@ pub async fn begin(
 }
 
 /// Stores the answer to a new key, in the same transaction as the write.
-pub async fn finish(
+async fn finish(
     connection: &mut PgConnection,
     merchant: &MerchantId,
     idempotency_key: &str,

@@ -243,18 +243,16 @@ impl PartnershipApi {
             },
         );
 
-        let mut tx = self.state.pool.begin().await?;
-        if let Some(previous) = idempotency::begin(
-            &mut tx,
-            &merchant,
-            &idempotency_key,
-            "ProposeTerms",
-            &fingerprint,
-        )
-        .await?
-        {
-            return Ok(pb::ProposeTermsResponse::decode(previous.as_slice())?);
-        }
+        let scope = idempotency::Scope {
+            merchant: &merchant,
+            key: &idempotency_key,
+            operation: "ProposeTerms",
+            fingerprint: &fingerprint,
+        };
+        let mut tx = match idempotency::start(&self.state.pool, &scope).await? {
+            idempotency::Begun::Replayed(response) => return Ok(response),
+            idempotency::Begun::Fresh(tx) => tx,
+        };
         let (partnership_id, state, sequence, referrer, acceptor) = if request
             .partnership_id
             .is_empty()
@@ -326,17 +324,7 @@ impl PartnershipApi {
             partnership_id: partnership_id.to_string(),
             version,
         };
-        idempotency::finish(
-            &mut tx,
-            &merchant,
-            &idempotency_key,
-            "ProposeTerms",
-            &fingerprint,
-            &response.encode_to_vec(),
-        )
-        .await?;
-        tx.commit().await?;
-        self.state.outbox_written.notify_one();
+        idempotency::complete(&self.state, tx, &scope, &response).await?;
         tracing::info!(version, "terms proposed");
         Ok(response)
     }
@@ -359,18 +347,16 @@ impl PartnershipApi {
         );
         let now = tandem_proto::time::truncate_to_micros(Utc::now());
 
-        let mut tx = self.state.pool.begin().await?;
-        if let Some(previous) = idempotency::begin(
-            &mut tx,
-            &merchant,
-            &idempotency_key,
-            "AcceptTerms",
-            &fingerprint,
-        )
-        .await?
-        {
-            return Ok(pb::AcceptTermsResponse::decode(previous.as_slice())?);
-        }
+        let scope = idempotency::Scope {
+            merchant: &merchant,
+            key: &idempotency_key,
+            operation: "AcceptTerms",
+            fingerprint: &fingerprint,
+        };
+        let mut tx = match idempotency::start(&self.state.pool, &scope).await? {
+            idempotency::Begun::Replayed(response) => return Ok(response),
+            idempotency::Begun::Fresh(tx) => tx,
+        };
         let (state, sequence) = self
             .party_state(&mut tx, &partnership_id, &merchant)
             .await?;
@@ -398,17 +384,7 @@ impl PartnershipApi {
             version: request.version,
             effective_from,
         };
-        idempotency::finish(
-            &mut tx,
-            &merchant,
-            &idempotency_key,
-            "AcceptTerms",
-            &fingerprint,
-            &response.encode_to_vec(),
-        )
-        .await?;
-        tx.commit().await?;
-        self.state.outbox_written.notify_one();
+        idempotency::complete(&self.state, tx, &scope, &response).await?;
         tracing::info!(version = request.version, "terms accepted");
         Ok(response)
     }
@@ -431,20 +407,16 @@ impl PartnershipApi {
         );
         let now = tandem_proto::time::truncate_to_micros(Utc::now());
 
-        let mut tx = self.state.pool.begin().await?;
-        if let Some(previous) = idempotency::begin(
-            &mut tx,
-            &merchant,
-            &idempotency_key,
-            "TerminatePartnership",
-            &fingerprint,
-        )
-        .await?
-        {
-            return Ok(pb::TerminatePartnershipResponse::decode(
-                previous.as_slice(),
-            )?);
-        }
+        let scope = idempotency::Scope {
+            merchant: &merchant,
+            key: &idempotency_key,
+            operation: "TerminatePartnership",
+            fingerprint: &fingerprint,
+        };
+        let mut tx = match idempotency::start(&self.state.pool, &scope).await? {
+            idempotency::Begun::Replayed(response) => return Ok(response),
+            idempotency::Begun::Fresh(tx) => tx,
+        };
         let (state, sequence) = self
             .party_state(&mut tx, &partnership_id, &merchant)
             .await?;
@@ -465,17 +437,7 @@ impl PartnershipApi {
             partnership_id: partnership_id.to_string(),
             terminated_at: Some(timestamp(now)),
         };
-        idempotency::finish(
-            &mut tx,
-            &merchant,
-            &idempotency_key,
-            "TerminatePartnership",
-            &fingerprint,
-            &response.encode_to_vec(),
-        )
-        .await?;
-        tx.commit().await?;
-        self.state.outbox_written.notify_one();
+        idempotency::complete(&self.state, tx, &scope, &response).await?;
         tracing::info!("partnership terminated");
         Ok(response)
     }

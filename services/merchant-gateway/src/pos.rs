@@ -3,7 +3,6 @@
 use std::sync::Arc;
 
 use chrono::Utc;
-use prost::Message;
 use tandem_domain::attribution::attribution_ends_at;
 use tandem_domain::ids::{PurchaseId, ReferralId};
 use tandem_domain::partnership::check_not_self_referral;
@@ -186,19 +185,16 @@ impl PosApi {
         let command = parsed.command;
         check_not_self_referral(&merchant, &command.acceptor)?;
 
-        let mut tx = self.state.pool.begin().await?;
-        if let Some(previous) = idempotency::begin(
-            &mut tx,
-            &merchant,
-            &parsed.idempotency_key,
-            "CreateReferral",
-            &parsed.fingerprint,
-        )
-        .await?
-        {
-            tracing::info!("idempotent retry answered from the first response");
-            return Ok(pb::CreateReferralResponse::decode(previous.as_slice())?);
-        }
+        let scope = idempotency::Scope {
+            merchant: &merchant,
+            key: &parsed.idempotency_key,
+            operation: "CreateReferral",
+            fingerprint: &parsed.fingerprint,
+        };
+        let mut tx = match idempotency::start(&self.state.pool, &scope).await? {
+            idempotency::Begun::Replayed(response) => return Ok(response),
+            idempotency::Begun::Fresh(tx) => tx,
+        };
         let Some(partnership_id) = find_by_pair(&mut tx, &merchant, &command.acceptor).await?
         else {
             return Err(GatewayError::FailedPrecondition(format!(
@@ -264,17 +260,7 @@ impl PosApi {
             referred_at: Some(timestamp(command.referred_at)),
             attribution_ends_at: Some(timestamp(ends_at)),
         };
-        idempotency::finish(
-            &mut tx,
-            &merchant,
-            &parsed.idempotency_key,
-            "CreateReferral",
-            &parsed.fingerprint,
-            &response.encode_to_vec(),
-        )
-        .await?;
-        tx.commit().await?;
-        self.state.outbox_written.notify_one();
+        idempotency::complete(&self.state, tx, &scope, &response).await?;
         tracing::info!(%event_id, "referral recorded");
         Ok(response)
     }
@@ -292,19 +278,16 @@ impl PosApi {
         let parsed = parse_record_purchase(&request, &self.state.network_key, now)?;
         let command = parsed.command;
 
-        let mut tx = self.state.pool.begin().await?;
-        if let Some(previous) = idempotency::begin(
-            &mut tx,
-            &merchant,
-            &parsed.idempotency_key,
-            "RecordPurchase",
-            &parsed.fingerprint,
-        )
-        .await?
-        {
-            tracing::info!("idempotent retry answered from the first response");
-            return Ok(pb::RecordPurchaseResponse::decode(previous.as_slice())?);
-        }
+        let scope = idempotency::Scope {
+            merchant: &merchant,
+            key: &parsed.idempotency_key,
+            operation: "RecordPurchase",
+            fingerprint: &parsed.fingerprint,
+        };
+        let mut tx = match idempotency::start(&self.state.pool, &scope).await? {
+            idempotency::Begun::Replayed(response) => return Ok(response),
+            idempotency::Begun::Fresh(tx) => tx,
+        };
         let purchase_id = PurchaseId::generate();
         span.record("purchase_id", purchase_id.as_str());
         let customer_keys: Vec<String> = command
@@ -354,17 +337,7 @@ impl PosApi {
             purchase_id: purchase_id.to_string(),
             purchased_at: Some(timestamp(command.purchased_at)),
         };
-        idempotency::finish(
-            &mut tx,
-            &merchant,
-            &parsed.idempotency_key,
-            "RecordPurchase",
-            &parsed.fingerprint,
-            &response.encode_to_vec(),
-        )
-        .await?;
-        tx.commit().await?;
-        self.state.outbox_written.notify_one();
+        idempotency::complete(&self.state, tx, &scope, &response).await?;
         tracing::info!(%event_id, "purchase recorded");
         Ok(response)
     }

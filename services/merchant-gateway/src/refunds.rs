@@ -1,7 +1,6 @@
 //! Refunds, voids and referral cancellations: writes that change what was already recorded.
 
 use chrono::Utc;
-use prost::Message;
 use sha2::{Digest, Sha256};
 use tandem_domain::customer::CustomerIdentifiers;
 use tandem_domain::ids::{ReferralId, RefundId};
@@ -90,18 +89,16 @@ pub async fn record_refund(
     }
     let fingerprint = hasher.finalize().to_vec();
 
-    let mut tx = state.pool.begin().await?;
-    if let Some(previous) = idempotency::begin(
-        &mut tx,
-        &merchant,
-        &idempotency_key,
-        "RecordRefund",
-        &fingerprint,
-    )
-    .await?
-    {
-        return Ok(pb::RecordRefundResponse::decode(previous.as_slice())?);
-    }
+    let scope = idempotency::Scope {
+        merchant: &merchant,
+        key: &idempotency_key,
+        operation: "RecordRefund",
+        fingerprint: &fingerprint,
+    };
+    let mut tx = match idempotency::start(&state.pool, &scope).await? {
+        idempotency::Begun::Replayed(response) => return Ok(response),
+        idempotency::Begun::Fresh(tx) => tx,
+    };
     let purchase: Option<PurchaseRow> = sqlx::query_as(
         "SELECT purchase_id, amount_minor, currency, customer_keys, refunded_minor FROM purchases \
          WHERE merchant_id = $1 AND transaction_id = $2 FOR UPDATE",
@@ -190,17 +187,7 @@ pub async fn record_refund(
         purchase_id,
         refunded: Some(refunded),
     };
-    idempotency::finish(
-        &mut tx,
-        &merchant,
-        &idempotency_key,
-        "RecordRefund",
-        &fingerprint,
-        &response.encode_to_vec(),
-    )
-    .await?;
-    tx.commit().await?;
-    state.outbox_written.notify_one();
+    idempotency::complete(state, tx, &scope, &response).await?;
     tracing::info!(%event_id, "refund recorded");
     Ok(response)
 }
@@ -217,18 +204,16 @@ pub async fn cancel_referral(
     let fingerprint = Sha256::digest(referral_id.as_str().as_bytes()).to_vec();
     let now = tandem_proto::time::truncate_to_micros(Utc::now());
 
-    let mut tx = state.pool.begin().await?;
-    if let Some(previous) = idempotency::begin(
-        &mut tx,
-        &merchant,
-        &idempotency_key,
-        "CancelReferral",
-        &fingerprint,
-    )
-    .await?
-    {
-        return Ok(pb::CancelReferralResponse::decode(previous.as_slice())?);
-    }
+    let scope = idempotency::Scope {
+        merchant: &merchant,
+        key: &idempotency_key,
+        operation: "CancelReferral",
+        fingerprint: &fingerprint,
+    };
+    let mut tx = match idempotency::start(&state.pool, &scope).await? {
+        idempotency::Begun::Replayed(response) => return Ok(response),
+        idempotency::Begun::Fresh(tx) => tx,
+    };
     let referral: Option<ReferralRow> = sqlx::query_as(
         "SELECT referrer_merchant_id, acceptor_merchant_id, customer_keys, cancelled_at FROM referrals WHERE referral_id = $1 FOR UPDATE",
     )
@@ -273,17 +258,7 @@ pub async fn cancel_referral(
         referral_id: referral_id.to_string(),
         cancelled_at: Some(timestamp(now)),
     };
-    idempotency::finish(
-        &mut tx,
-        &merchant,
-        &idempotency_key,
-        "CancelReferral",
-        &fingerprint,
-        &response.encode_to_vec(),
-    )
-    .await?;
-    tx.commit().await?;
-    state.outbox_written.notify_one();
+    idempotency::complete(state, tx, &scope, &response).await?;
     tracing::info!("referral cancelled");
     Ok(response)
 }
