@@ -281,6 +281,18 @@ async fn referred_purchases_reach_the_referrer_exactly_once() {
     let mut messages: Vec<Vec<u8>> = Vec::new();
     for topic in Topic::ALL {
         for message in tandem_testkit::read_topic(&stack.bus, topic) {
+            // Every message carries the trace of the call that caused it.
+            let traceparent = message
+                .headers
+                .iter()
+                .find(|(name, _)| name == "traceparent")
+                .map(|(_, value)| String::from_utf8_lossy(value).into_owned())
+                .expect("a traceparent header on every message");
+            let parts: Vec<&str> = traceparent.split('-').collect();
+            assert!(
+                parts.len() == 4 && parts[1].len() == 32 && parts[1] != "0".repeat(32),
+                "not a W3C traceparent: {traceparent}"
+            );
             messages.push(message.key);
             messages.push(message.payload);
             for (name, value) in message.headers {

@@ -18,9 +18,10 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::Resource;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::{EnvFilter, Layer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
@@ -52,18 +53,22 @@ impl Drop for TelemetryGuard {
 pub fn init(service_name: &'static str) -> Result<TelemetryGuard, TelemetryError> {
     let provider = tracer_provider(service_name)?;
     let tracer = provider.tracer(service_name);
+    // The log filter applies to the logs only: spans are always recorded for tracing at INFO,
+    // so that trace context keeps propagating whatever RUST_LOG says.
     tracing_subscriber::registry()
-        .with(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn")),
-        )
         .with(
             tracing_subscriber::fmt::layer()
                 .json()
                 .with_current_span(true)
                 .with_span_list(false)
-                .with_target(true),
+                .with_target(true)
+                .with_filter(log_filter("info,sqlx=warn")),
         )
-        .with(tracing_opentelemetry::layer().with_tracer(tracer))
+        .with(
+            tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                .with_filter(LevelFilter::INFO),
+        )
         .try_init()
         .map_err(TelemetryError::AlreadyInitialised)?;
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
@@ -81,11 +86,23 @@ pub fn init_for_tests() {
     let provider = SdkTracerProvider::builder().build();
     let tracer = provider.tracer("test");
     let _ = tracing_subscriber::registry()
-        .with(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter)))
-        .with(tracing_subscriber::fmt::layer().with_test_writer())
-        .with(tracing_opentelemetry::layer().with_tracer(tracer))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_test_writer()
+                .with_filter(log_filter(filter)),
+        )
+        .with(
+            tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                .with_filter(LevelFilter::INFO),
+        )
         .try_init();
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+}
+
+/// `RUST_LOG` if set, else `default`.
+fn log_filter(default: &str) -> EnvFilter {
+    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default))
 }
 
 fn tracer_provider(service_name: &'static str) -> Result<SdkTracerProvider, TelemetryError> {
