@@ -371,6 +371,36 @@ async fn a_partnership_through_agreement_amendment_refunds_and_termination() {
         .await
         .is_empty());
 
+    // Totals per partnership and period (summed over periods, in case the test straddles a
+    // month boundary).
+    let totals = pos
+        .get_commission_totals(with_bearer(
+            pb::GetCommissionTotalsRequest {
+                role: pb::PartnershipRole::Acceptor as i32,
+                partnership_id: partnership.clone(),
+            },
+            &acceptor_key,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .totals;
+    let sum = |pick: fn(&pb::CommissionTotal) -> i64| totals.iter().map(pick).sum::<i64>();
+    assert!(totals
+        .iter()
+        .all(|t| t.counterparty_merchant_id == referrer && t.partnership_id == partnership));
+    assert_eq!(sum(|t| i64::from(t.purchases)), 3);
+    assert_eq!(
+        sum(|t| t.attributed_amount.as_ref().unwrap().amount_minor),
+        40_000
+    );
+    assert_eq!(sum(|t| t.commission.as_ref().unwrap().amount_minor), 3_000);
+    assert_eq!(sum(|t| t.reversed.as_ref().unwrap().amount_minor), 1_150);
+    assert_eq!(
+        sum(|t| t.net_commission.as_ref().unwrap().amount_minor),
+        1_850
+    );
+
     // Why 20.00, and what happened since.
     let explained = pos
         .explain_commission(with_bearer(

@@ -139,6 +139,29 @@ impl MerchantGateway for PosApi {
     }
 
     #[tracing::instrument(skip_all, fields(merchant_id))]
+    async fn get_commission_totals(
+        &self,
+        request: Request<pb::GetCommissionTotalsRequest>,
+    ) -> Result<Response<pb::GetCommissionTotalsResponse>, Status> {
+        tandem_runtime::link_request_span(&request);
+        let response = queries::forward(
+            &self.state,
+            &self.ledger,
+            request,
+            |mut ledger, merchant_id, request| async move {
+                ledger
+                    .get_commission_totals(queries::traced(pb::LedgerGetCommissionTotalsRequest {
+                        merchant_id,
+                        request: Some(request),
+                    }))
+                    .await
+            },
+        )
+        .await?;
+        Ok(Response::new(response))
+    }
+
+    #[tracing::instrument(skip_all, fields(merchant_id))]
     async fn get_balances(
         &self,
         request: Request<pb::GetBalancesRequest>,

@@ -42,6 +42,26 @@ fn page_size(requested: u32) -> Result<u32, Status> {
     }
 }
 
+/// The commissions column holding the caller for `role`, and the one holding the other party.
+fn role_columns(role: i32) -> Result<(&'static str, &'static str), Status> {
+    match pb::PartnershipRole::try_from(role) {
+        Ok(pb::PartnershipRole::Referrer) => Ok(("referrer_merchant_id", "acceptor_merchant_id")),
+        Ok(pb::PartnershipRole::Acceptor) => Ok(("acceptor_merchant_id", "referrer_merchant_id")),
+        _ => Err(Status::invalid_argument(
+            "role: must be REFERRER (what you earn) or ACCEPTOR (what you owe)",
+        )),
+    }
+}
+
+fn partnership_filter(partnership_id: &str) -> Result<Option<String>, Status> {
+    if partnership_id.is_empty() {
+        return Ok(None);
+    }
+    PartnershipId::parse("partnership_id", partnership_id)
+        .map(|id| Some(id.to_string()))
+        .map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
 fn money(amount_minor: i64, currency: &str) -> Option<pb::Money> {
     Some(pb::Money {
         amount_minor,
@@ -329,24 +349,8 @@ impl ReferralLedger for LedgerQueries {
         let request = request.into_inner();
         let merchant = merchant(&request.merchant_id)?;
         let query = request.request.unwrap_or_default();
-        let column = match pb::PartnershipRole::try_from(query.role) {
-            Ok(pb::PartnershipRole::Referrer) => "referrer_merchant_id",
-            Ok(pb::PartnershipRole::Acceptor) => "acceptor_merchant_id",
-            _ => {
-                return Err(Status::invalid_argument(
-                    "role: must be REFERRER (what you earn) or ACCEPTOR (what you owe)",
-                ))
-            }
-        };
-        let partnership = if query.partnership_id.is_empty() {
-            None
-        } else {
-            Some(
-                PartnershipId::parse("partnership_id", &query.partnership_id)
-                    .map_err(|e| Status::invalid_argument(e.to_string()))?
-                    .to_string(),
-            )
-        };
+        let (column, _) = role_columns(query.role)?;
+        let partnership = partnership_filter(&query.partnership_id)?;
         let period_start = match &query.period_start {
             None => None,
             Some(t) => Some(tandem_proto::time::datetime(t).ok_or_else(|| {
@@ -380,6 +384,67 @@ impl ReferralLedger for LedgerQueries {
             lines,
             next_page_token,
         }))
+    }
+
+    #[tracing::instrument(skip_all, fields(merchant_id = %request.get_ref().merchant_id))]
+    async fn get_commission_totals(
+        &self,
+        request: Request<pb::LedgerGetCommissionTotalsRequest>,
+    ) -> Result<Response<pb::GetCommissionTotalsResponse>, Status> {
+        tandem_runtime::link_request_span(&request);
+        let request = request.into_inner();
+        let merchant = merchant(&request.merchant_id)?;
+        let query = request.request.unwrap_or_default();
+        let (column, counterparty) = role_columns(query.role)?;
+        let partnership = partnership_filter(&query.partnership_id)?;
+        type Row = (
+            String,
+            String,
+            Option<DateTime<Utc>>,
+            String,
+            i64,
+            i64,
+            i64,
+            i64,
+        );
+        let sql = format!(
+            "SELECT partnership_id, {counterparty}, period_start, currency, count(*), sum(amount_minor)::bigint, \
+             sum(commission_minor)::bigint, sum(reversed_minor)::bigint FROM commissions \
+             WHERE {column} = $1 AND ($2::text IS NULL OR partnership_id = $2) \
+             GROUP BY partnership_id, {counterparty}, period_start, currency \
+             ORDER BY period_start DESC NULLS LAST, partnership_id, currency LIMIT 1000"
+        );
+        let rows: Vec<Row> = sqlx::query_as(&sql)
+            .bind(merchant.as_str())
+            .bind(partnership)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(internal)?;
+        let totals = rows
+            .into_iter()
+            .map(
+                |(
+                    partnership_id,
+                    counterparty,
+                    period_start,
+                    currency,
+                    purchases,
+                    amount,
+                    commission,
+                    reversed,
+                )| pb::CommissionTotal {
+                    partnership_id,
+                    counterparty_merchant_id: counterparty,
+                    period_start: period_start.map(timestamp),
+                    purchases: u32::try_from(purchases).unwrap_or(u32::MAX),
+                    attributed_amount: money(amount, &currency),
+                    commission: money(commission, &currency),
+                    reversed: money(reversed, &currency),
+                    net_commission: money(commission - reversed, &currency),
+                },
+            )
+            .collect();
+        Ok(Response::new(pb::GetCommissionTotalsResponse { totals }))
     }
 
     #[tracing::instrument(skip_all, fields(merchant_id = %request.get_ref().merchant_id))]
