@@ -51,6 +51,8 @@ impl BatchHandler for Applier {
                 .fetch_one(&mut *tx)
                 .await?;
         let mut unapplied = tandem_store::claim_unapplied(&mut tx, &ids).await?;
+        // Partnerships loaded in this batch, kept up to date as the batch appends to them.
+        let mut books = book::Books::default();
         let mut applied = 0usize;
         for ((message_id, admin_sequence, incoming), delivery) in decoded.into_iter().zip(batch) {
             let admin_sequence = i64::try_from(admin_sequence).unwrap_or(i64::MAX);
@@ -71,7 +73,11 @@ impl BatchHandler for Applier {
             let span = tracing::info_span!("apply_event", message_id = %message_id, topic = delivery.topic.logical_name(), partition = delivery.partition, offset = delivery.offset);
             delivery.link_span(&span);
             let outcome = match incoming {
-                Ok(incoming) => apply(&mut tx, incoming).instrument(span.clone()).await?,
+                Ok(incoming) => {
+                    apply(&mut tx, &mut books, incoming)
+                        .instrument(span.clone())
+                        .await?
+                }
                 Err(reason) => Err(reason),
             };
             if let Err(reason) = outcome {
@@ -99,6 +105,7 @@ impl BatchHandler for Applier {
 /// rejected and the consumer moves on. `Err` is a failure: the whole batch is retried.
 async fn apply(
     connection: &mut PgConnection,
+    books: &mut book::Books,
     incoming: Incoming,
 ) -> Result<Result<(), String>, LedgerError> {
     let recorded_at = incoming.recorded_at;
@@ -109,12 +116,12 @@ async fn apply(
             event_id,
             event,
         } => {
-            let mut loaded = book::load(connection, &partnership_id).await?;
-            book::record(connection, &mut loaded, &[event], &[event_id], recorded_at).await?;
+            let loaded = books.get(connection, &partnership_id).await?;
+            book::record(connection, loaded, &[event], &[event_id], recorded_at).await?;
             tracing::info!(%partnership_id, "partnership terms event recorded");
         }
         LedgerEvent::CustomerReferred(referral) => {
-            apply_referral(connection, &referral, recorded_at).await?
+            apply_referral(connection, books, &referral, recorded_at).await?
         }
         LedgerEvent::ReferralCancelled {
             referral_id,
@@ -128,10 +135,10 @@ async fn apply(
             tracing::info!(%referral_id, "referral cancelled");
         }
         LedgerEvent::PurchaseRecorded(purchase) => {
-            apply_purchase(connection, &purchase, recorded_at).await?
+            apply_purchase(connection, books, &purchase, recorded_at).await?
         }
         LedgerEvent::RefundRecorded(refund) => {
-            return apply_refund(connection, &refund, recorded_at).await
+            return apply_refund(connection, books, &refund, recorded_at).await
         }
     }
     Ok(Ok(()))
@@ -139,6 +146,7 @@ async fn apply(
 
 async fn apply_referral(
     connection: &mut PgConnection,
+    books: &mut book::Books,
     referral: &Referral,
     recorded_at: DateTime<Utc>,
 ) -> Result<(), LedgerError> {
@@ -177,7 +185,7 @@ async fn apply_referral(
     .await?;
     for (purchase_id,) in waiting {
         let purchase = load_purchase(connection, &purchase_id, referral).await?;
-        attribute(connection, &purchase, recorded_at).await?;
+        attribute(connection, books, &purchase, recorded_at).await?;
     }
     Ok(())
 }
@@ -219,6 +227,7 @@ async fn insert_referral(
 
 async fn apply_purchase(
     connection: &mut PgConnection,
+    books: &mut book::Books,
     purchase: &Purchase,
     recorded_at: DateTime<Utc>,
 ) -> Result<(), LedgerError> {
@@ -244,8 +253,8 @@ async fn apply_purchase(
     .bind(purchase.purchased_at)
     .execute(&mut *connection)
     .await?;
-    refer_automatically(connection, purchase).await?;
-    attribute(connection, purchase, recorded_at).await
+    refer_automatically(connection, books, purchase).await?;
+    attribute(connection, books, purchase, recorded_at).await
 }
 
 /// Partnerships whose terms say so turn every purchase at the referrer into a referral of its
@@ -253,6 +262,7 @@ async fn apply_purchase(
 /// so every customer key's copy of the purchase creates the same referral.
 async fn refer_automatically(
     connection: &mut PgConnection,
+    books: &mut book::Books,
     purchase: &Purchase,
 ) -> Result<(), LedgerError> {
     let partnerships: Vec<(String,)> = sqlx::query_as(
@@ -264,7 +274,7 @@ async fn refer_automatically(
     .await?;
     for (partnership_id,) in partnerships {
         let partnership_id = PartnershipId::parse("partnership_id", &partnership_id)?;
-        let loaded = book::load(connection, &partnership_id).await?;
+        let loaded = books.get(connection, &partnership_id).await?;
         let Some((version, terms)) = loaded.state.terms_at(purchase.purchased_at) else {
             continue;
         };
@@ -310,6 +320,7 @@ type CandidateRow = (
 /// unless the purchase was already attributed, then lets the partnership decide the commission.
 async fn attribute(
     connection: &mut PgConnection,
+    books: &mut book::Books,
     purchase: &Purchase,
     recorded_at: DateTime<Utc>,
 ) -> Result<(), LedgerError> {
@@ -341,7 +352,7 @@ async fn attribute(
     let mut partnership_of = std::collections::HashMap::new();
     for (referral_id, referred_at, attribution_ends_at, cancelled_at, partnership_id) in rows {
         let partnership_id = PartnershipId::parse("partnership_id", &partnership_id)?;
-        let loaded = book::load(connection, &partnership_id).await?;
+        let loaded = books.get(connection, &partnership_id).await?;
         if loaded
             .state
             .terms_at(purchase.purchased_at)
@@ -374,7 +385,7 @@ async fn attribute(
     .fetch_one(&mut *connection)
     .await?;
 
-    let mut loaded = book::load(connection, &partnership_id).await?;
+    let loaded = books.get(connection, &partnership_id).await?;
     let command = Command::AttributePurchase(Attribution {
         purchase_id: purchase.purchase_id.clone(),
         referral_id: winner.referral_id.clone(),
@@ -383,9 +394,7 @@ async fn attribute(
         referred_at,
         previous_purchase_at,
     });
-    if let Err(refused) =
-        book::decide_and_record(connection, &mut loaded, command, recorded_at).await?
-    {
+    if let Err(refused) = book::decide_and_record(connection, loaded, command, recorded_at).await? {
         // Only a partnership the ledger has not seen yet can refuse an attribution.
         tracing::warn!(%partnership_id, reason = %refused, "attribution refused; waiting for the partnership");
         return Err(LedgerError::AwaitingPartnership(partnership_id.to_string()));
@@ -415,7 +424,7 @@ async fn attribute(
         };
         if let Err(reason) = refund_attributed(
             connection,
-            &mut loaded,
+            loaded,
             &purchase.purchase_id,
             &refund,
             recorded_at,
@@ -430,6 +439,7 @@ async fn attribute(
 
 async fn apply_refund(
     connection: &mut PgConnection,
+    books: &mut book::Books,
     refund: &Refund,
     recorded_at: DateTime<Utc>,
 ) -> Result<Result<(), String>, LedgerError> {
@@ -460,12 +470,9 @@ async fn apply_refund(
     match attributed {
         Some((purchase_id, partnership_id)) => {
             let purchase_id = PurchaseId::parse("purchase_id", &purchase_id)?;
-            let mut loaded = book::load(
-                connection,
-                &PartnershipId::parse("partnership_id", &partnership_id)?,
-            )
-            .await?;
-            refund_attributed(connection, &mut loaded, &purchase_id, refund, recorded_at).await
+            let partnership_id = PartnershipId::parse("partnership_id", &partnership_id)?;
+            let loaded = books.get(connection, &partnership_id).await?;
+            refund_attributed(connection, loaded, &purchase_id, refund, recorded_at).await
         }
         None => {
             let known: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM purchases WHERE merchant_id = $1 AND transaction_id = $2)")

@@ -32,6 +32,32 @@ pub struct Loaded {
     pub sequence: i32,
 }
 
+/// The partnerships one batch has loaded, kept current as the batch appends to them, so that a
+/// batch replays each stream once. Scoped to one transaction: if another ledger instance
+/// appends meanwhile, the append conflicts and the whole batch is retried with a fresh cache.
+#[derive(Debug, Default)]
+pub struct Books {
+    loaded: std::collections::HashMap<PartnershipId, Loaded>,
+}
+
+impl Books {
+    pub async fn get(
+        &mut self,
+        connection: &mut PgConnection,
+        partnership_id: &PartnershipId,
+    ) -> Result<&mut Loaded, LedgerError> {
+        if !self.loaded.contains_key(partnership_id) {
+            let loaded = load(connection, partnership_id).await?;
+            self.loaded.insert(partnership_id.clone(), loaded);
+        }
+        self.loaded
+            .get_mut(partnership_id)
+            .ok_or(LedgerError::Invariant(
+                "partnership vanished from the batch cache",
+            ))
+    }
+}
+
 /// Loads a partnership by replaying its stream.
 pub async fn load(
     connection: &mut PgConnection,
