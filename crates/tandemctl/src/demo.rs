@@ -28,7 +28,7 @@ pub struct DemoArgs {
     timeout_secs: u64,
 }
 
-fn authorised<T>(message: T, secret: &str) -> Result<Request<T>, String> {
+pub fn authorised<T>(message: T, secret: &str) -> Result<Request<T>, String> {
     let mut request = Request::new(message);
     let value = format!("Bearer {secret}")
         .parse()
@@ -37,7 +37,7 @@ fn authorised<T>(message: T, secret: &str) -> Result<Request<T>, String> {
     Ok(request)
 }
 
-fn status(context: &str) -> impl FnOnce(tonic::Status) -> String + '_ {
+pub fn status(context: &str) -> impl FnOnce(tonic::Status) -> String + '_ {
     move |status| format!("{context}: {:?}: {}", status.code(), status.message())
 }
 

@@ -1,6 +1,7 @@
 //! `tandemctl`: the operator's command line. Creates topics, waits for services to report
 //! healthy, and runs the end-to-end demo against a running stack.
 
+mod bench;
 mod demo;
 
 use std::process::ExitCode;
@@ -54,9 +55,12 @@ enum Command {
     /// Runs the demo: two merchants, a partnership, a referral and purchases, then prints what
     /// the referrer learned.
     Demo(demo::DemoArgs),
+    /// Measures a running stack: purchases acknowledged per second, and how long until the
+    /// ledger attributed them all. A benchmark, not a test.
+    Bench(bench::BenchArgs),
 }
 
-#[tokio::main(flavor = "current_thread")]
+#[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -86,6 +90,7 @@ async fn main() -> ExitCode {
             timeout_secs,
         } => wait_healthy(&endpoints, Duration::from_secs(timeout_secs)).await,
         Command::Demo(args) => demo::run(args).await,
+        Command::Bench(args) => bench::run(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

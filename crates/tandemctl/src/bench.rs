@@ -1,0 +1,192 @@
+//! `tandemctl bench`: measures a running stack end to end. It registers two merchants, a
+//! partnership and `customers` referrals, then records `purchases` purchases of those customers
+//! at the acceptor with `concurrency` calls in flight, and reports
+//! - how fast the gateway acknowledged them (each acknowledgement is a committed transaction), and
+//! - how long until the referral ledger had attributed every one of them.
+//! This is a benchmark, not a test: it asserts nothing and its numbers depend on the machine.
+
+use std::time::{Duration, Instant};
+
+use tandem_proto::v1 as pb;
+use tandem_proto::v1::merchant_gateway_client::MerchantGatewayClient;
+use tandem_proto::v1::operator_service_client::OperatorServiceClient;
+use tonic::transport::Channel;
+
+use crate::demo::{authorised, status};
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    #[arg(
+        long,
+        env = "TANDEM_GATEWAY_URL",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    gateway: String,
+    #[arg(long, env = "TANDEM_OPERATOR_TOKEN", hide_env_values = true)]
+    operator_token: String,
+    /// Referred customers the purchases are spread over.
+    #[arg(long, default_value_t = 200)]
+    customers: usize,
+    /// Purchases to record.
+    #[arg(long, default_value_t = 5_000)]
+    purchases: usize,
+    /// Calls in flight at once.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Give up waiting for the ledger after this long.
+    #[arg(long, default_value_t = 600)]
+    timeout_secs: u64,
+}
+
+pub async fn run(args: BenchArgs) -> Result<(), String> {
+    let channel: Channel = tonic::transport::Endpoint::from_shared(args.gateway.clone())
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| format!("cannot reach the gateway at {}: {e}", args.gateway))?;
+    let mut operator = OperatorServiceClient::new(channel.clone());
+    let mut pos = MerchantGatewayClient::new(channel);
+    let token = args.operator_token.as_str();
+    let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let merchant = |name: &str| pb::CreateMerchantRequest {
+        display_name: format!("bench {name} {tag}"),
+        settlement_currency: "EUR".into(),
+        time_zone: "Europe/Paris".into(),
+    };
+    let acceptor = operator
+        .create_merchant(authorised(merchant("acceptor"), token)?)
+        .await
+        .map_err(status("create acceptor"))?
+        .into_inner();
+    let referrer = operator
+        .create_merchant(authorised(merchant("referrer"), token)?)
+        .await
+        .map_err(status("create referrer"))?
+        .into_inner();
+    let partnership = operator
+        .create_partnership(authorised(
+            pb::CreatePartnershipRequest {
+                referrer_merchant_id: referrer.merchant_id.clone(),
+                acceptor_merchant_id: acceptor.merchant_id.clone(),
+                commission_rate_bps: 500,
+                attribution_window_days: 30,
+                effective_from: None,
+            },
+            token,
+        )?)
+        .await
+        .map_err(status("create partnership"))?
+        .into_inner();
+    let phone = |customer: usize| format!("+3361{customer:07}");
+    for customer in 0..args.customers {
+        pos.create_referral(authorised(
+            pb::CreateReferralRequest {
+                idempotency_key: format!("bench-{tag}-r{customer}"),
+                acceptor_merchant_id: acceptor.merchant_id.clone(),
+                customer: Some(pb::CustomerIdentifiers {
+                    phone: phone(customer),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            &referrer.api_key,
+        )?)
+        .await
+        .map_err(status("create referral"))?;
+    }
+    println!(
+        "setup: 2 merchants, 1 partnership, {} referrals",
+        args.customers
+    );
+
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for worker in 0..args.concurrency {
+        let mut pos = pos.clone();
+        let api_key = acceptor.api_key.clone();
+        let (tag, customers, purchases, concurrency) = (
+            tag.clone(),
+            args.customers,
+            args.purchases,
+            args.concurrency,
+        );
+        workers.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            for index in (worker..purchases).step_by(concurrency) {
+                let request = pb::RecordPurchaseRequest {
+                    idempotency_key: format!("bench-{tag}-p{index}"),
+                    transaction_id: format!("bench-{tag}-{index}"),
+                    customer: Some(pb::CustomerIdentifiers {
+                        phone: phone(index % customers),
+                        ..Default::default()
+                    }),
+                    amount: Some(pb::Money {
+                        amount_minor: 1_000 + (index as i64 % 9_000),
+                        currency: "EUR".into(),
+                    }),
+                    ..Default::default()
+                };
+                let sent = Instant::now();
+                pos.record_purchase(authorised(request, &api_key)?)
+                    .await
+                    .map_err(status("record purchase"))?;
+                latencies.push(sent.elapsed());
+            }
+            Ok::<_, String>(latencies)
+        }));
+    }
+    let mut latencies = Vec::with_capacity(args.purchases);
+    for worker in workers {
+        latencies.extend(worker.await.map_err(|e| e.to_string())??);
+    }
+    let acknowledged = started.elapsed();
+    latencies.sort();
+    let percentile = |p: usize| {
+        latencies
+            .get((latencies.len() * p / 100).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
+    println!(
+        "gateway: {} purchases acknowledged in {:.2}s = {:.0}/s; latency p50 {:.1} ms, p99 {:.1} ms",
+        args.purchases,
+        acknowledged.as_secs_f64(),
+        args.purchases as f64 / acknowledged.as_secs_f64(),
+        percentile(50).as_secs_f64() * 1e3,
+        percentile(99).as_secs_f64() * 1e3
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
+    loop {
+        let totals = pos
+            .get_commission_totals(authorised(
+                pb::GetCommissionTotalsRequest {
+                    role: pb::PartnershipRole::Acceptor as i32,
+                    partnership_id: partnership.partnership_id.clone(),
+                },
+                &acceptor.api_key,
+            )?)
+            .await
+            .map_err(status("commission totals"))?
+            .into_inner()
+            .totals;
+        let attributed: usize = totals.iter().map(|t| t.purchases as usize).sum();
+        if attributed >= args.purchases {
+            let all = started.elapsed();
+            println!(
+                "pipeline: all {} attributed {:.2}s after the first call = {:.0}/s end to end",
+                args.purchases,
+                all.as_secs_f64(),
+                args.purchases as f64 / all.as_secs_f64()
+            );
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "only {attributed} of {} attributed after {}s",
+                args.purchases, args.timeout_secs
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
