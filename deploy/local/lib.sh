@@ -105,12 +105,14 @@ ensure_broker() {
   log "starting tansu $TANSU_VERSION on 127.0.0.1:$KAFKA_PORT (log: $TANDEM_HOME/logs/tansu.log)"
   # tansu takes the sqlite path relative to its working directory; an absolute one is mangled.
   (
-    cd "$TANDEM_HOME" &&
-      env -u OTEL_EXPORTER_OTLP_ENDPOINT nohup "$TANSU_BIN" broker \
-        --storage-engine "sqlite://broker/tansu.db" \
-        --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-        --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-        >>"$TANDEM_HOME/logs/tansu.log" 2>&1 &
+    cd "$TANDEM_HOME" || exit 1
+    # A simple command in the background, so that $! is the broker's own pid (env and nohup
+    # exec it) and down.sh stops the broker, not a wrapper.
+    env -u OTEL_EXPORTER_OTLP_ENDPOINT nohup "$TANSU_BIN" broker \
+      --storage-engine "sqlite://broker/tansu.db" \
+      --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+      --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+      >>"$TANDEM_HOME/logs/tansu.log" 2>&1 &
     echo $! >"$TANDEM_HOME/pids/tansu.pid"
   )
   wait_port 127.0.0.1 "$KAFKA_PORT" tansu 60 "$TANDEM_HOME/logs/tansu.log"
