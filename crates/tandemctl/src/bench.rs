@@ -3,6 +3,7 @@
 //! at the acceptor with `concurrency` calls in flight, and reports
 //! - how fast the gateway acknowledged them (each acknowledgement is a committed transaction), and
 //! - how long until the referral ledger had attributed every one of them.
+//!
 //! This is a benchmark, not a test: it asserts nothing and its numbers depend on the machine.
 
 use std::time::{Duration, Instant};
