@@ -319,3 +319,95 @@ async fn referred_purchases_reach_the_referrer_exactly_once() {
     }
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn a_late_referral_attributes_earlier_purchases_with_their_refunds() {
+    let stack = Stack::start(true).await;
+    let (acceptor, acceptor_key) = stack.merchant("Atelier Bikes").await;
+    let (referrer, referrer_key) = stack.merchant("Cafe Lumiere").await;
+    stack
+        .partnership_since(
+            &referrer,
+            &acceptor,
+            1000,
+            30,
+            Some(chrono::Utc::now() - chrono::Duration::days(20)),
+        )
+        .await;
+    let mut pos = stack.pos().await;
+    let days_ago = |days| {
+        Some(tandem_proto::time::timestamp(
+            chrono::Utc::now() - chrono::Duration::days(days),
+        ))
+    };
+
+    // B bought at A five days ago, and returned half of it today.
+    let bought = pos
+        .record_purchase(with_bearer(
+            pb::RecordPurchaseRequest {
+                purchased_at: days_ago(5),
+                ..purchase("p-1", "A-1", customer("", B_PHONE_AT_A, ""), 30_000)
+            },
+            &acceptor_key,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    pos.record_refund(with_bearer(
+        pb::RecordRefundRequest {
+            idempotency_key: "f-1".into(),
+            transaction_id: "A-1".into(),
+            amount: eur(15_000),
+            ..Default::default()
+        },
+        &acceptor_key,
+    ))
+    .await
+    .unwrap();
+    // Only now does C's till, offline for a week, upload the referral it made ten days ago.
+    pos.create_referral(with_bearer(
+        pb::CreateReferralRequest {
+            referred_at: days_ago(10),
+            ..referral("r-1", &acceptor, customer("", B_PHONE_AT_C, ""))
+        },
+        &referrer_key,
+    ))
+    .await
+    .unwrap();
+
+    let line = tandem_testkit::eventually(
+        "the late attribution with its refund",
+        Duration::from_secs(60),
+        || async {
+            let lines = stack
+                .pos()
+                .await
+                .list_commissions(with_bearer(
+                    pb::ListCommissionsRequest {
+                        role: pb::PartnershipRole::Referrer as i32,
+                        ..Default::default()
+                    },
+                    &referrer_key,
+                ))
+                .await
+                .unwrap()
+                .into_inner()
+                .lines;
+            lines
+                .into_iter()
+                .find(|l| l.reversed.as_ref().is_some_and(|r| r.amount_minor > 0))
+        },
+    )
+    .await;
+    assert_eq!(line.purchase_id, bought.purchase_id);
+    assert_eq!(
+        (
+            line.commission.clone(),
+            line.refunded.clone(),
+            line.reversed.clone(),
+            line.net_commission.clone()
+        ),
+        (eur(3_000), eur(15_000), eur(1_500), eur(1_500))
+    );
+    stack.stop().await;
+}

@@ -475,17 +475,10 @@ async fn apply_refund(
             refund_attributed(connection, loaded, &purchase_id, refund, recorded_at).await
         }
         None => {
-            let known: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM purchases WHERE merchant_id = $1 AND transaction_id = $2)")
-                .bind(refund.merchant.as_str())
-                .bind(&refund.transaction_id)
-                .fetch_one(&mut *connection)
-                .await?;
-            if known {
-                // A purchase nobody referred: no commission to claw back.
-                mark_handled(connection, &refund.refund_id).await?;
-            } else {
-                tracing::info!(refund_id = %refund.refund_id, "refund waits for its purchase");
-            }
+            // The purchase is not attributed (yet): it may not have arrived, or a referral that
+            // covers it may still arrive from an offline till. The refund waits either way and is
+            // applied if and when the purchase is attributed.
+            tracing::info!(refund_id = %refund.refund_id, "refund waits for an attributed purchase");
             Ok(Ok(()))
         }
     }
