@@ -199,6 +199,7 @@ async fn referred_purchases_reach_the_referrer_exactly_once() {
         assert_eq!(&purchase.purchase_id, purchase_id);
         assert_eq!(purchase.amount, eur(amount));
         assert_eq!(purchase.commission, eur(commission));
+        assert_eq!(purchase.net_commission, eur(commission), "nothing refunded");
         assert_eq!(purchase.commission_rate_bps, 750);
         assert_eq!(purchase.terms_version, 1);
         assert_eq!(purchase.referral_id, b_referral.referral_id);

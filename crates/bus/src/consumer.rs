@@ -30,12 +30,14 @@ pub struct Delivery {
 }
 
 impl Delivery {
-    /// Makes `span` a child of the trace that produced this message.
+    /// Makes `span` a child of the trace that produced this message, and records the trace id in
+    /// its `trace_id` field if it has one.
     pub fn link_span(&self, span: &tracing::Span) {
         tandem_telemetry::set_parent_from_headers(
             span,
             self.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
         );
+        tandem_telemetry::record_trace_id(span);
     }
 }
 

@@ -94,9 +94,12 @@ pub fn grpc_metadata_trace_headers(metadata: &tonic::metadata::MetadataMap) -> V
 }
 
 /// Makes the current span (the handler's) a child of the caller's trace, if it sent one.
+/// Also records the trace id in the span's `trace_id` field, if it has one.
 pub fn link_request_span<T>(request: &tonic::Request<T>) {
+    let span = tracing::Span::current();
     tandem_telemetry::set_parent_from_headers(
-        &tracing::Span::current(),
+        &span,
         grpc_metadata_trace_headers(request.metadata()),
     );
+    tandem_telemetry::record_trace_id(&span);
 }

@@ -148,6 +148,17 @@ pub fn set_parent_from_headers<'a>(
     let _ = span.set_parent(context);
 }
 
+/// Writes the span's trace id into its `trace_id` field (declare it as
+/// `trace_id = tracing::field::Empty`), so that every log line inside the span names the trace an
+/// operator can open.
+pub fn record_trace_id(span: &tracing::Span) {
+    use opentelemetry::trace::TraceContextExt;
+    let trace_id = span.context().span().span_context().trace_id();
+    if trace_id != opentelemetry::trace::TraceId::INVALID {
+        span.record("trace_id", tracing::field::display(trace_id));
+    }
+}
+
 struct HeaderCarrier<'a>(&'a mut HashMap<String, String>);
 
 impl Injector for HeaderCarrier<'_> {
@@ -165,5 +176,34 @@ impl Extractor for HeaderMapView<'_> {
 
     fn keys(&self) -> Vec<&str> {
         self.0.keys().map(String::as_str).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use opentelemetry::trace::TraceContextExt;
+
+    #[test]
+    fn a_span_joins_the_trace_in_its_headers_and_passes_it_on() {
+        init_for_tests();
+        let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let span = tracing::info_span!("consume", trace_id = tracing::field::Empty);
+        set_parent_from_headers(&span, [("traceparent", incoming)]);
+        record_trace_id(&span);
+        let trace_id = span.context().span().span_context().trace_id().to_string();
+        assert_eq!(trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        let outgoing = span.in_scope(current_trace_headers);
+        let traceparent = &outgoing.iter().find(|(k, _)| k == "traceparent").unwrap().1;
+        assert!(
+            traceparent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+            "{traceparent}"
+        );
+        assert!(
+            !traceparent.contains("00f067aa0ba902b7"),
+            "a child span has its own span id"
+        );
     }
 }

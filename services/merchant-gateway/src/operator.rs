@@ -26,7 +26,7 @@ pub struct OperatorApi {
 
 #[tonic::async_trait]
 impl OperatorService for OperatorApi {
-    #[tracing::instrument(skip_all, fields(merchant_id))]
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id))]
     async fn create_merchant(
         &self,
         request: Request<pb::CreateMerchantRequest>,
@@ -35,7 +35,7 @@ impl OperatorService for OperatorApi {
         Ok(Response::new(self.create_merchant(request).await?))
     }
 
-    #[tracing::instrument(skip_all, fields(partnership_id))]
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, partnership_id))]
     async fn create_partnership(
         &self,
         request: Request<pb::CreatePartnershipRequest>,

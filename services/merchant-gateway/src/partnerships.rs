@@ -165,7 +165,7 @@ fn version_to_proto(version: &tandem_domain::commission::TermsVersion) -> pb::Te
 
 #[tonic::async_trait]
 impl PartnershipService for PartnershipApi {
-    #[tracing::instrument(skip_all, fields(merchant_id, partnership_id))]
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id, partnership_id))]
     async fn propose_terms(
         &self,
         request: Request<pb::ProposeTermsRequest>,
@@ -174,7 +174,7 @@ impl PartnershipService for PartnershipApi {
         Ok(Response::new(self.propose(request).await?))
     }
 
-    #[tracing::instrument(skip_all, fields(merchant_id, partnership_id = %request.get_ref().partnership_id))]
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id, partnership_id = %request.get_ref().partnership_id))]
     async fn accept_terms(
         &self,
         request: Request<pb::AcceptTermsRequest>,
@@ -183,7 +183,7 @@ impl PartnershipService for PartnershipApi {
         Ok(Response::new(self.accept(request).await?))
     }
 
-    #[tracing::instrument(skip_all, fields(merchant_id, partnership_id = %request.get_ref().partnership_id))]
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id, partnership_id = %request.get_ref().partnership_id))]
     async fn terminate_partnership(
         &self,
         request: Request<pb::TerminatePartnershipRequest>,
@@ -192,7 +192,7 @@ impl PartnershipService for PartnershipApi {
         Ok(Response::new(self.terminate(request).await?))
     }
 
-    #[tracing::instrument(skip_all, fields(merchant_id, partnership_id = %request.get_ref().partnership_id))]
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id, partnership_id = %request.get_ref().partnership_id))]
     async fn get_partnership(
         &self,
         request: Request<pb::GetPartnershipRequest>,

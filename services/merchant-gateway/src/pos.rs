@@ -29,7 +29,7 @@ pub struct PosApi {
 
 #[tonic::async_trait]
 impl MerchantGateway for PosApi {
-    #[tracing::instrument(skip_all, fields(merchant_id, referral_id, partnership_id))]
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id, referral_id, partnership_id))]
     async fn create_referral(
         &self,
         request: Request<pb::CreateReferralRequest>,
@@ -38,7 +38,7 @@ impl MerchantGateway for PosApi {
         Ok(Response::new(self.create_referral(request).await?))
     }
 
-    #[tracing::instrument(skip_all, fields(merchant_id, purchase_id))]
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id, purchase_id))]
     async fn record_purchase(
         &self,
         request: Request<pb::RecordPurchaseRequest>,
@@ -47,7 +47,7 @@ impl MerchantGateway for PosApi {
         Ok(Response::new(self.record_purchase(request).await?))
     }
 
-    #[tracing::instrument(skip_all, fields(merchant_id, refund_id))]
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id, refund_id))]
     async fn record_refund(
         &self,
         request: Request<pb::RecordRefundRequest>,
@@ -58,7 +58,7 @@ impl MerchantGateway for PosApi {
         ))
     }
 
-    #[tracing::instrument(skip_all, fields(merchant_id, referral_id = %request.get_ref().referral_id))]
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id, referral_id = %request.get_ref().referral_id))]
     async fn cancel_referral(
         &self,
         request: Request<pb::CancelReferralRequest>,
@@ -69,7 +69,7 @@ impl MerchantGateway for PosApi {
         ))
     }
 
-    #[tracing::instrument(skip_all, fields(merchant_id))]
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id))]
     async fn list_referrals(
         &self,
         request: Request<pb::ListReferralsRequest>,
@@ -92,7 +92,7 @@ impl MerchantGateway for PosApi {
         Ok(Response::new(response))
     }
 
-    #[tracing::instrument(skip_all, fields(merchant_id))]
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id))]
     async fn list_commissions(
         &self,
         request: Request<pb::ListCommissionsRequest>,
@@ -115,7 +115,7 @@ impl MerchantGateway for PosApi {
         Ok(Response::new(response))
     }
 
-    #[tracing::instrument(skip_all, fields(merchant_id, purchase_id = %request.get_ref().purchase_id))]
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id, purchase_id = %request.get_ref().purchase_id))]
     async fn explain_commission(
         &self,
         request: Request<pb::ExplainCommissionRequest>,
@@ -138,7 +138,7 @@ impl MerchantGateway for PosApi {
         Ok(Response::new(response))
     }
 
-    #[tracing::instrument(skip_all, fields(merchant_id))]
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id))]
     async fn get_commission_totals(
         &self,
         request: Request<pb::GetCommissionTotalsRequest>,
@@ -161,7 +161,7 @@ impl MerchantGateway for PosApi {
         Ok(Response::new(response))
     }
 
-    #[tracing::instrument(skip_all, fields(merchant_id))]
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id))]
     async fn get_balances(
         &self,
         request: Request<pb::GetBalancesRequest>,
@@ -183,7 +183,7 @@ impl MerchantGateway for PosApi {
         Ok(Response::new(response))
     }
 
-    #[tracing::instrument(skip_all, fields(merchant_id))]
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id))]
     async fn list_referral_activity(
         &self,
         request: Request<pb::ListReferralActivityRequest>,

@@ -70,7 +70,7 @@ impl BatchHandler for Applier {
             if !unapplied.remove(&message_id) {
                 continue;
             }
-            let span = tracing::info_span!("apply_event", message_id = %message_id, topic = delivery.topic.logical_name(), partition = delivery.partition, offset = delivery.offset);
+            let span = tracing::info_span!("apply_event", trace_id = tracing::field::Empty, message_id = %message_id, topic = delivery.topic.logical_name(), partition = delivery.partition, offset = delivery.offset);
             delivery.link_span(&span);
             let outcome = match incoming {
                 Ok(incoming) => {

@@ -116,20 +116,22 @@ fn next_token<T>(
     }
 }
 
-type ActivityRow = (
-    String,
-    String,
-    String,
-    String,
-    String,
-    i64,
-    String,
-    i64,
-    Option<Vec<u8>>,
-    i32,
-    DateTime<Utc>,
-    DateTime<Utc>,
-);
+#[derive(sqlx::FromRow)]
+struct ActivityRow {
+    purchase_id: String,
+    referral_id: String,
+    referrer_reference: String,
+    partnership_id: String,
+    acceptor_merchant_id: String,
+    amount_minor: i64,
+    currency: String,
+    commission_minor: i64,
+    reversed_minor: i64,
+    terms: Option<Vec<u8>>,
+    terms_version: i32,
+    purchased_at: DateTime<Utc>,
+    recorded_at: DateTime<Utc>,
+}
 
 #[derive(sqlx::FromRow)]
 struct LineRow {
@@ -187,7 +189,7 @@ impl LineRow {
 
 #[tonic::async_trait]
 impl ReferralLedger for LedgerQueries {
-    #[tracing::instrument(skip_all, fields(merchant_id = %request.get_ref().referrer_merchant_id))]
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id = %request.get_ref().referrer_merchant_id))]
     async fn list_referral_activity(
         &self,
         request: Request<pb::ListReferrerActivityRequest>,
@@ -199,7 +201,8 @@ impl ReferralLedger for LedgerQueries {
         let (after_at, after_id) = parse_page_token(&request.page_token)?;
         let mut rows: Vec<ActivityRow> = sqlx::query_as(
             "SELECT c.purchase_id, c.referral_id, r.referrer_reference, c.partnership_id, c.acceptor_merchant_id, \
-             c.amount_minor, c.currency, c.commission_minor, v.terms, c.terms_version, c.purchased_at, c.recorded_at \
+             c.amount_minor, c.currency, c.commission_minor, c.reversed_minor, v.terms, c.terms_version, c.purchased_at, \
+             c.recorded_at \
              FROM commissions c JOIN referrals r ON r.referral_id = c.referral_id \
              LEFT JOIN partnership_versions v ON v.partnership_id = c.partnership_id AND v.version = c.terms_version \
              WHERE c.referrer_merchant_id = $1 \
@@ -213,47 +216,37 @@ impl ReferralLedger for LedgerQueries {
         .fetch_all(&self.pool)
         .await
         .map_err(internal)?;
-        let next_page_token = next_token(&mut rows, size, |row| (row.10, row.0.clone()));
+        let next_page_token = next_token(&mut rows, size, |row| {
+            (row.purchased_at, row.purchase_id.clone())
+        });
         let purchases = rows
             .into_iter()
-            .map(
-                |(
-                    purchase_id,
-                    referral_id,
-                    reference,
-                    partnership_id,
-                    acceptor,
-                    amount,
-                    currency,
-                    commission,
-                    terms,
-                    version,
-                    purchased_at,
-                    attributed_at,
-                )| {
-                    // The rate, for terms that pay a percentage.
-                    let rate = terms
-                        .and_then(|bytes| pb::Terms::decode(bytes.as_slice()).ok())
-                        .and_then(|terms| match terms.rule {
-                            Some(pb::terms::Rule::PercentageBps(rate)) => Some(rate),
-                            _ => None,
-                        })
-                        .unwrap_or(0);
-                    pb::AttributedPurchase {
-                        purchase_id,
-                        referral_id,
-                        referrer_reference: reference,
-                        partnership_id,
-                        acceptor_merchant_id: acceptor,
-                        amount: money(amount, &currency),
-                        commission: money(commission, &currency),
-                        commission_rate_bps: rate,
-                        terms_version: u32::try_from(version).unwrap_or(0),
-                        purchased_at: Some(timestamp(purchased_at)),
-                        attributed_at: Some(timestamp(attributed_at)),
-                    }
-                },
-            )
+            .map(|row| {
+                // The rate, for terms that pay a percentage.
+                let rate = row
+                    .terms
+                    .and_then(|bytes| pb::Terms::decode(bytes.as_slice()).ok())
+                    .and_then(|terms| match terms.rule {
+                        Some(pb::terms::Rule::PercentageBps(rate)) => Some(rate),
+                        _ => None,
+                    })
+                    .unwrap_or(0);
+                pb::AttributedPurchase {
+                    purchase_id: row.purchase_id,
+                    referral_id: row.referral_id,
+                    referrer_reference: row.referrer_reference,
+                    partnership_id: row.partnership_id,
+                    acceptor_merchant_id: row.acceptor_merchant_id,
+                    amount: money(row.amount_minor, &row.currency),
+                    commission: money(row.commission_minor, &row.currency),
+                    commission_rate_bps: rate,
+                    terms_version: u32::try_from(row.terms_version).unwrap_or(0),
+                    purchased_at: Some(timestamp(row.purchased_at)),
+                    attributed_at: Some(timestamp(row.recorded_at)),
+                    reversed: money(row.reversed_minor, &row.currency),
+                    net_commission: money(row.commission_minor - row.reversed_minor, &row.currency),
+                }
+            })
             .collect();
         Ok(Response::new(pb::ListReferralActivityResponse {
             purchases,
@@ -261,7 +254,7 @@ impl ReferralLedger for LedgerQueries {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(merchant_id = %request.get_ref().merchant_id))]
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id = %request.get_ref().merchant_id))]
     async fn list_referrals(
         &self,
         request: Request<pb::LedgerListReferralsRequest>,
@@ -340,7 +333,7 @@ impl ReferralLedger for LedgerQueries {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(merchant_id = %request.get_ref().merchant_id))]
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id = %request.get_ref().merchant_id))]
     async fn list_commissions(
         &self,
         request: Request<pb::LedgerListCommissionsRequest>,
@@ -386,7 +379,7 @@ impl ReferralLedger for LedgerQueries {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(merchant_id = %request.get_ref().merchant_id))]
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id = %request.get_ref().merchant_id))]
     async fn get_commission_totals(
         &self,
         request: Request<pb::LedgerGetCommissionTotalsRequest>,
@@ -447,7 +440,7 @@ impl ReferralLedger for LedgerQueries {
         Ok(Response::new(pb::GetCommissionTotalsResponse { totals }))
     }
 
-    #[tracing::instrument(skip_all, fields(merchant_id = %request.get_ref().merchant_id))]
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id = %request.get_ref().merchant_id))]
     async fn explain_commission(
         &self,
         request: Request<pb::LedgerExplainCommissionRequest>,
@@ -507,7 +500,7 @@ impl ReferralLedger for LedgerQueries {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(merchant_id = %request.get_ref().merchant_id))]
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id = %request.get_ref().merchant_id))]
     async fn get_balances(
         &self,
         request: Request<pb::LedgerGetBalancesRequest>,
