@@ -9,22 +9,13 @@
 use std::time::{Duration, Instant};
 
 use tandem_proto::v1 as pb;
-use tandem_proto::v1::merchant_gateway_client::MerchantGatewayClient;
-use tandem_proto::v1::operator_service_client::OperatorServiceClient;
-use tonic::transport::Channel;
 
-use crate::demo::{authorised, status};
+use crate::client::{authorised, status, GatewayArgs};
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    #[arg(
-        long,
-        env = "TANDEM_GATEWAY_URL",
-        default_value = "http://127.0.0.1:50051"
-    )]
-    gateway: String,
-    #[arg(long, env = "TANDEM_OPERATOR_TOKEN", hide_env_values = true)]
-    operator_token: String,
+    #[command(flatten)]
+    gateway: GatewayArgs,
     /// Referred customers the purchases are spread over.
     #[arg(long, default_value_t = 200)]
     customers: usize,
@@ -40,14 +31,8 @@ pub struct BenchArgs {
 }
 
 pub async fn run(args: BenchArgs) -> Result<(), String> {
-    let channel: Channel = tonic::transport::Endpoint::from_shared(args.gateway.clone())
-        .map_err(|e| e.to_string())?
-        .connect()
-        .await
-        .map_err(|e| format!("cannot reach the gateway at {}: {e}", args.gateway))?;
-    let mut operator = OperatorServiceClient::new(channel.clone());
-    let mut pos = MerchantGatewayClient::new(channel);
-    let token = args.operator_token.as_str();
+    let (mut operator, mut pos) = args.gateway.clients().await?;
+    let token = args.gateway.operator_token.as_str();
     let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
     let merchant = |name: &str| pb::CreateMerchantRequest {
         display_name: format!("bench {name} {tag}"),

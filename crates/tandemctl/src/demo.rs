@@ -6,50 +6,21 @@ use std::time::Duration;
 
 use tandem_domain::money::{Currency, Money};
 use tandem_proto::v1 as pb;
-use tandem_proto::v1::merchant_gateway_client::MerchantGatewayClient;
-use tandem_proto::v1::operator_service_client::OperatorServiceClient;
-use tonic::transport::Channel;
-use tonic::Request;
+
+use crate::client::{authorised, status, GatewayArgs};
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
-    /// The merchant gateway's gRPC endpoint.
-    #[arg(
-        long,
-        env = "TANDEM_GATEWAY_URL",
-        default_value = "http://127.0.0.1:50051"
-    )]
-    gateway: String,
-    /// The operator token the gateway was started with.
-    #[arg(long, env = "TANDEM_OPERATOR_TOKEN", hide_env_values = true)]
-    operator_token: String,
+    #[command(flatten)]
+    gateway: GatewayArgs,
     /// How long to wait for the referrer to see the purchases.
     #[arg(long, default_value_t = 60)]
     timeout_secs: u64,
 }
 
-pub fn authorised<T>(message: T, secret: &str) -> Result<Request<T>, String> {
-    let mut request = Request::new(message);
-    let value = format!("Bearer {secret}")
-        .parse()
-        .map_err(|_| "secret is not valid metadata".to_owned())?;
-    request.metadata_mut().insert("authorization", value);
-    Ok(request)
-}
-
-pub fn status(context: &str) -> impl FnOnce(tonic::Status) -> String + '_ {
-    move |status| format!("{context}: {:?}: {}", status.code(), status.message())
-}
-
 pub async fn run(args: DemoArgs) -> Result<(), String> {
-    let channel: Channel = tonic::transport::Endpoint::from_shared(args.gateway.clone())
-        .map_err(|e| e.to_string())?
-        .connect()
-        .await
-        .map_err(|e| format!("cannot reach the gateway at {}: {e}", args.gateway))?;
-    let mut operator = OperatorServiceClient::new(channel.clone());
-    let mut pos = MerchantGatewayClient::new(channel);
-    let token = args.operator_token.as_str();
+    let (mut operator, mut pos) = args.gateway.clients().await?;
+    let token = args.gateway.operator_token.as_str();
     let run_tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
 
     println!("== Tandem demo (run {run_tag}) ==");

@@ -2,6 +2,7 @@
 //! healthy, and runs the end-to-end demo against a running stack.
 
 mod bench;
+mod client;
 mod demo;
 
 use std::process::ExitCode;
