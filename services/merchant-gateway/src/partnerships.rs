@@ -235,13 +235,7 @@ impl PartnershipApi {
                 instant.max(now)
             }
         };
-        let fingerprint = fingerprint(
-            "ProposeTerms",
-            &pb::ProposeTermsRequest {
-                idempotency_key: String::new(),
-                ..request.clone()
-            },
-        );
+        let fingerprint = fingerprint("ProposeTerms", &request);
 
         let scope = idempotency::Scope {
             merchant: &merchant,
@@ -333,59 +327,34 @@ impl PartnershipApi {
         &self,
         request: Request<pb::AcceptTermsRequest>,
     ) -> Result<pb::AcceptTermsResponse, GatewayError> {
-        let merchant = authenticate_merchant(&self.state.pool, request.metadata()).await?;
-        tracing::Span::current().record("merchant_id", merchant.as_str());
-        let request = request.into_inner();
-        let idempotency_key = parse_token("idempotency_key", &request.idempotency_key, 1, 128)?;
-        let partnership_id = PartnershipId::parse("partnership_id", &request.partnership_id)?;
-        let fingerprint = fingerprint(
-            "AcceptTerms",
-            &pb::AcceptTermsRequest {
-                idempotency_key: String::new(),
-                ..request.clone()
-            },
+        let version = request.get_ref().version;
+        let (partnership_id, key) = (
+            request.get_ref().partnership_id.clone(),
+            request.get_ref().idempotency_key.clone(),
         );
-        let now = tandem_proto::time::truncate_to_micros(Utc::now());
-
-        let scope = idempotency::Scope {
-            merchant: &merchant,
-            key: &idempotency_key,
-            operation: "AcceptTerms",
-            fingerprint: &fingerprint,
-        };
-        let mut tx = match idempotency::start(&self.state.pool, &scope).await? {
-            idempotency::Begun::Replayed(response) => return Ok(response),
-            idempotency::Begun::Fresh(tx) => tx,
-        };
-        let (state, sequence) = self
-            .party_state(&mut tx, &partnership_id, &merchant)
+        let response = self
+            .party_command(
+                request,
+                "AcceptTerms",
+                &partnership_id,
+                &key,
+                |merchant, now| Command::Accept {
+                    version,
+                    accepted_by: merchant,
+                    now,
+                },
+                |id, state, _| pb::AcceptTermsResponse {
+                    partnership_id: id.to_string(),
+                    version,
+                    effective_from: state
+                        .versions()
+                        .iter()
+                        .find(|v| v.version == version)
+                        .map(|v| timestamp(v.effective_from)),
+                },
+            )
             .await?;
-        let command = Command::Accept {
-            version: request.version,
-            accepted_by: merchant.clone(),
-            now,
-        };
-        let (state, _) = decide_and_record(
-            &mut tx,
-            &partnership_id,
-            state,
-            sequence,
-            vec![command],
-            now,
-        )
-        .await?;
-        let effective_from = state
-            .versions()
-            .iter()
-            .find(|v| v.version == request.version)
-            .map(|v| timestamp(v.effective_from));
-        let response = pb::AcceptTermsResponse {
-            partnership_id: partnership_id.to_string(),
-            version: request.version,
-            effective_from,
-        };
-        idempotency::complete(&self.state, tx, &scope, &response).await?;
-        tracing::info!(version = request.version, "terms accepted");
+        tracing::info!(version, "terms accepted");
         Ok(response)
     }
 
@@ -393,24 +362,53 @@ impl PartnershipApi {
         &self,
         request: Request<pb::TerminatePartnershipRequest>,
     ) -> Result<pb::TerminatePartnershipResponse, GatewayError> {
+        let (partnership_id, key) = (
+            request.get_ref().partnership_id.clone(),
+            request.get_ref().idempotency_key.clone(),
+        );
+        let response = self
+            .party_command(
+                request,
+                "TerminatePartnership",
+                &partnership_id,
+                &key,
+                |merchant, now| Command::Terminate {
+                    by: merchant,
+                    at: now,
+                },
+                |id, _, now| pb::TerminatePartnershipResponse {
+                    partnership_id: id.to_string(),
+                    terminated_at: Some(timestamp(now)),
+                },
+            )
+            .await?;
+        tracing::info!("partnership terminated");
+        Ok(response)
+    }
+
+    /// One party's command on an existing partnership, as an idempotent write: authenticate,
+    /// check the caller is a party, decide, record, answer with `respond(id, state after, now)`.
+    #[allow(clippy::too_many_arguments)]
+    async fn party_command<Req: Message, Resp: Message + Default>(
+        &self,
+        request: Request<Req>,
+        operation: &'static str,
+        partnership_id: &str,
+        idempotency_key: &str,
+        command: impl FnOnce(MerchantId, DateTime<Utc>) -> Command,
+        respond: impl FnOnce(&PartnershipId, &Partnership, DateTime<Utc>) -> Resp,
+    ) -> Result<Resp, GatewayError> {
         let merchant = authenticate_merchant(&self.state.pool, request.metadata()).await?;
         tracing::Span::current().record("merchant_id", merchant.as_str());
-        let request = request.into_inner();
-        let idempotency_key = parse_token("idempotency_key", &request.idempotency_key, 1, 128)?;
-        let partnership_id = PartnershipId::parse("partnership_id", &request.partnership_id)?;
-        let fingerprint = fingerprint(
-            "TerminatePartnership",
-            &pb::TerminatePartnershipRequest {
-                idempotency_key: String::new(),
-                ..request.clone()
-            },
-        );
+        let idempotency_key = parse_token("idempotency_key", idempotency_key, 1, 128)?;
+        let partnership_id = PartnershipId::parse("partnership_id", partnership_id)?;
+        // The key is part of the request, so the fingerprint is the same exactly when the rest is.
+        let fingerprint = fingerprint(operation, request.get_ref());
         let now = tandem_proto::time::truncate_to_micros(Utc::now());
-
         let scope = idempotency::Scope {
             merchant: &merchant,
             key: &idempotency_key,
-            operation: "TerminatePartnership",
+            operation,
             fingerprint: &fingerprint,
         };
         let mut tx = match idempotency::start(&self.state.pool, &scope).await? {
@@ -420,25 +418,17 @@ impl PartnershipApi {
         let (state, sequence) = self
             .party_state(&mut tx, &partnership_id, &merchant)
             .await?;
-        let command = Command::Terminate {
-            by: merchant.clone(),
-            at: now,
-        };
-        decide_and_record(
+        let (state, _) = decide_and_record(
             &mut tx,
             &partnership_id,
             state,
             sequence,
-            vec![command],
+            vec![command(merchant.clone(), now)],
             now,
         )
         .await?;
-        let response = pb::TerminatePartnershipResponse {
-            partnership_id: partnership_id.to_string(),
-            terminated_at: Some(timestamp(now)),
-        };
+        let response = respond(&partnership_id, &state, now);
         idempotency::complete(&self.state, tx, &scope, &response).await?;
-        tracing::info!("partnership terminated");
         Ok(response)
     }
 

@@ -333,17 +333,7 @@ pub async fn dump_tables(pool: &sqlx::PgPool, schemas: &[&str]) -> Vec<String> {
     .unwrap();
     let mut rows = Vec::new();
     for (schema, table) in tables {
-        let dumped: Vec<String> = sqlx::query_scalar(&format!(
-            "SELECT row_to_json(t)::text FROM {schema}.{table} t"
-        ))
-        .fetch_all(pool)
-        .await
-        .unwrap();
-        rows.extend(
-            dumped
-                .into_iter()
-                .map(|row| format!("{schema}.{table}: {row}")),
-        );
+        rows.extend(dump_tables_named(pool, &schema, &[table.as_str()]).await);
     }
     rows
 }
