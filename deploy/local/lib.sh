@@ -3,18 +3,39 @@
 # Everything the scripts start lives under $TANDEM_HOME (default: .tandem in the repository):
 #   logs/<name>.log   one log file per process
 #   pids/<name>.pid   the pid of every process these scripts started (down.sh stops them)
-#   broker/           the broker's sqlite data (survives restarts)
-# The broker binary is built once into $TANDEM_CACHE_DIR (default ~/.cache/tandem) and reused.
+#   kafka/            the Kafka brokers' properties and data (survives restarts)
+# Apache Kafka's jars are fetched once into $TANDEM_CACHE_DIR (default ~/.cache/tandem) and reused.
+#
+# Settings (environment): DATABASE_URL, TANDEM_KAFKA_PORT (9092), TANDEM_KAFKA_NODES (1, or 3 for
+# the fault-test cluster), TANDEM_KAFKA_HEAP, TANDEM_HOME, TANDEM_CACHE_DIR.
 
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 TANDEM_HOME="${TANDEM_HOME:-$REPO_ROOT/.tandem}"
 TANDEM_CACHE_DIR="${TANDEM_CACHE_DIR:-$HOME/.cache/tandem}"
-TANSU_VERSION="0.6.0"
-TANSU_BIN="$TANDEM_CACHE_DIR/tansu-$TANSU_VERSION/bin/tansu"
+KAFKA_VERSION="4.1.1"
+KAFKA_LIBS="$TANDEM_CACHE_DIR/kafka-$KAFKA_VERSION/libs"
+# Node 1 listens on KAFKA_PORT, node N on KAFKA_PORT + N - 1; controllers 10000 above.
 KAFKA_PORT="${TANDEM_KAFKA_PORT:-9092}"
-export TANDEM_KAFKA_BROKERS="${TANDEM_KAFKA_BROKERS:-127.0.0.1:$KAFKA_PORT}"
+KAFKA_CONTROLLER_PORT=$((KAFKA_PORT + 10000))
+KAFKA_NODES="${TANDEM_KAFKA_NODES:-1}"
+[[ "$KAFKA_NODES" == 1 || "$KAFKA_NODES" == 3 ]] || { echo "[tandem] error: TANDEM_KAFKA_NODES must be 1 or 3" >&2; exit 1; }
+# Heap per broker: a 2-core, 24 GiB machine runs the broker beside Postgres, four services and
+# the builds; 1 GiB is plenty for one node, 768 MiB each for three.
+if ((KAFKA_NODES == 1)); then KAFKA_HEAP="${TANDEM_KAFKA_HEAP:-1g}"; else KAFKA_HEAP="${TANDEM_KAFKA_HEAP:-768m}"; fi
+if [[ -z "${TANDEM_KAFKA_BROKERS:-}" ]]; then
+  TANDEM_KAFKA_BROKERS=""
+  for ((node = 1; node <= KAFKA_NODES; node++)); do
+    TANDEM_KAFKA_BROKERS+="${TANDEM_KAFKA_BROKERS:+,}127.0.0.1:$((KAFKA_PORT + node - 1))"
+  done
+fi
+export TANDEM_KAFKA_BROKERS
+# Topics of a three-node cluster are replicated three times and need two in-sync replicas.
+if ((KAFKA_NODES == 3)); then
+  export TANDEM_TOPIC_REPLICATION_FACTOR="${TANDEM_TOPIC_REPLICATION_FACTOR:-3}"
+  export TANDEM_TOPIC_MIN_INSYNC_REPLICAS="${TANDEM_TOPIC_MIN_INSYNC_REPLICAS:-2}"
+fi
 export DATABASE_URL="${DATABASE_URL:-postgres://postgres:postgres@127.0.0.1:5432/postgres}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$REPO_ROOT/target}"
 
@@ -79,43 +100,168 @@ ensure_postgres() {
   fi
 }
 
-# The tansu broker binary: reuse the cached build, or build it once (about 10 minutes on 2 cores).
-ensure_tansu_binary() {
-  if [[ -x "$TANSU_BIN" ]]; then
-    return
-  fi
-  command -v cargo >/dev/null || die "cargo not found: install the Rust toolchain"
-  log "building the tansu $TANSU_VERSION broker once into $TANDEM_CACHE_DIR (about 10 minutes on 2 cores)"
-  mkdir -p "$TANDEM_CACHE_DIR"
-  CARGO_TARGET_DIR="$TANDEM_CACHE_DIR/tansu-build" \
-    cargo install tansu --version "$TANSU_VERSION" --locked --features libsql \
-      --root "$TANDEM_CACHE_DIR/tansu-$TANSU_VERSION" >"$TANDEM_HOME/logs/tansu-install.log" 2>&1 \
-    || { tail -n 30 "$TANDEM_HOME/logs/tansu-install.log" >&2; die "building tansu failed (log: $TANDEM_HOME/logs/tansu-install.log)"; }
-  rm -rf "$TANDEM_CACHE_DIR/tansu-build"
+# Java and Maven run the broker; install them from the distribution's packages if missing.
+ensure_java_and_maven() {
+  command -v java >/dev/null || apt_install openjdk-17-jre-headless
+  command -v mvn >/dev/null || apt_install maven
+  command -v python3 >/dev/null || apt_install python3
 }
 
-# The broker: reuse whatever answers on the Kafka port; otherwise start tansu with its sqlite engine.
-ensure_broker() {
-  if port_open 127.0.0.1 "$KAFKA_PORT"; then
-    log "a Kafka broker is answering at 127.0.0.1:$KAFKA_PORT"
+# Apache Kafka's jars (the broker and what it needs to run, with a log4j2 backend): fetched once
+# from Maven Central with Maven into $KAFKA_LIBS, then reused. Maven's own repository for this
+# lives under $TANDEM_CACHE_DIR too, so nothing outside it is written.
+ensure_kafka_libs() {
+  if [[ -f "$KAFKA_LIBS/kafka_2.13-$KAFKA_VERSION.jar" ]]; then
     return
   fi
-  ensure_tansu_binary
-  mkdir -p "$TANDEM_HOME/broker"
-  log "starting tansu $TANSU_VERSION on 127.0.0.1:$KAFKA_PORT (log: $TANDEM_HOME/logs/tansu.log)"
-  # tansu takes the sqlite path relative to its working directory; an absolute one is mangled.
-  (
-    cd "$TANDEM_HOME" || exit 1
-    # A simple command in the background, so that $! is the broker's own pid (env and nohup
-    # exec it) and down.sh stops the broker, not a wrapper.
-    env -u OTEL_EXPORTER_OTLP_ENDPOINT nohup "$TANSU_BIN" broker \
-      --storage-engine "sqlite://broker/tansu.db" \
-      --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-      --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-      >>"$TANDEM_HOME/logs/tansu.log" 2>&1 &
-    echo $! >"$TANDEM_HOME/pids/tansu.pid"
-  )
-  wait_port 127.0.0.1 "$KAFKA_PORT" tansu 60 "$TANDEM_HOME/logs/tansu.log"
+  ensure_java_and_maven
+  log "fetching Apache Kafka $KAFKA_VERSION from Maven Central once into $KAFKA_LIBS"
+  local staging="$KAFKA_LIBS.partial"
+  rm -rf "$staging"
+  mvn -B -q -f "$REPO_ROOT/deploy/local/kafka/pom.xml" \
+      -Dmaven.repo.local="$TANDEM_CACHE_DIR/maven" -Dkafka.version="$KAFKA_VERSION" \
+      dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$staging" \
+      >"$TANDEM_HOME/logs/kafka-fetch.log" 2>&1 \
+    || { tail -n 30 "$TANDEM_HOME/logs/kafka-fetch.log" >&2; die "fetching Apache Kafka failed (log: $TANDEM_HOME/logs/kafka-fetch.log)"; }
+  [[ -f "$staging/kafka_2.13-$KAFKA_VERSION.jar" ]] || die "Maven did not fetch kafka_2.13-$KAFKA_VERSION.jar"
+  mv "$staging" "$KAFKA_LIBS"
+}
+
+# kafka_java CLASS ARGS...: runs a class from Kafka's jars with the machine's Java.
+kafka_java() {
+  java -Djava.awt.headless=true -Dlog4j2.configurationFile="$REPO_ROOT/deploy/local/kafka/log4j2.properties" \
+    -cp "$KAFKA_LIBS/*" "$@"
+}
+
+# The properties of node N (1-based) of the local cluster. One node: a combined broker and
+# controller with replication factors 1. Three nodes: three combined brokers/controllers with
+# replication factor 3 and min.insync.replicas=2, so one broker may die without losing an
+# acknowledged message or refusing writes.
+kafka_node_properties() {
+  local node=$1 voters="" i
+  for ((i = 1; i <= KAFKA_NODES; i++)); do
+    voters+="${voters:+,}$i@127.0.0.1:$((KAFKA_CONTROLLER_PORT + i - 1))"
+  done
+  local replication=1 min_isr=1
+  if ((KAFKA_NODES > 1)); then replication=3; min_isr=2; fi
+  cat <<PROPERTIES
+# Generated by deploy/local/lib.sh at every start; edit the script, not this file.
+process.roles=broker,controller
+node.id=$node
+controller.quorum.voters=$voters
+listeners=PLAINTEXT://127.0.0.1:$((KAFKA_PORT + node - 1)),CONTROLLER://127.0.0.1:$((KAFKA_CONTROLLER_PORT + node - 1))
+advertised.listeners=PLAINTEXT://127.0.0.1:$((KAFKA_PORT + node - 1))
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+log.dirs=$(kafka_node_dir "$node")/data
+# Topics are created explicitly (tandemctl create-topics), never by a typo in a consumer.
+auto.create.topics.enable=false
+num.partitions=1
+default.replication.factor=$replication
+min.insync.replicas=$min_isr
+offsets.topic.replication.factor=$replication
+transaction.state.log.replication.factor=$replication
+transaction.state.log.min.isr=$min_isr
+share.coordinator.state.topic.replication.factor=$replication
+share.coordinator.state.topic.min.isr=$min_isr
+# A new consumer group starts at once instead of waiting 3 s for more members.
+group.initial.rebalance.delay.ms=0
+# Two cores: fewer threads than the defaults (3 network, 8 I/O).
+num.network.threads=2
+num.io.threads=4
+PROPERTIES
+}
+
+kafka_node_dir() { echo "$TANDEM_HOME/kafka/${KAFKA_NODES}-node/node-$1"; }
+
+# start_kafka_node N: formats node N's log directory on first use and starts it in the background.
+start_kafka_node() {
+  local node=$1 dir pidfile log_file
+  dir=$(kafka_node_dir "$node")
+  pidfile="$TANDEM_HOME/pids/kafka-$node.pid"
+  log_file="$TANDEM_HOME/logs/kafka-$node.log"
+  if [[ -f "$pidfile" ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+    return
+  fi
+  mkdir -p "$dir/data"
+  kafka_node_properties "$node" >"$dir/server.properties"
+  local cluster_id_file="$TANDEM_HOME/kafka/${KAFKA_NODES}-node/cluster-id"
+  [[ -s "$cluster_id_file" ]] || kafka_java kafka.tools.StorageTool random-uuid 2>/dev/null | tail -n 1 >"$cluster_id_file"
+  if [[ ! -f "$dir/data/meta.properties" ]]; then
+    kafka_java kafka.tools.StorageTool format --ignore-formatted -t "$(cat "$cluster_id_file")" \
+      -c "$dir/server.properties" >>"$log_file" 2>&1 \
+      || { tail -n 20 "$log_file" >&2; die "formatting Kafka node $node failed (log: $log_file)"; }
+  fi
+  log "starting Apache Kafka $KAFKA_VERSION node $node on 127.0.0.1:$((KAFKA_PORT + node - 1)) (log: $log_file)"
+  # A simple command in the background, so that $! is the JVM's own pid and down.sh stops it.
+  # shellcheck disable=SC2086
+  nohup java -Xms"$KAFKA_HEAP" -Xmx"$KAFKA_HEAP" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+    -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent -XX:+ExitOnOutOfMemoryError \
+    -Djava.awt.headless=true -Dlog4j2.configurationFile="$REPO_ROOT/deploy/local/kafka/log4j2.properties" \
+    -cp "$KAFKA_LIBS/*" kafka.Kafka "$dir/server.properties" >>"$log_file" 2>&1 &
+  echo $! >"$pidfile"
+}
+
+# kafka_ready: true when the cluster answers a metadata request with all its brokers and a
+# controller.
+kafka_ready() {
+  python3 "$REPO_ROOT/deploy/local/kafka/metadata_probe.py" "127.0.0.1:$KAFKA_PORT" --brokers "$KAFKA_NODES" >/dev/null 2>&1
+}
+
+# wait_kafka SECONDS: waits until kafka_ready, or dies with the log of a node that is not running.
+wait_kafka() {
+  local deadline=$((SECONDS + $1)) node pidfile
+  until kafka_ready; do
+    for ((node = 1; node <= KAFKA_NODES; node++)); do
+      pidfile="$TANDEM_HOME/pids/kafka-$node.pid"
+      if [[ -f "$pidfile" ]] && ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+        tail -n 30 "$TANDEM_HOME/logs/kafka-$node.log" >&2
+        die "Kafka node $node exited (log: $TANDEM_HOME/logs/kafka-$node.log)"
+      fi
+    done
+    if ((SECONDS >= deadline)); then
+      python3 "$REPO_ROOT/deploy/local/kafka/metadata_probe.py" "127.0.0.1:$KAFKA_PORT" --brokers "$KAFKA_NODES" >&2 || true
+      die "Kafka did not answer a metadata request within $1 s (logs: $TANDEM_HOME/logs/kafka-*.log)"
+    fi
+    sleep 0.2
+  done
+}
+
+# The broker: reuse whatever answers on the Kafka port; otherwise start Apache Kafka (one node, or
+# three with TANDEM_KAFKA_NODES=3) and wait until it answers a metadata request.
+ensure_broker() {
+  if port_open 127.0.0.1 "$KAFKA_PORT" && ! any_kafka_node_started_here; then
+    log "a Kafka broker is answering at 127.0.0.1:$KAFKA_PORT; using it"
+    return
+  fi
+  ensure_kafka_libs
+  command -v python3 >/dev/null || ensure_java_and_maven
+  local node
+  for ((node = 1; node <= KAFKA_NODES; node++)); do
+    start_kafka_node "$node"
+  done
+  wait_kafka 120
+  log "Apache Kafka $KAFKA_VERSION is ready at $TANDEM_KAFKA_BROKERS"
+}
+
+any_kafka_node_started_here() {
+  local node pidfile
+  for ((node = 1; node <= 3; node++)); do
+    pidfile="$TANDEM_HOME/pids/kafka-$node.pid"
+    [[ -f "$pidfile" ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null && return 0
+  done
+  return 1
+}
+
+# What building the services needs beyond the Rust toolchain: OpenSSL's headers and pkg-config
+# (librdkafka is built with TLS, for clusters that require it) and a C compiler.
+ensure_build_deps() {
+  local missing=()
+  command -v cc >/dev/null || missing+=(build-essential)
+  command -v pkg-config >/dev/null || missing+=(pkg-config)
+  pkg-config --exists openssl 2>/dev/null || missing+=(libssl-dev)
+  ((${#missing[@]} == 0)) || apt_install "${missing[@]}"
 }
 
 ensure_nextest() {
@@ -127,16 +273,47 @@ ensure_nextest() {
     || { tail -n 30 "$TANDEM_HOME/logs/nextest-install.log" >&2; die "installing cargo-nextest failed"; }
 }
 
-# stop_pidfile NAME: stop a process these scripts started, politely then firmly.
+# stop_pidfile NAME [SECONDS]: stop a process these scripts started, politely (SIGTERM) then,
+# after SECONDS (default 10), firmly.
 stop_pidfile() {
-  local file="$TANDEM_HOME/pids/$1.pid" pid
+  local file="$TANDEM_HOME/pids/$1.pid" pid seconds=${2:-10}
   [[ -f "$file" ]] || return 0
   pid=$(cat "$file")
   if kill -0 "$pid" 2>/dev/null; then
     kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -0 "$pid" 2>/dev/null && { log "$1 did not stop in 10s; killing it"; kill -KILL "$pid" 2>/dev/null || true; }
+    for _ in $(seq 1 $((seconds * 10))); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$pid" 2>/dev/null && { log "$1 did not stop in ${seconds}s; killing it"; kill -KILL "$pid" 2>/dev/null || true; }
     log "stopped $1"
   fi
   rm -f "$file"
+}
+
+# stop_kafka: stops every Kafka node these scripts started. All nodes are told at once: a node
+# stopped after the controller quorum is gone would wait for it forever. Those still running
+# after 30 s are killed (their logs recover on the next start).
+stop_kafka() {
+  local node pids=() names=() file
+  for node in 1 2 3; do
+    file="$TANDEM_HOME/pids/kafka-$node.pid"
+    [[ -f "$file" ]] || continue
+    if kill -0 "$(cat "$file")" 2>/dev/null; then
+      pids+=("$(cat "$file")"); names+=("kafka-$node")
+      kill -TERM "$(cat "$file")" 2>/dev/null || true
+    fi
+    rm -f "$file"
+  done
+  ((${#pids[@]})) || return 0
+  local deadline=$((SECONDS + 30)) pid alive
+  while :; do
+    alive=0
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    ((alive)) || break
+    if ((SECONDS >= deadline)); then
+      log "Kafka did not stop in 30 s; killing it"
+      for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+      break
+    fi
+    sleep 0.2
+  done
+  log "stopped ${names[*]}"
 }

@@ -18,6 +18,7 @@ set -a; source "$secrets"; set +a
 
 ensure_postgres
 ensure_broker
+ensure_build_deps
 
 cd "$REPO_ROOT"
 log "building the services (cargo build --release)"
@@ -26,6 +27,9 @@ bin="$CARGO_TARGET_DIR/release"
 
 "$bin/tandemctl" create-database --database-url "$DATABASE_URL" --name "$TANDEM_DATABASE_NAME"
 service_db_url="$("$bin/tandemctl" database-url --database-url "$DATABASE_URL" --name "$TANDEM_DATABASE_NAME")"
+# Partitions, replication factor and retention come from TANDEM_ACTIVITY_PARTITIONS,
+# TANDEM_TOPIC_REPLICATION_FACTOR (3 in the three-node mode), TANDEM_TOPIC_MIN_INSYNC_REPLICAS,
+# TANDEM_ADMIN_RETENTION_MS and TANDEM_ACTIVITY_RETENTION_MS (tandemctl create-topics --help).
 "$bin/tandemctl" create-topics --kafka-brokers "$TANDEM_KAFKA_BROKERS" --topic-prefix "$TANDEM_TOPIC_PREFIX"
 
 start_service() {

@@ -4,18 +4,22 @@
 //! redelivers at most the last batch, which the handler's deduplication absorbs.
 //!
 //! This does not rely on Kafka transactions or `read_committed`.
+//!
+//! A consumer that cannot go on (fenced, fatal client error, or stalled with messages waiting)
+//! returns an error instead of sitting idle: see [`run_consumer`].
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
 
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::watchdog::Watchdog;
 use crate::{BusConfig, BusError, Topic};
 
 /// One message as the handler sees it.
@@ -58,46 +62,137 @@ pub struct ConsumerSettings {
     pub max_batch: usize,
     /// Longest wait to fill a batch once its first message arrived.
     pub max_wait: Duration,
+    pub membership: GroupMembership,
 }
 
+/// How a consumer takes part in its group, and when it counts as stalled. Why these settings:
+/// docs/ARCHITECTURE.md, "Consumer groups and recovery".
+#[derive(Debug, Clone)]
+pub struct GroupMembership {
+    /// Static membership (`group.instance.id`): an instance restarted under the same id takes
+    /// back its partitions at once, without a rebalance and without waiting for its dead
+    /// predecessor's session to expire. Two live consumers with one id fence each other: the
+    /// older one fails (and its process exits). `None` joins as a dynamic member.
+    pub instance_id: Option<String>,
+    /// How long the group coordinator waits without a heartbeat before it hands a member's
+    /// partitions to others (6 s to 5 min).
+    pub session_timeout: Duration,
+    /// How long the consumer may go without committing progress on a partition that has
+    /// messages waiting before the consumer counts as stalled and fails (at least 5 s, below
+    /// `max.poll.interval.ms`).
+    pub stall_timeout: Duration,
+}
+
+impl Default for GroupMembership {
+    fn default() -> Self {
+        Self {
+            instance_id: None,
+            session_timeout: Duration::from_secs(15),
+            stall_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// `max.poll.interval.ms`: the longest the loop may spend on one batch before librdkafka leaves
+/// the group. The stall watchdog fires long before, so this is only the last line.
+const MAX_POLL_INTERVAL: Duration = Duration::from_secs(300);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// Runs until `shutdown` is cancelled.
+/// Runs until `shutdown` is cancelled, and returns `Ok` then. Returns an error, and stops
+/// consuming, when the consumer cannot go on: a fatal client error (such as being fenced by
+/// another instance with the same `group.instance.id`) or a stall (messages waiting on a
+/// partition of this consumer and no progress for `stall_timeout`). The caller treats either as
+/// the end of the service: health NOT_SERVING and a non-zero exit, so a supervisor restarts it.
 pub async fn run_consumer<H: BatchHandler>(
     config: BusConfig,
     settings: ConsumerSettings,
     handler: H,
     shutdown: CancellationToken,
 ) -> Result<(), BusError> {
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &config.brokers)
+    let membership = &settings.membership;
+    let session_timeout = membership
+        .session_timeout
+        .clamp(Duration::from_secs(6), Duration::from_secs(300));
+    let stall_timeout = membership
+        .stall_timeout
+        .clamp(Duration::from_secs(5), MAX_POLL_INTERVAL / 2);
+    let mut client = config.client_config();
+    client
         .set("group.id", &settings.group_id)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false")
-        .set("session.timeout.ms", "10000")
-        .create()?;
+        .set(
+            "session.timeout.ms",
+            session_timeout.as_millis().to_string(),
+        )
+        // A third of the session at most, as Kafka advises; a fifth leaves room for a lost one.
+        .set(
+            "heartbeat.interval.ms",
+            (session_timeout / 5).as_millis().to_string(),
+        )
+        .set(
+            "max.poll.interval.ms",
+            MAX_POLL_INTERVAL.as_millis().to_string(),
+        );
+    if let Some(instance_id) = &membership.instance_id {
+        client.set("group.instance.id", instance_id);
+    }
+    let consumer: StreamConsumer = client.create()?;
     let topic_names: Vec<String> = settings.topics.iter().map(|t| t.name(&config)).collect();
+    let subscribed: Vec<&str> = topic_names.iter().map(String::as_str).collect();
+    consumer.subscribe(&subscribed)?;
+    tracing::info!(
+        group_id = %settings.group_id,
+        instance_id = membership.instance_id.as_deref().unwrap_or("(dynamic)"),
+        topics = ?topic_names,
+        session_timeout_ms = session_timeout.as_millis() as u64,
+        stall_timeout_ms = stall_timeout.as_millis() as u64,
+        "consumer started"
+    );
+    let watchdog = Watchdog {
+        config: config.clone(),
+        group_id: settings.group_id.clone(),
+        topics: topic_names.clone(),
+        stall_timeout,
+    };
+    let result = tokio::select! {
+        result = consume(&consumer, &config, &settings, &handler, &shutdown) => result,
+        stalled = watchdog.run(&consumer) => Err(stalled),
+    };
+    match &result {
+        Ok(()) => tracing::info!(group_id = %settings.group_id, "consumer stopped"),
+        Err(error) => {
+            tracing::error!(group_id = %settings.group_id, error = %error, "consumer failed")
+        }
+    }
+    result
+}
+
+/// The loop proper: fill a batch, apply it until it succeeds, commit its offsets.
+async fn consume<H: BatchHandler>(
+    consumer: &StreamConsumer,
+    config: &BusConfig,
+    settings: &ConsumerSettings,
+    handler: &H,
+    shutdown: &CancellationToken,
+) -> Result<(), BusError> {
     let by_name: HashMap<String, Topic> = settings
         .topics
         .iter()
-        .map(|t| (t.name(&config), *t))
+        .map(|t| (t.name(config), *t))
         .collect();
-    let subscribed: Vec<&str> = topic_names.iter().map(String::as_str).collect();
-    consumer.subscribe(&subscribed)?;
-    tracing::info!(group_id = %settings.group_id, topics = ?topic_names, "consumer started");
     let max_batch = settings.max_batch.clamp(1, 10_000);
-
     loop {
         let mut batch: Vec<Delivery> = Vec::with_capacity(max_batch);
         let first = tokio::select! {
-            () = shutdown.cancelled() => break,
+            () = shutdown.cancelled() => return Ok(()),
             message = consumer.recv() => message,
         };
         match first {
             Ok(message) => push(&mut batch, &message, &by_name),
             Err(error) => {
-                tracing::warn!(error = %error, "consumer error");
+                fail_if_fatal(consumer, error)?;
                 continue;
             }
         }
@@ -105,7 +200,7 @@ pub async fn run_consumer<H: BatchHandler>(
         while batch.len() < max_batch {
             match tokio::time::timeout_at(deadline, consumer.recv()).await {
                 Ok(Ok(message)) => push(&mut batch, &message, &by_name),
-                Ok(Err(error)) => tracing::warn!(error = %error, "consumer error"),
+                Ok(Err(error)) => fail_if_fatal(consumer, error)?,
                 Err(_) => break,
             }
         }
@@ -134,14 +229,31 @@ pub async fn run_consumer<H: BatchHandler>(
         }
         let mut offsets = TopicPartitionList::with_capacity(next_offsets.len());
         for ((topic, partition), next) in next_offsets {
-            offsets.add_partition_offset(&topic.name(&config), partition, Offset::Offset(next))?;
+            offsets.add_partition_offset(&topic.name(config), partition, Offset::Offset(next))?;
         }
         // A failed commit only means the batch may be delivered again, which deduplication absorbs.
         if let Err(error) = consumer.commit(&offsets, CommitMode::Async) {
             tracing::warn!(error = %error, "offset commit failed; the batch may be redelivered");
         }
     }
-    tracing::info!(group_id = %settings.group_id, "consumer stopped");
+}
+
+/// Transient errors (a broker restarting) are logged and consumption goes on; librdkafka
+/// reconnects by itself. A fatal error leaves the client unusable: it ends the consumer.
+fn fail_if_fatal(consumer: &StreamConsumer, error: KafkaError) -> Result<(), BusError> {
+    if let Some((code, reason)) = consumer.client().fatal_error() {
+        return Err(BusError::ConsumerFatal {
+            code: format!("{code:?}"),
+            reason,
+        });
+    }
+    if let KafkaError::MessageConsumptionFatal(code) = error {
+        return Err(BusError::ConsumerFatal {
+            code: format!("{code:?}"),
+            reason: error.to_string(),
+        });
+    }
+    tracing::warn!(error = %error, "consumer error");
     Ok(())
 }
 

@@ -5,20 +5,9 @@ use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::types::RDKafkaErrorCode;
 
-use crate::BusError;
-
-/// How a service reaches the broker and which topics are its deployment's.
-#[derive(Debug, Clone)]
-pub struct BusConfig {
-    /// Comma-separated `host:port` list.
-    pub brokers: String,
-    /// Prefix of every topic name, e.g. `tandem` gives `tandem.customer-activity`. Tests use a
-    /// unique prefix each so they never see each other's messages.
-    pub topic_prefix: String,
-}
+use crate::{BusConfig, BusError};
 
 /// The topics Tandem uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -50,34 +39,87 @@ impl Topic {
     pub fn name(self, config: &BusConfig) -> String {
         format!("{}.{}", config.topic_prefix, self.logical_name())
     }
+}
 
-    /// Partitions to create. Customer activity is where throughput is needed.
-    pub fn default_partitions(self) -> i32 {
-        match self {
-            Topic::Admin => 1,
-            Topic::CustomerActivity => 12,
+/// How Tandem's topics are created: partitions, replication and retention come from
+/// configuration (`tandemctl create-topics --help`), not from constants.
+#[derive(Debug, Clone)]
+pub struct TopicSettings {
+    /// Partitions of customer-activity: the unit of parallelism of attribution. The admin topic
+    /// always has one partition, because activity events wait for admin events by their position
+    /// in its single, global order (the admin sequence).
+    pub activity_partitions: i32,
+    /// Copies of every partition: 1 on a one-node broker, 3 on a production cluster.
+    pub replication_factor: i32,
+    /// In-sync copies a write needs before it is acknowledged (`acks=all`); the broker's default
+    /// when `None`. With replication factor 3, 2 lets one broker fail without losing or refusing
+    /// a write.
+    pub min_insync_replicas: Option<i32>,
+    /// How long the broker keeps admin messages; -1 keeps them forever.
+    pub admin_retention_ms: i64,
+    /// How long the broker keeps customer-activity messages; -1 keeps them forever.
+    pub activity_retention_ms: i64,
+}
+
+impl Default for TopicSettings {
+    fn default() -> Self {
+        Self {
+            activity_partitions: 12,
+            replication_factor: 1,
+            min_insync_replicas: None,
+            admin_retention_ms: -1,
+            activity_retention_ms: -1,
         }
     }
 }
 
-/// Creates every Tandem topic for `config`'s prefix; topics that already exist are left alone.
-pub async fn create_topics(config: &BusConfig, activity_partitions: i32) -> Result<(), BusError> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &config.brokers)
-        .create()?;
-    let names: Vec<(String, i32)> = Topic::ALL
+impl TopicSettings {
+    fn partitions(&self, topic: Topic) -> i32 {
+        match topic {
+            Topic::Admin => 1,
+            Topic::CustomerActivity => self.activity_partitions,
+        }
+    }
+
+    fn retention_ms(&self, topic: Topic) -> i64 {
+        match topic {
+            Topic::Admin => self.admin_retention_ms,
+            Topic::CustomerActivity => self.activity_retention_ms,
+        }
+    }
+}
+
+/// Creates every Tandem topic for `config`'s prefix. Topics that already exist are left alone
+/// (a partition count is never changed behind a running system: it would move keys between
+/// partitions), but one whose partition count differs from `settings` is reported, and an admin
+/// topic with more than one partition is refused.
+pub async fn create_topics(config: &BusConfig, settings: &TopicSettings) -> Result<(), BusError> {
+    let admin: AdminClient<DefaultClientContext> = config.client_config().create()?;
+    let specs: Vec<(Topic, String, String, Option<String>)> = Topic::ALL
         .into_iter()
         .map(|topic| {
-            let partitions = match topic {
-                Topic::CustomerActivity => activity_partitions,
-                other => other.default_partitions(),
-            };
-            (topic.name(config), partitions)
+            (
+                topic,
+                topic.name(config),
+                settings.retention_ms(topic).to_string(),
+                settings.min_insync_replicas.map(|n| n.to_string()),
+            )
         })
         .collect();
-    let new_topics: Vec<NewTopic<'_>> = names
+    let new_topics: Vec<NewTopic<'_>> = specs
         .iter()
-        .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1)))
+        .map(|(topic, name, retention_ms, min_insync)| {
+            let mut new_topic = NewTopic::new(
+                name,
+                settings.partitions(*topic),
+                TopicReplication::Fixed(settings.replication_factor),
+            )
+            .set("retention.ms", retention_ms);
+            if let Some(min_insync) = min_insync {
+                new_topic = new_topic.set("min.insync.replicas", min_insync);
+            }
+            new_topic
+        })
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     for result in admin.create_topics(&new_topics, &options).await? {
@@ -90,6 +132,33 @@ pub async fn create_topics(config: &BusConfig, activity_partitions: i32) -> Resu
                 })
             }
         }
+    }
+    for (topic, name, _, _) in &specs {
+        let metadata = admin
+            .inner()
+            .fetch_metadata(Some(name), Duration::from_secs(30))?;
+        let found = metadata
+            .topics()
+            .first()
+            .map_or(0, |t| t.partitions().len() as i32);
+        let wanted = settings.partitions(*topic);
+        if found == wanted {
+            continue;
+        }
+        if *topic == Topic::Admin {
+            return Err(BusError::CreateTopic {
+                topic: name.clone(),
+                reason: format!(
+                    "it exists with {found} partitions; the admin topic must have exactly 1"
+                ),
+            });
+        }
+        tracing::warn!(
+            topic = %name,
+            partitions = found,
+            configured = wanted,
+            "topic exists with another partition count; left as it is"
+        );
     }
     Ok(())
 }

@@ -5,9 +5,10 @@
 mod config;
 mod server;
 
-pub use config::{BusArgs, DatabaseArgs};
+pub use config::{host_name, BusArgs, ConsumerArgs, DatabaseArgs, TopicArgs};
 pub use server::{
-    grpc_metadata_trace_headers, link_request_span, serve, shutdown_on_signal, ServeError,
+    grpc_metadata_trace_headers, link_request_span, serve, shutdown_on_signal, BackgroundTasks,
+    BoxError, ServeError,
 };
 
 mod secret;

@@ -1,6 +1,10 @@
 //! The gRPC server every service runs: its own services plus health and reflection.
 
+use std::future::Future;
+use std::time::Duration;
+
 use tokio::net::TcpListener;
+use tokio::task::{JoinError, JoinSet};
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
@@ -12,15 +16,55 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC transport error")]
     Transport(#[from] tonic::transport::Error),
+    #[error("{task} stopped while the service was running")]
+    TaskFailed {
+        task: String,
+        #[source]
+        cause: Option<BoxError>,
+    },
+}
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// How long health reports NOT_SERVING before the listener closes after a background task
+/// failed, so that load balancers and probes see it rather than only a refused connection.
+const FAILURE_DRAIN: Duration = Duration::from_secs(1);
+/// Longest wait for background tasks to finish after the server stopped.
+const TASK_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The tasks a service cannot work without: its consumers, its outbox relay. They run until
+/// shutdown; one that ends before (with an error, a panic, or even `Ok`) means the service is
+/// broken, and [`serve`] then reports NOT_SERVING and returns an error so the process exits
+/// non-zero and its supervisor restarts it.
+#[derive(Default)]
+pub struct BackgroundTasks {
+    set: JoinSet<(String, Result<(), BoxError>)>,
+}
+
+impl BackgroundTasks {
+    pub fn spawn<E>(
+        &mut self,
+        name: impl Into<String>,
+        task: impl Future<Output = Result<(), E>> + Send + 'static,
+    ) where
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        let name = name.into();
+        self.set.spawn(async move {
+            let result = task.await.map_err(|error| Box::new(error) as BoxError);
+            (name, result)
+        });
+    }
 }
 
 /// Serves `routes` on `listener`, with gRPC health (each name in `service_names` reported as
 /// serving, and the overall "" status) and server reflection v1 and v1alpha, until `shutdown` is
-/// cancelled. In-flight calls finish before this returns.
+/// cancelled or one of `tasks` ends. In-flight calls finish before this returns.
 pub async fn serve(
     listener: TcpListener,
     routes: Routes,
     service_names: &[&str],
+    mut tasks: BackgroundTasks,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -44,17 +88,66 @@ pub async fn serve(
     let address = listener.local_addr().ok();
     tracing::info!(address = ?address, services = ?service_names, "gRPC server listening");
     let shutting_down = shutdown.clone();
-    Server::builder()
+    let reporter = health_reporter.clone();
+    let server = Server::builder()
         .add_routes(routes)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             shutting_down.cancelled().await;
-            health_reporter
+            reporter
                 .set_service_status("", tonic_health::ServingStatus::NotServing)
                 .await;
-        })
-        .await?;
+        });
+    tokio::pin!(server);
+    let mut failure: Option<ServeError> = None;
+    let served = loop {
+        tokio::select! {
+            served = &mut server => break served,
+            Some(joined) = tasks.set.join_next(), if !tasks.set.is_empty() => {
+                if shutdown.is_cancelled() {
+                    continue;
+                }
+                let error = task_failure(joined);
+                tracing::error!(error = %crate::error_chain(&error), "a background task stopped; reporting NOT_SERVING and shutting down");
+                for name in service_names.iter().copied().chain([""]) {
+                    health_reporter
+                        .set_service_status(name, tonic_health::ServingStatus::NotServing)
+                        .await;
+                }
+                failure = Some(error);
+                tokio::time::sleep(FAILURE_DRAIN).await;
+                shutdown.cancel();
+            }
+        }
+    };
+    shutdown.cancel();
     tracing::info!("gRPC server stopped");
+    let stopping = async { while tasks.set.join_next().await.is_some() {} };
+    if tokio::time::timeout(TASK_STOP_TIMEOUT, stopping)
+        .await
+        .is_err()
+    {
+        tracing::warn!("background tasks did not stop within 30 s; abandoning them");
+        tasks.set.abort_all();
+    }
+    if let Some(failure) = failure {
+        return Err(failure);
+    }
+    served?;
     Ok(())
+}
+
+fn task_failure(joined: Result<(String, Result<(), BoxError>), JoinError>) -> ServeError {
+    match joined {
+        Ok((task, Ok(()))) => ServeError::TaskFailed { task, cause: None },
+        Ok((task, Err(cause))) => ServeError::TaskFailed {
+            task,
+            cause: Some(cause),
+        },
+        Err(join_error) => ServeError::TaskFailed {
+            task: "a background task".to_owned(),
+            cause: Some(Box::new(join_error)),
+        },
+    }
 }
 
 /// Cancels `token` on SIGTERM or Ctrl-C.

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use tandem_proto::v1 as pb;
 
-use crate::client::{authorised, status, GatewayArgs};
+use crate::call;
+use crate::client::{authorised, GatewayArgs};
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -39,18 +40,17 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
         settlement_currency: "EUR".into(),
         time_zone: "Europe/Paris".into(),
     };
-    let acceptor = operator
-        .create_merchant(authorised(merchant("acceptor"), token)?)
-        .await
-        .map_err(status("create acceptor"))?
-        .into_inner();
-    let referrer = operator
-        .create_merchant(authorised(merchant("referrer"), token)?)
-        .await
-        .map_err(status("create referrer"))?
-        .into_inner();
-    let partnership = operator
-        .create_partnership(authorised(
+    let acceptor = call!(
+        "create acceptor",
+        operator.create_merchant(authorised(merchant("acceptor"), token)?)
+    )?;
+    let referrer = call!(
+        "create referrer",
+        operator.create_merchant(authorised(merchant("referrer"), token)?)
+    )?;
+    let partnership = call!(
+        "create partnership",
+        operator.create_partnership(authorised(
             pb::CreatePartnershipRequest {
                 referrer_merchant_id: referrer.merchant_id.clone(),
                 acceptor_merchant_id: acceptor.merchant_id.clone(),
@@ -60,25 +60,24 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
             },
             token,
         )?)
-        .await
-        .map_err(status("create partnership"))?
-        .into_inner();
+    )?;
     let phone = |customer: usize| format!("+3361{customer:07}");
     for customer in 0..args.customers {
-        pos.create_referral(authorised(
-            pb::CreateReferralRequest {
-                idempotency_key: format!("bench-{tag}-r{customer}"),
-                acceptor_merchant_id: acceptor.merchant_id.clone(),
-                customer: Some(pb::CustomerIdentifiers {
-                    phone: phone(customer),
+        call!(
+            "create referral",
+            pos.create_referral(authorised(
+                pb::CreateReferralRequest {
+                    idempotency_key: format!("bench-{tag}-r{customer}"),
+                    acceptor_merchant_id: acceptor.merchant_id.clone(),
+                    customer: Some(pb::CustomerIdentifiers {
+                        phone: phone(customer),
+                        ..Default::default()
+                    }),
                     ..Default::default()
-                }),
-                ..Default::default()
-            },
-            &referrer.api_key,
-        )?)
-        .await
-        .map_err(status("create referral"))?;
+                },
+                &referrer.api_key,
+            )?)
+        )?;
     }
     println!(
         "setup: 2 merchants, 1 partnership, {} referrals",
@@ -113,9 +112,10 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
                     ..Default::default()
                 };
                 let sent = Instant::now();
-                pos.record_purchase(authorised(request, &api_key)?)
-                    .await
-                    .map_err(status("record purchase"))?;
+                call!(
+                    "record purchase",
+                    pos.record_purchase(authorised(request.clone(), &api_key)?)
+                )?;
                 latencies.push(sent.elapsed());
             }
             Ok::<_, String>(latencies)
@@ -144,18 +144,17 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
 
     let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
     loop {
-        let totals = pos
-            .get_commission_totals(authorised(
+        let totals = call!(
+            "commission totals",
+            pos.get_commission_totals(authorised(
                 pb::GetCommissionTotalsRequest {
                     role: pb::PartnershipRole::Acceptor as i32,
                     partnership_id: partnership.partnership_id.clone(),
                 },
                 &acceptor.api_key,
             )?)
-            .await
-            .map_err(status("commission totals"))?
-            .into_inner()
-            .totals;
+        )?
+        .totals;
         let attributed: usize = totals.iter().map(|t| t.purchases as usize).sum();
         if attributed >= args.purchases {
             let all = started.elapsed();

@@ -1,5 +1,7 @@
 //! What the demo and the benchmark share: reaching the gateway and authorising calls.
 
+use std::time::{Duration, Instant};
+
 use tandem_proto::v1::merchant_gateway_client::MerchantGatewayClient;
 use tandem_proto::v1::operator_service_client::OperatorServiceClient;
 use tonic::transport::Channel;
@@ -31,11 +33,13 @@ impl GatewayArgs {
         ),
         String,
     > {
+        // Lazy: a gateway that is not up yet (or restarting) answers UNAVAILABLE on the first
+        // call, which `call!` retries, rather than failing here.
         let channel = tonic::transport::Endpoint::from_shared(self.gateway.clone())
-            .map_err(|e| e.to_string())?
-            .connect()
-            .await
-            .map_err(|e| format!("cannot reach the gateway at {}: {e}", self.gateway))?;
+            .map_err(|e| format!("invalid gateway URL {}: {e}", self.gateway))?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(30))
+            .connect_lazy();
         Ok((
             OperatorServiceClient::new(channel.clone()),
             MerchantGatewayClient::new(channel),
@@ -52,6 +56,92 @@ pub fn authorised<T>(message: T, secret: &str) -> Result<Request<T>, String> {
     Ok(request)
 }
 
-pub fn status(context: &str) -> impl FnOnce(tonic::Status) -> String + '_ {
-    move |status| format!("{context}: {:?}: {}", status.code(), status.message())
+/// How long a command keeps retrying a call that answers UNAVAILABLE (a service restarting, the
+/// gateway not listening yet) before it gives up.
+pub const RETRY_FOR: Duration = Duration::from_secs(60);
+
+/// The retry state of one call: UNAVAILABLE is retried with exponential backoff and jitter
+/// (100 ms doubling to 2 s) for at most [`RETRY_FOR`]; any other status ends the call. Every
+/// write carries an idempotency key, so a retry never applies a write twice.
+#[derive(Debug)]
+pub struct Retry {
+    what: &'static str,
+    started: Instant,
+    backoff: Duration,
+    attempts: u32,
+}
+
+impl Retry {
+    pub fn new(what: &'static str) -> Self {
+        Self {
+            what,
+            started: Instant::now(),
+            backoff: Duration::from_millis(100),
+            attempts: 0,
+        }
+    }
+
+    /// After a failed attempt: waits and returns `None` if the call should be tried again, or
+    /// the error to report.
+    pub async fn after(&mut self, status: tonic::Status) -> Option<String> {
+        self.attempts += 1;
+        if status.code() != tonic::Code::Unavailable || self.started.elapsed() >= RETRY_FOR {
+            let tries = if self.attempts > 1 {
+                format!(
+                    " (after {} attempts over {:.0?})",
+                    self.attempts,
+                    self.started.elapsed()
+                )
+            } else {
+                String::new()
+            };
+            return Some(format!(
+                "{}: {:?}: {}{tries}",
+                self.what,
+                status.code(),
+                status.message()
+            ));
+        }
+        if self.attempts == 1 {
+            eprintln!(
+                "{}: unavailable ({}); retrying for up to {} s",
+                self.what,
+                status.message(),
+                RETRY_FOR.as_secs()
+            );
+        }
+        let jitter = Duration::from_millis(u64::from(rand_below(50)));
+        tokio::time::sleep(self.backoff + jitter).await;
+        self.backoff = (self.backoff * 2).min(Duration::from_secs(2));
+        None
+    }
+}
+
+/// A small pseudo-random number for jitter: no need for a cryptographic generator here.
+fn rand_below(bound: u32) -> u32 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    nanos % bound.max(1)
+}
+
+/// `call!("what", client.method(request))`: makes the call, retrying UNAVAILABLE as [`Retry`]
+/// says, and returns the response message or an error naming `what`. The call expression is
+/// evaluated again for each attempt, so it must build its request anew (clone it).
+#[macro_export]
+macro_rules! call {
+    ($what:expr, $call:expr) => {{
+        let mut retry = $crate::client::Retry::new($what);
+        loop {
+            match $call.await {
+                Ok(response) => break Ok(response.into_inner()),
+                Err(status) => {
+                    if let Some(error) = retry.after(status).await {
+                        break Err(error);
+                    }
+                }
+            }
+        }
+    }};
 }

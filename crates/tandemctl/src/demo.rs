@@ -7,7 +7,8 @@ use std::time::Duration;
 use tandem_domain::money::{Currency, Money};
 use tandem_proto::v1 as pb;
 
-use crate::client::{authorised, status, GatewayArgs};
+use crate::call;
+use crate::client::{authorised, GatewayArgs};
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
@@ -24,8 +25,9 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
     let run_tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
 
     println!("== Tandem demo (run {run_tag}) ==");
-    let acceptor = operator
-        .create_merchant(authorised(
+    let acceptor = call!(
+        "create merchant A",
+        operator.create_merchant(authorised(
             pb::CreateMerchantRequest {
                 display_name: "Atelier Bikes (A)".into(),
                 settlement_currency: "EUR".into(),
@@ -33,11 +35,10 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
             },
             token,
         )?)
-        .await
-        .map_err(status("create merchant A"))?
-        .into_inner();
-    let referrer = operator
-        .create_merchant(authorised(
+    )?;
+    let referrer = call!(
+        "create merchant C",
+        operator.create_merchant(authorised(
             pb::CreateMerchantRequest {
                 display_name: "Cafe Lumiere (C)".into(),
                 settlement_currency: "EUR".into(),
@@ -45,14 +46,13 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
             },
             token,
         )?)
-        .await
-        .map_err(status("create merchant C"))?
-        .into_inner();
+    )?;
     println!("merchant A (acceptor): {}", acceptor.merchant_id);
     println!("merchant C (referrer): {}", referrer.merchant_id);
 
-    let partnership = operator
-        .create_partnership(authorised(
+    let partnership = call!(
+        "create partnership",
+        operator.create_partnership(authorised(
             pb::CreatePartnershipRequest {
                 referrer_merchant_id: referrer.merchant_id.clone(),
                 acceptor_merchant_id: acceptor.merchant_id.clone(),
@@ -62,9 +62,7 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
             },
             token,
         )?)
-        .await
-        .map_err(status("create partnership"))?
-        .into_inner();
+    )?;
     println!(
         "partnership C -> A: {} (7.50% commission, 30-day attribution window)",
         partnership.partnership_id
@@ -75,21 +73,20 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         phone: "+33 6 12 34 56 78".into(),
         email: "b.martin@example.com".into(),
     };
-    let referral = pos
-        .create_referral(authorised(
+    let referral = call!(
+        "create referral at C",
+        pos.create_referral(authorised(
             pb::CreateReferralRequest {
                 idempotency_key: format!("demo-{run_tag}-referral"),
                 merchant_id: String::new(),
                 acceptor_merchant_id: acceptor.merchant_id.clone(),
-                customer: Some(customer_b_at_c),
+                customer: Some(customer_b_at_c.clone()),
                 referrer_reference: format!("C-receipt-{run_tag}"),
                 referred_at: None,
             },
             &referrer.api_key,
         )?)
-        .await
-        .map_err(status("create referral at C"))?
-        .into_inner();
+    )?;
     println!(
         "C's checkout referred customer B to A: {} (phone and e-mail pseudonymised at the gateway)",
         referral.referral_id
@@ -125,11 +122,10 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
             }),
             purchased_at: None,
         };
-        let recorded = pos
-            .record_purchase(authorised(request.clone(), &acceptor.api_key)?)
-            .await
-            .map_err(status("record purchase at A"))?
-            .into_inner();
+        let recorded = call!(
+            "record purchase at A",
+            pos.record_purchase(authorised(request.clone(), &acceptor.api_key)?)
+        )?;
         println!(
             "customer {who} bought {} at A: {} ({transaction_id})",
             Money::new(amount_minor, eur),
@@ -137,11 +133,10 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         );
         if index == 0 {
             // A POS that lost the answer retries with the same idempotency key: same purchase, counted once.
-            let retried = pos
-                .record_purchase(authorised(request, &acceptor.api_key)?)
-                .await
-                .map_err(status("retry purchase at A"))?
-                .into_inner();
+            let retried = call!(
+                "retry purchase at A",
+                pos.record_purchase(authorised(request.clone(), &acceptor.api_key)?)
+            )?;
             println!(
                 "  A's POS retried that call: same answer {}, not counted twice",
                 retried.purchase_id
@@ -152,17 +147,16 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
     println!("waiting for the referral ledger to attribute the purchases...");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout_secs);
     let activity = loop {
-        let activity = pos
-            .list_referral_activity(authorised(
+        let activity = call!(
+            "list referral activity for C",
+            pos.list_referral_activity(authorised(
                 pb::ListReferralActivityRequest {
                     page_size: 100,
                     page_token: String::new(),
                 },
                 &referrer.api_key,
             )?)
-            .await
-            .map_err(status("list referral activity for C"))?
-            .into_inner();
+        )?;
         if activity.purchases.len() >= 2 {
             break activity;
         }
@@ -216,34 +210,34 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         .find(|p| p.amount.as_ref().is_some_and(|a| a.amount_minor == 12_000))
         .map(|p| p.purchase_id.clone())
         .ok_or("the EUR 120.00 purchase is missing from C's activity")?;
-    pos.record_refund(authorised(
-        pb::RecordRefundRequest {
-            idempotency_key: format!("demo-{run_tag}-refund"),
-            transaction_id: format!("A-{run_tag}-0"),
-            amount: Some(pb::Money {
-                amount_minor: 2_000,
-                currency: "EUR".into(),
-            }),
-            ..Default::default()
-        },
-        &acceptor.api_key,
-    )?)
-    .await
-    .map_err(status("refund at A"))?;
+    call!(
+        "refund at A",
+        pos.record_refund(authorised(
+            pb::RecordRefundRequest {
+                idempotency_key: format!("demo-{run_tag}-refund"),
+                transaction_id: format!("A-{run_tag}-0"),
+                amount: Some(pb::Money {
+                    amount_minor: 2_000,
+                    currency: "EUR".into(),
+                }),
+                ..Default::default()
+            },
+            &acceptor.api_key,
+        )?)
+    )?;
     println!();
     println!("B returned EUR 20.00 of the EUR 120.00 purchase at A.");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout_secs);
     let explained = loop {
-        let explained = pos
-            .explain_commission(authorised(
+        let explained = call!(
+            "explain commission for C",
+            pos.explain_commission(authorised(
                 pb::ExplainCommissionRequest {
                     purchase_id: first_purchase.clone(),
                 },
                 &referrer.api_key,
             )?)
-            .await
-            .map_err(status("explain commission for C"))?
-            .into_inner();
+        )?;
         if explained
             .line
             .as_ref()
@@ -259,11 +253,10 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
     };
     println!("Why C earns what it earns on that purchase (ExplainCommission, as C):");
     println!("  {}", explained.explanation);
-    let balances = pos
-        .get_balances(authorised(pb::GetBalancesRequest {}, &referrer.api_key)?)
-        .await
-        .map_err(status("balances for C"))?
-        .into_inner();
+    let balances = call!(
+        "balances for C",
+        pos.get_balances(authorised(pb::GetBalancesRequest {}, &referrer.api_key)?)
+    )?;
     for balance in balances.balances {
         let currency = Currency::parse("currency", &balance.currency).map_err(|e| e.to_string())?;
         println!(

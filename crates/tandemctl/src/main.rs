@@ -26,9 +26,8 @@ enum Command {
     CreateTopics {
         #[command(flatten)]
         bus: tandem_runtime::BusArgs,
-        /// Partitions of the customer-activity topic.
-        #[arg(long, default_value_t = 12)]
-        activity_partitions: i32,
+        #[command(flatten)]
+        topics: tandem_runtime::TopicArgs,
     },
     /// Creates a database on the Postgres server unless it exists.
     CreateDatabase {
@@ -65,13 +64,7 @@ enum Command {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::CreateTopics {
-            bus,
-            activity_partitions,
-        } => tandem_bus::create_topics(&bus.bus_config(), activity_partitions)
-            .await
-            .map(|()| println!("topics ready under prefix {:?}", bus.topic_prefix))
-            .map_err(|error| tandem_runtime::error_chain(&error)),
+        Command::CreateTopics { bus, topics } => create_topics(&bus, &topics).await,
         Command::CreateDatabase { database_url, name } => {
             tandem_store::create_database(&database_url, &name)
                 .await
@@ -100,6 +93,21 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn create_topics(
+    bus: &tandem_runtime::BusArgs,
+    topics: &tandem_runtime::TopicArgs,
+) -> Result<(), String> {
+    let settings = topics.topic_settings()?;
+    tandem_bus::create_topics(&bus.bus_config(), &settings)
+        .await
+        .map_err(|error| tandem_runtime::error_chain(&error))?;
+    println!(
+        "topics ready under prefix {:?} (customer-activity: {} partitions; replication factor {})",
+        bus.topic_prefix, settings.activity_partitions, settings.replication_factor
+    );
+    Ok(())
 }
 
 async fn wait_healthy(endpoints: &[String], timeout: Duration) -> Result<(), String> {

@@ -76,11 +76,21 @@ impl Drop for TestDatabase {
 
 /// Topics of their own for one test: a unique prefix, with every Tandem topic created.
 pub async fn test_bus(activity_partitions: i32) -> BusConfig {
+    test_bus_on(&brokers(), activity_partitions).await
+}
+
+/// As [`test_bus`], on the broker(s) at `brokers` (a test's private broker).
+pub async fn test_bus_on(brokers: &str, activity_partitions: i32) -> BusConfig {
     let config = BusConfig {
-        brokers: brokers(),
+        brokers: brokers.to_owned(),
         topic_prefix: format!("test-{}", uuid::Uuid::new_v4().simple()),
+        client_properties: Default::default(),
     };
-    tandem_bus::create_topics(&config, activity_partitions)
+    let settings = tandem_bus::TopicSettings {
+        activity_partitions,
+        ..Default::default()
+    };
+    tandem_bus::create_topics(&config, &settings)
         .await
         .expect("create topics (is the broker running? deploy/local/test.sh starts it)");
     config

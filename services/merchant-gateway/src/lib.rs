@@ -26,7 +26,7 @@ use tandem_proto::v1::merchant_gateway_server::MerchantGatewayServer;
 use tandem_proto::v1::operator_service_server::OperatorServiceServer;
 use tandem_proto::v1::partnership_service_server::PartnershipServiceServer;
 use tandem_proto::v1::referral_ledger_client::ReferralLedgerClient;
-use tandem_runtime::{BusArgs, DatabaseArgs, Secret};
+use tandem_runtime::{BackgroundTasks, BusArgs, DatabaseArgs, Secret};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -129,14 +129,20 @@ pub async fn run(
         outbox_written: Arc::new(Notify::new()),
     });
 
-    let relay = tokio::spawn(run_outbox_relay(
+    let mut tasks = BackgroundTasks::default();
+    let relay = run_outbox_relay(
         pool.clone(),
         producer,
         bus,
         RelaySettings::default(),
         state.outbox_written.clone(),
         shutdown.clone(),
-    ));
+    );
+    // The relay retries every failure itself; it ends only at shutdown (or by a panic).
+    tasks.spawn("the outbox relay", async move {
+        relay.await;
+        Ok::<(), std::convert::Infallible>(())
+    });
     let routes = Routes::new(MerchantGatewayServer::new(pos::PosApi {
         state: state.clone(),
         ledger: ReferralLedgerClient::new(ledger_channel),
@@ -155,11 +161,10 @@ pub async fn run(
             <OperatorServiceServer<operator::OperatorApi> as NamedService>::NAME,
             <PartnershipServiceServer<partnerships::PartnershipApi> as NamedService>::NAME,
         ],
+        tasks,
         shutdown.clone(),
     )
     .await;
-    shutdown.cancel();
-    let _ = relay.await;
     pool.close().await;
     served?;
     Ok(())

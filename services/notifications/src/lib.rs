@@ -28,5 +28,12 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), tandem_runtime::ServeError> {
-    tandem_runtime::serve(listener, Routes::default(), &[], shutdown).await
+    tandem_runtime::serve(
+        listener,
+        Routes::default(),
+        &[],
+        tandem_runtime::BackgroundTasks::default(),
+        shutdown,
+    )
+    .await
 }

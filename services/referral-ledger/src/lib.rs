@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use tandem_bus::{run_consumer, ConsumerSettings, Topic};
 use tandem_proto::v1::referral_ledger_server::ReferralLedgerServer;
-use tandem_runtime::{BusArgs, DatabaseArgs};
+use tandem_runtime::{BackgroundTasks, BusArgs, ConsumerArgs, DatabaseArgs};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
@@ -34,6 +34,8 @@ pub struct Config {
     pub database: DatabaseArgs,
     #[command(flatten)]
     pub bus: BusArgs,
+    #[command(flatten)]
+    pub consumer: ConsumerArgs,
     /// Postgres schema of the ledger.
     #[arg(long, env = "TANDEM_LEDGER_SCHEMA", default_value = "ledger")]
     pub schema: String,
@@ -84,6 +86,12 @@ pub enum StartError {
     Rebuild(#[from] LedgerError),
 }
 
+/// The whole binary: configuration from flags and the environment, then [`run`] until SIGTERM.
+/// Exits non-zero when the ledger fails, a consumer included.
+pub fn main() -> std::process::ExitCode {
+    tandem_runtime::service_main("referral-ledger", |config: &Config| config.listen, run)
+}
+
 static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Runs the ledger until `shutdown` is cancelled: migrates, consumes, serves queries.
@@ -102,25 +110,29 @@ pub async fn run(
     }
     // Two consumers, so that customer activity waiting for a partnership it references never
     // holds up the admin topic that will bring it.
-    let consumers: Vec<_> = [
+    let membership = config.consumer.membership(config.listen.port());
+    let mut tasks = BackgroundTasks::default();
+    for (suffix, topic) in [
         ("admin", Topic::Admin),
         ("activity", Topic::CustomerActivity),
-    ]
-    .into_iter()
-    .map(|(suffix, topic)| {
-        tokio::spawn(run_consumer(
-            config.bus.bus_config(),
-            ConsumerSettings {
-                group_id: format!("{}.{suffix}", config.consumer_group),
-                topics: vec![topic],
-                max_batch: config.max_batch as usize,
-                max_wait: Duration::from_millis(20),
-            },
-            apply::Applier { pool: pool.clone() },
-            shutdown.clone(),
-        ))
-    })
-    .collect();
+    ] {
+        let group_id = format!("{}.{suffix}", config.consumer_group);
+        tasks.spawn(
+            format!("the consumer of group {group_id}"),
+            run_consumer(
+                config.bus.bus_config(),
+                ConsumerSettings {
+                    group_id,
+                    topics: vec![topic],
+                    max_batch: config.max_batch as usize,
+                    max_wait: Duration::from_millis(20),
+                    membership: membership.clone(),
+                },
+                apply::Applier { pool: pool.clone() },
+                shutdown.clone(),
+            ),
+        );
+    }
     let routes = Routes::new(ReferralLedgerServer::new(query::LedgerQueries {
         pool: pool.clone(),
     }));
@@ -128,21 +140,11 @@ pub async fn run(
         listener,
         routes,
         &[<ReferralLedgerServer<query::LedgerQueries> as NamedService>::NAME],
+        tasks,
         shutdown.clone(),
     )
     .await;
-    shutdown.cancel();
-    let mut consumed = Ok(());
-    for consumer in consumers {
-        match consumer.await {
-            Ok(result) => consumed = consumed.and(result),
-            Err(join_error) => {
-                tracing::error!(error = %join_error, "consumer task ended abnormally")
-            }
-        }
-    }
     pool.close().await;
     served?;
-    consumed?;
     Ok(())
 }

@@ -2,6 +2,8 @@
 //! own, and gives typed clients for them.
 #![allow(dead_code, clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
+pub mod process;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -10,7 +12,7 @@ use tandem_bus::BusConfig;
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::merchant_gateway_client::MerchantGatewayClient;
 use tandem_proto::v1::operator_service_client::OperatorServiceClient;
-use tandem_runtime::{BusArgs, DatabaseArgs, Secret};
+use tandem_runtime::{BusArgs, ConsumerArgs, DatabaseArgs, Secret};
 use tandem_testkit::TestDatabase;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -38,6 +40,15 @@ impl Running {
             .expect("service task did not panic");
         result.expect("service ended without error");
     }
+
+    /// Waits for the service to end by itself (without being told to stop) and returns how it
+    /// ended, with the error's cause chain. Panics if it still runs after `timeout`.
+    pub async fn finish(self, timeout: Duration) -> Result<(), String> {
+        tokio::time::timeout(timeout, self.task)
+            .await
+            .unwrap_or_else(|_| panic!("service still running after {timeout:?}"))
+            .expect("service task did not panic")
+    }
 }
 
 /// The gateway and, optionally, the ledger, on one test database and one topic prefix.
@@ -47,12 +58,18 @@ pub struct Stack {
     pub gateway: Option<Running>,
     pub ledger: Option<Running>,
     ledger_address: SocketAddr,
+    /// How ledgers started from now on take part in their consumer groups.
+    pub consumer_args: ConsumerArgs,
 }
 
 impl Stack {
     pub async fn start(with_ledger: bool) -> Stack {
+        Self::start_on(with_ledger, tandem_testkit::test_bus(4).await).await
+    }
+
+    /// As [`Stack::start`], on the topics of `bus` (for a test's private broker).
+    pub async fn start_on(with_ledger: bool, bus: BusConfig) -> Stack {
         let database = TestDatabase::create().await;
-        let bus = tandem_testkit::test_bus(4).await;
         let ledger_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let ledger_address = ledger_listener.local_addr().unwrap();
         let mut stack = Stack {
@@ -61,12 +78,21 @@ impl Stack {
             gateway: None,
             ledger: None,
             ledger_address,
+            consumer_args: ConsumerArgs {
+                instance_id: None,
+                consumer_session_timeout_ms: 10_000,
+                consumer_stall_timeout_ms: 60_000,
+            },
         };
         if with_ledger {
             stack.ledger = Some(stack.spawn_ledger(ledger_listener, "referral-ledger"));
         }
         stack.gateway = Some(stack.spawn_gateway().await);
         stack
+    }
+
+    pub fn ledger_address(&self) -> SocketAddr {
+        self.ledger_address
     }
 
     fn database_args(&self) -> DatabaseArgs {
@@ -80,6 +106,7 @@ impl Stack {
         BusArgs {
             kafka_brokers: self.bus.brokers.clone(),
             topic_prefix: self.bus.topic_prefix.clone(),
+            kafka_client_properties: None,
         }
     }
 
@@ -101,7 +128,7 @@ impl Stack {
             async move {
                 merchant_gateway::run(config, listener, shutdown)
                     .await
-                    .map_err(|e| format!("{e:?}"))
+                    .map_err(|e| tandem_runtime::error_chain(&e))
             }
         });
         wait_until_serving(address).await;
@@ -120,6 +147,7 @@ impl Stack {
             database: self.database_args(),
             bus: self.bus_args(),
             schema: "ledger".into(),
+            consumer: self.consumer_args.clone(),
             consumer_group: format!("{}-{group}", self.bus.topic_prefix),
             rebuild_projections: false,
             max_batch: 500,
@@ -130,7 +158,7 @@ impl Stack {
             async move {
                 referral_ledger::run(config, listener, shutdown)
                     .await
-                    .map_err(|e| format!("{e:?}"))
+                    .map_err(|e| tandem_runtime::error_chain(&e))
             }
         });
         Running {
@@ -243,7 +271,7 @@ impl Stack {
     }
 }
 
-async fn bind_again(address: SocketAddr) -> TcpListener {
+pub async fn bind_again(address: SocketAddr) -> TcpListener {
     for _ in 0..50 {
         if let Ok(listener) = TcpListener::bind(address).await {
             return listener;

@@ -1,0 +1,156 @@
+//! Notices a consumer that has stopped making progress while messages wait for it, so that it
+//! fails loudly instead of sitting idle and healthy.
+//!
+//! Every few seconds a monitoring client (same group id, never subscribed, so it never joins the
+//! group) reads the group's committed offset and the high watermark of every partition of the
+//! consumer's topics. A partition is stalled when it has messages past the committed offset and
+//! that offset has not moved for the stall timeout. The consumer fails when a stalled partition is
+//! assigned to it, or when it has no partition at all while one is stalled (the group left it out,
+//! or the coordinator lost track of it). When the broker cannot be asked, nothing is concluded.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::Offset;
+use rdkafka::TopicPartitionList;
+use tokio::time::Instant;
+
+use crate::{BusConfig, BusError};
+
+/// Bound of every request the watchdog makes to the broker.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub(crate) struct Watchdog {
+    pub config: BusConfig,
+    pub group_id: String,
+    pub topics: Vec<String>,
+    pub stall_timeout: Duration,
+}
+
+/// Where the group stands on one partition.
+#[derive(Debug)]
+struct Position {
+    topic: String,
+    partition: i32,
+    committed: i64,
+    lag: i64,
+}
+
+impl Watchdog {
+    /// Returns only when the consumer is stalled (or the monitor cannot be created).
+    pub async fn run(&self, consumer: &StreamConsumer) -> BusError {
+        let monitor: Arc<BaseConsumer> = match self
+            .config
+            .client_config()
+            .set("group.id", &self.group_id)
+            .set("enable.auto.commit", "false")
+            .create()
+        {
+            Ok(monitor) => Arc::new(monitor),
+            Err(error) => return BusError::Kafka(error),
+        };
+        let interval =
+            (self.stall_timeout / 6).clamp(Duration::from_secs(1), Duration::from_secs(10));
+        // Per partition: the committed offset last seen, and since when it has not moved.
+        let mut seen: HashMap<(String, i32), (i64, Instant)> = HashMap::new();
+        loop {
+            tokio::time::sleep(interval).await;
+            let positions = match self.positions(monitor.clone()).await {
+                Ok(positions) => positions,
+                Err(error) => {
+                    tracing::debug!(group_id = %self.group_id, error = %error, "watchdog could not read the group's positions");
+                    continue;
+                }
+            };
+            let now = Instant::now();
+            let mut stalled = Vec::new();
+            for position in positions {
+                let key = (position.topic.clone(), position.partition);
+                let entry = seen.entry(key).or_insert((position.committed, now));
+                if position.committed != entry.0 || position.lag == 0 {
+                    *entry = (position.committed, now);
+                } else if now.duration_since(entry.1) >= self.stall_timeout {
+                    stalled.push(position);
+                }
+            }
+            if stalled.is_empty() {
+                continue;
+            }
+            let assigned: HashSet<(String, i32)> = consumer
+                .assignment()
+                .map(|list| {
+                    list.elements()
+                        .iter()
+                        .map(|element| (element.topic().to_owned(), element.partition()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let mine: Vec<&Position> = stalled
+                .iter()
+                .filter(|p| assigned.contains(&(p.topic.clone(), p.partition)))
+                .collect();
+            if mine.is_empty() && !assigned.is_empty() {
+                // Another member of the group owns them; its own watchdog will speak.
+                continue;
+            }
+            let blamed: Vec<&Position> = if mine.is_empty() {
+                stalled.iter().collect()
+            } else {
+                mine
+            };
+            return BusError::ConsumerStalled {
+                group_id: self.group_id.clone(),
+                partitions: blamed
+                    .iter()
+                    .map(|p| format!("{}[{}] ({} waiting)", p.topic, p.partition, p.lag))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                assigned: assigned.len(),
+                stalled_for_secs: self.stall_timeout.as_secs(),
+            };
+        }
+    }
+
+    /// The group's committed offset and lag on every partition of the topics.
+    async fn positions(&self, monitor: Arc<BaseConsumer>) -> Result<Vec<Position>, BusError> {
+        let topics = self.topics.clone();
+        let joined = tokio::task::spawn_blocking(move || {
+            let mut partitions = TopicPartitionList::new();
+            for topic in &topics {
+                let metadata = monitor.fetch_metadata(Some(topic), REQUEST_TIMEOUT)?;
+                for found in metadata.topics() {
+                    for partition in found.partitions() {
+                        partitions.add_partition(topic, partition.id());
+                    }
+                }
+            }
+            let committed = monitor.committed_offsets(partitions, REQUEST_TIMEOUT)?;
+            let mut positions = Vec::new();
+            for element in committed.elements() {
+                let (low, high) = monitor.fetch_watermarks(
+                    element.topic(),
+                    element.partition(),
+                    REQUEST_TIMEOUT,
+                )?;
+                let committed = match element.offset() {
+                    Offset::Offset(offset) => offset,
+                    _ => low,
+                };
+                positions.push(Position {
+                    topic: element.topic().to_owned(),
+                    partition: element.partition(),
+                    committed,
+                    lag: (high - committed.max(low)).max(0),
+                });
+            }
+            Ok::<_, rdkafka::error::KafkaError>(positions)
+        })
+        .await;
+        match joined {
+            Ok(result) => Ok(result?),
+            Err(join_error) => Err(BusError::Monitor(join_error.to_string())),
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! The referral ledger's own `main`, as a process the end-to-end tests can kill.
+
+fn main() -> std::process::ExitCode {
+    referral_ledger::main()
+}

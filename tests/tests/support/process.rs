@@ -1,0 +1,244 @@
+//! Services and brokers as processes of their own, for tests that kill or restart them: the
+//! referral ledger (the shipping `main`, built as `e2e-referral-ledger`) and a private Apache
+//! Kafka broker started by the project's own script, `deploy/local/broker.sh`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+use super::Stack;
+
+/// The repository's root directory.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate lives in the repository")
+        .to_path_buf()
+}
+
+/// The overall health status a service reports, or `None` if it does not answer.
+pub async fn health(address: SocketAddr) -> Option<ServingStatus> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .ok()?
+        .connect_timeout(Duration::from_millis(500))
+        .timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .ok()?;
+    let status = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .ok()?
+        .into_inner()
+        .status;
+    ServingStatus::try_from(status).ok()
+}
+
+/// Waits until the service at `address` reports SERVING; returns how long that took.
+pub async fn wait_serving(address: SocketAddr, timeout: Duration) -> Duration {
+    let started = Instant::now();
+    while started.elapsed() < timeout {
+        if health(address).await == Some(ServingStatus::Serving) {
+            return started.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{address} did not report SERVING within {timeout:?}");
+}
+
+/// The referral ledger running as a child process on the stack's ledger address.
+pub struct LedgerProcess {
+    child: Option<Child>,
+    pub address: SocketAddr,
+    pub log_path: PathBuf,
+    environment: Vec<(&'static str, String)>,
+}
+
+impl LedgerProcess {
+    /// Starts the ledger on `stack`'s database, topics and ledger address, in consumer group
+    /// prefix `group`, with the given extra settings (`TANDEM_…` variables).
+    pub fn start(stack: &Stack, group: &str, extra: &[(&'static str, String)]) -> LedgerProcess {
+        let address = stack.ledger_address();
+        let mut environment = vec![
+            ("DATABASE_URL", stack.database.url.clone()),
+            ("TANDEM_KAFKA_BROKERS", stack.bus.brokers.clone()),
+            ("TANDEM_TOPIC_PREFIX", stack.bus.topic_prefix.clone()),
+            ("TANDEM_LEDGER_LISTEN", address.to_string()),
+            (
+                "TANDEM_LEDGER_CONSUMER_GROUP",
+                format!("{}-{group}", stack.bus.topic_prefix),
+            ),
+            ("TANDEM_DB_MAX_CONNECTIONS", "5".to_owned()),
+            ("RUST_LOG", "info".to_owned()),
+        ];
+        environment.extend(extra.iter().cloned());
+        let log_path = std::env::temp_dir().join(format!("{}-ledger.log", stack.bus.topic_prefix));
+        let mut process = LedgerProcess {
+            child: None,
+            address,
+            log_path,
+            environment,
+        };
+        process.spawn();
+        process
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .expect("open the ledger's log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_e2e-referral-ledger"))
+            .env_clear()
+            .envs(self.environment.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log file handle"))
+            .stderr(log)
+            .spawn()
+            .expect("start the referral ledger process");
+        self.child = Some(child);
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("ledger running").id()
+    }
+
+    /// SIGKILL: the process dies at once, in the middle of whatever it was doing.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("SIGKILL the ledger");
+            child.wait().expect("reap the ledger");
+        }
+    }
+
+    /// Starts the ledger again with the same settings (after [`LedgerProcess::kill`]).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "the ledger is still running");
+        self.spawn();
+    }
+
+    /// Waits for the process to exit by itself; `None` if it still runs after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let started = Instant::now();
+        while started.elapsed() < timeout {
+            let child = self.child.as_mut().expect("ledger started");
+            if let Some(status) = child.try_wait().expect("poll the ledger") {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let pid = self.pid();
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "could not send SIGTERM to {pid}");
+        self.wait_exit(Duration::from_secs(30))
+            .expect("the ledger stops within 30 s of SIGTERM")
+    }
+
+    /// The last lines of the ledger's log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+impl Drop for LedgerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A one-node Apache Kafka of the test's own, on free ports, with its data in a temporary
+/// directory, run by `deploy/local/broker.sh` exactly as the local stack runs it.
+pub struct PrivateKafka {
+    home: PathBuf,
+    port: u16,
+}
+
+impl PrivateKafka {
+    pub fn start() -> PrivateKafka {
+        let port = free_port_pair();
+        let home =
+            std::env::temp_dir().join(format!("tandem-kafka-{}", uuid::Uuid::new_v4().simple()));
+        let kafka = PrivateKafka { home, port };
+        kafka.script("start");
+        kafka
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// A controlled shutdown of the broker; returns when its process has exited.
+    pub fn stop(&self) {
+        self.script("stop");
+    }
+
+    /// Starts the stopped broker again on the same data and port; returns when it answers a
+    /// metadata request.
+    pub fn start_again(&self) {
+        self.script("start");
+    }
+
+    fn script(&self, command: &str) {
+        let output = Command::new("bash")
+            .arg(repo_root().join("deploy/local/broker.sh"))
+            .arg(command)
+            .env("TANDEM_HOME", &self.home)
+            .env("TANDEM_KAFKA_PORT", self.port.to_string())
+            .env_remove("TANDEM_KAFKA_BROKERS")
+            .env_remove("TANDEM_KAFKA_NODES")
+            .output()
+            .expect("run deploy/local/broker.sh");
+        assert!(
+            output.status.success(),
+            "broker.sh {command} failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+impl Drop for PrivateKafka {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(repo_root().join("deploy/local/broker.sh"))
+            .arg("stop")
+            .env("TANDEM_HOME", &self.home)
+            .env("TANDEM_KAFKA_PORT", self.port.to_string())
+            .env_remove("TANDEM_KAFKA_BROKERS")
+            .env_remove("TANDEM_KAFKA_NODES")
+            .output();
+        let _ = std::fs::remove_dir_all(&self.home);
+    }
+}
+
+/// A port P such that P (the broker) and P + 10000 (its controller) are both free.
+fn free_port_pair() -> u16 {
+    for _ in 0..100 {
+        let port = 20_000 + (uuid::Uuid::new_v4().as_u128() % 10_000) as u16;
+        let broker = std::net::TcpListener::bind(("127.0.0.1", port));
+        let controller = std::net::TcpListener::bind(("127.0.0.1", port + 10_000));
+        if broker.is_ok() && controller.is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port pair for a private Kafka broker");
+}
