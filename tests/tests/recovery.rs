@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use support::process::{health, wait_serving, LedgerProcess, PrivateKafka};
+use support::process::{health, wait_serving, HealthProbe, LedgerProcess, PrivateKafka};
 use support::*;
 use tandem_proto::v1 as pb;
 use tokio::net::TcpListener;
@@ -348,18 +348,19 @@ async fn a_stalled_consumer_turns_the_ledger_not_serving_and_ends_it() {
         .execute(&mut *blocker)
         .await
         .unwrap();
+    let mut probe = HealthProbe::connect(ledger.address).await;
     stack.merchant("Second").await;
 
     let started = Instant::now();
     let mut saw_not_serving = false;
     while started.elapsed() < Duration::from_secs(60) {
-        match health(ledger.address).await {
+        match probe.status().await {
             Some(ServingStatus::NotServing) => {
                 saw_not_serving = true;
                 break;
             }
             // No answer (a busy moment, or already gone): ask again until the deadline.
-            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     }
     if !saw_not_serving {

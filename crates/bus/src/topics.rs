@@ -134,13 +134,21 @@ pub async fn create_topics(config: &BusConfig, settings: &TopicSettings) -> Resu
         }
     }
     for (topic, name, _, _) in &specs {
-        let metadata = admin
-            .inner()
-            .fetch_metadata(Some(name), Duration::from_secs(30))?;
-        let found = metadata
-            .topics()
-            .first()
-            .map_or(0, |t| t.partitions().len() as i32);
+        // A topic just created may not be in every broker's metadata yet: ask again briefly.
+        let mut found = 0;
+        for _ in 0..50 {
+            let metadata = admin
+                .inner()
+                .fetch_metadata(Some(name), Duration::from_secs(30))?;
+            found = metadata
+                .topics()
+                .first()
+                .map_or(0, |t| t.partitions().len() as i32);
+            if found > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         let wanted = settings.partitions(*topic);
         if found == wanted {
             continue;
