@@ -44,6 +44,15 @@ mkdir -p "$TANDEM_HOME/logs" "$TANDEM_HOME/pids"
 log() { printf '[tandem] %s\n' "$*" >&2; }
 die() { printf '[tandem] error: %s\n' "$*" >&2; exit 1; }
 
+# pid_alive PID: true if the process runs. A killed process that nobody reaped yet (a zombie)
+# does not count: `kill -0` alone would say it is alive, and the scripts would not restart it.
+pid_alive() {
+  kill -0 "$1" 2>/dev/null || return 1
+  local state
+  state=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
+  [[ "$state" != Z* ]]
+}
+
 # port_open HOST PORT: true if something accepts TCP connections there.
 port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
 
@@ -181,7 +190,7 @@ start_kafka_node() {
   dir=$(kafka_node_dir "$node")
   pidfile="$TANDEM_HOME/pids/kafka-$node.pid"
   log_file="$TANDEM_HOME/logs/kafka-$node.log"
-  if [[ -f "$pidfile" ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+  if [[ -f "$pidfile" ]] && pid_alive "$(cat "$pidfile")"; then
     return
   fi
   mkdir -p "$dir/data"
@@ -215,7 +224,7 @@ wait_kafka() {
   until kafka_ready; do
     for ((node = 1; node <= KAFKA_NODES; node++)); do
       pidfile="$TANDEM_HOME/pids/kafka-$node.pid"
-      if [[ -f "$pidfile" ]] && ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+      if [[ -f "$pidfile" ]] && ! pid_alive "$(cat "$pidfile")"; then
         tail -n 30 "$TANDEM_HOME/logs/kafka-$node.log" >&2
         die "Kafka node $node exited (log: $TANDEM_HOME/logs/kafka-$node.log)"
       fi
@@ -249,7 +258,7 @@ any_kafka_node_started_here() {
   local node pidfile
   for ((node = 1; node <= 3; node++)); do
     pidfile="$TANDEM_HOME/pids/kafka-$node.pid"
-    [[ -f "$pidfile" ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null && return 0
+    [[ -f "$pidfile" ]] && pid_alive "$(cat "$pidfile")" && return 0
   done
   return 1
 }
@@ -279,10 +288,10 @@ stop_pidfile() {
   local file="$TANDEM_HOME/pids/$1.pid" pid seconds=${2:-10}
   [[ -f "$file" ]] || return 0
   pid=$(cat "$file")
-  if kill -0 "$pid" 2>/dev/null; then
+  if pid_alive "$pid"; then
     kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 $((seconds * 10))); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -0 "$pid" 2>/dev/null && { log "$1 did not stop in ${seconds}s; killing it"; kill -KILL "$pid" 2>/dev/null || true; }
+    for _ in $(seq 1 $((seconds * 10))); do pid_alive "$pid" || break; sleep 0.1; done
+    pid_alive "$pid" && { log "$1 did not stop in ${seconds}s; killing it"; kill -KILL "$pid" 2>/dev/null || true; }
     log "stopped $1"
   fi
   rm -f "$file"
@@ -296,7 +305,7 @@ stop_kafka() {
   for node in 1 2 3; do
     file="$TANDEM_HOME/pids/kafka-$node.pid"
     [[ -f "$file" ]] || continue
-    if kill -0 "$(cat "$file")" 2>/dev/null; then
+    if pid_alive "$(cat "$file")"; then
       pids+=("$(cat "$file")"); names+=("kafka-$node")
       kill -TERM "$(cat "$file")" 2>/dev/null || true
     fi
@@ -306,7 +315,7 @@ stop_kafka() {
   local deadline=$((SECONDS + 30)) pid alive
   while :; do
     alive=0
-    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    for pid in "${pids[@]}"; do pid_alive "$pid" && alive=1; done
     ((alive)) || break
     if ((SECONDS >= deadline)); then
       log "Kafka did not stop in 30 s; killing it"

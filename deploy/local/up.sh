@@ -34,7 +34,7 @@ service_db_url="$("$bin/tandemctl" database-url --database-url "$DATABASE_URL" -
 
 start_service() {
   local name=$1 port=$2
-  if [[ -f "$TANDEM_HOME/pids/$name.pid" ]] && kill -0 "$(cat "$TANDEM_HOME/pids/$name.pid")" 2>/dev/null; then
+  if [[ -f "$TANDEM_HOME/pids/$name.pid" ]] && pid_alive "$(cat "$TANDEM_HOME/pids/$name.pid")"; then
     log "$name is already running"
     return
   fi
