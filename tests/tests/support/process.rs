@@ -23,22 +23,7 @@ pub fn repo_root() -> PathBuf {
 
 /// The overall health status a service reports, or `None` if it does not answer.
 pub async fn health(address: SocketAddr) -> Option<ServingStatus> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-        .ok()?
-        .connect_timeout(Duration::from_millis(500))
-        .timeout(Duration::from_secs(2))
-        .connect()
-        .await
-        .ok()?;
-    let status = HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .ok()?
-        .into_inner()
-        .status;
-    ServingStatus::try_from(status).ok()
+    HealthProbe::try_connect(address).await?.status().await
 }
 
 /// Health checks over one connection made in advance, so that a check answers within
@@ -49,14 +34,22 @@ pub struct HealthProbe {
 
 impl HealthProbe {
     pub async fn connect(address: SocketAddr) -> HealthProbe {
+        Self::try_connect(address)
+            .await
+            .expect("connect to the service's health check")
+    }
+
+    async fn try_connect(address: SocketAddr) -> Option<HealthProbe> {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-            .unwrap()
+            .ok()?
+            .connect_timeout(Duration::from_millis(500))
+            .timeout(Duration::from_secs(2))
             .connect()
             .await
-            .expect("connect to the service's health check");
-        HealthProbe {
+            .ok()?;
+        Some(HealthProbe {
             client: HealthClient::new(channel),
-        }
+        })
     }
 
     /// The overall status, or `None` if the service did not answer.
