@@ -130,6 +130,24 @@ async fn invalid_requests_get_precise_statuses_and_publish_nothing() {
             Code::InvalidArgument,
             "amount.amount_minor",
         ),
+        // Above the documented maximum (one trillion minor units): two such purchases near the
+        // 64-bit limit used to break the commission totals.
+        (
+            pb::RecordPurchaseRequest {
+                amount: eur(1_000_000_000_001),
+                ..valid()
+            },
+            Code::InvalidArgument,
+            "amount.amount_minor: must be at most 1000000000000",
+        ),
+        (
+            pb::RecordPurchaseRequest {
+                amount: eur(i64::MAX),
+                ..valid()
+            },
+            Code::InvalidArgument,
+            "amount.amount_minor",
+        ),
         (
             pb::RecordPurchaseRequest {
                 amount: Some(pb::Money {

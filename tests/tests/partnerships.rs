@@ -280,6 +280,17 @@ async fn a_partnership_through_agreement_amendment_refunds_and_termination() {
         ),
         Code::FailedPrecondition
     );
+    // Beyond the maximum amount of any refund: refused as invalid before anything is looked up.
+    assert_eq!(
+        status_code(
+            pos.record_refund(with_bearer(
+                refund("f-2b", "A-1", Some(1_000_000_000_001)),
+                &acceptor_key
+            ))
+            .await
+        ),
+        Code::InvalidArgument
+    );
     pos.record_refund(with_bearer(refund("f-3", "A-3", None), &acceptor_key))
         .await
         .unwrap();

@@ -80,6 +80,10 @@ impl fmt::Display for Currency {
     }
 }
 
+/// The largest amount of one purchase or refund, in minor units: EUR 10 000 000 000.00, or
+/// JPY 1 000 000 000 000.
+pub const MAX_AMOUNT_MINOR: i64 = 1_000_000_000_000;
+
 /// An amount in minor units of a currency.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Money {
@@ -112,6 +116,26 @@ impl Money {
             amount_minor,
             currency,
         })
+    }
+
+    /// An amount a till may send for a purchase or a refund: positive and at most
+    /// [`MAX_AMOUNT_MINOR`] minor units. The bound keeps every sum the ledger makes far from the
+    /// 64-bit limit (9.2 million purchases at the maximum still fit).
+    pub fn parse_bounded(
+        field: &str,
+        amount_minor: i64,
+        currency: &str,
+    ) -> Result<Self, ValidationError> {
+        let money = Self::parse_positive(field, amount_minor, currency)?;
+        if amount_minor > MAX_AMOUNT_MINOR {
+            return Err(ValidationError::new(
+                format!("{field}.amount_minor"),
+                format!(
+                    "must be at most {MAX_AMOUNT_MINOR} minor units (one trillion), got {amount_minor}; split larger amounts"
+                ),
+            ));
+        }
+        Ok(money)
     }
 
     /// This amount times `rate_bps` basis points, rounded half to even to the minor unit.
@@ -216,6 +240,10 @@ mod tests {
         let error = Money::parse_positive("amount", 0, "EUR").unwrap_err();
         assert_eq!(error.field, "amount.amount_minor");
         assert!(Money::parse_positive("amount", -1, "EUR").is_err());
+        assert!(Money::parse_bounded("amount", MAX_AMOUNT_MINOR, "EUR").is_ok());
+        let error = Money::parse_bounded("amount", MAX_AMOUNT_MINOR + 1, "EUR").unwrap_err();
+        assert_eq!(error.field, "amount.amount_minor");
+        assert!(error.reason.contains("at most"), "{}", error.reason);
     }
 
     #[test]

@@ -88,7 +88,7 @@ pub fn parse_record_purchase(
         .amount
         .as_ref()
         .ok_or_else(|| ValidationError::new("amount", "is required: amount_minor and currency"))?;
-    let amount = Money::parse_positive("amount", amount.amount_minor, &amount.currency)?;
+    let amount = Money::parse_bounded("amount", amount.amount_minor, &amount.currency)?;
     let purchased_at = parse_instant("purchased_at", request.purchased_at.as_ref(), now)?;
     let fingerprint = fingerprint(&[
         "record_purchase",

@@ -51,7 +51,7 @@ pub async fn record_refund(
                 ValidationError::new("amount", "is required for a refund (or set void)").into(),
             )
         }
-        (Some(amount), false) => Some(Money::parse_positive(
+        (Some(amount), false) => Some(Money::parse_bounded(
             "amount",
             amount.amount_minor,
             &amount.currency,
