@@ -52,7 +52,9 @@ impl RawIdentifier {
     }
 
     /// A phone number in international format: `+` or `00`, then the country code and number.
-    /// Spaces, dots, dashes and parentheses are ignored. Normalised to E.164 (`+` and digits).
+    /// Spaces, dots, dashes and parentheses are ignored. Normalised to E.164 (`+` and digits) by
+    /// libphonenumber's metadata (the `phonenumber` crate), which also drops a national trunk
+    /// prefix kept after the country code.
     pub fn phone(field: &str, value: &str) -> Result<Self, ValidationError> {
         let trimmed = value.trim();
         let rest = if let Some(rest) = trimmed.strip_prefix('+') {
@@ -84,9 +86,19 @@ impl RawIdentifier {
                 "must have a country code not starting with 0 and 8 to 15 digits in all (E.164)",
             ));
         }
+        // libphonenumber's rules, not hand rules: a national trunk prefix written after the
+        // country code (+44 (0)20…, +33 06…) is dropped where the country drops it, and kept
+        // where it belongs to the number (Italy's leading 0).
+        let parsed = phonenumber::parse(None, format!("+{digits}")).map_err(|error| {
+            ValidationError::new(
+                field,
+                format!("is not a possible phone number ({error}); send it in international format, e.g. +44 20 7946 0958"),
+            )
+        })?;
+        let normalised = parsed.format().mode(phonenumber::Mode::E164).to_string();
         Ok(Self {
             kind: IdentifierKind::Phone,
-            normalised: format!("+{digits}"),
+            normalised,
         })
     }
 
@@ -290,6 +302,32 @@ mod tests {
         assert_eq!(keys[0], keys[1]);
         assert_eq!(keys[1], keys[2]);
         assert!(CustomerKey::parse("k", keys[0].as_str()).is_ok());
+    }
+
+    #[test]
+    fn a_national_trunk_prefix_kept_after_the_country_code_gives_the_same_key() {
+        let key = network_key();
+        let key_of = |phone: &str| key.customer_key(&RawIdentifier::phone("phone", phone).unwrap());
+        for (usual, with_trunk_prefix) in [
+            ("+44 20 7946 0958", "+44 (0)20 7946 0958"),
+            ("+44 20 7946 0958", "0044 020 7946 0958"),
+            ("+33 6 12 34 56 78", "+33 06 12 34 56 78"),
+            ("+33 6 12 34 56 78", "0033 (0)6 12 34 56 78"),
+            ("+49 30 1234 5678", "+49 030 1234 5678"),
+        ] {
+            assert_eq!(
+                key_of(usual),
+                key_of(with_trunk_prefix),
+                "{with_trunk_prefix}"
+            );
+        }
+        // In Italy the leading 0 is part of the number, not a trunk prefix.
+        assert_eq!(
+            RawIdentifier::phone("phone", "+39 06 1234 5678")
+                .unwrap()
+                .normalised,
+            "+390612345678"
+        );
     }
 
     #[test]
