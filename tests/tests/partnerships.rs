@@ -778,3 +778,92 @@ async fn automatic_referrals_and_paged_filtered_lists() {
     );
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn a_refund_recorded_before_its_purchase_and_larger_than_it_claws_back_the_whole_commission()
+{
+    let stack = Stack::start(true).await;
+    let (acceptor, acceptor_key) = stack.merchant("Atelier Bikes").await;
+    let (referrer, referrer_key) = stack.merchant("Cafe Lumiere").await;
+    stack.partnership(&referrer, &acceptor, 500, 30).await;
+    let mut pos = stack.pos().await;
+    pos.create_referral(with_bearer(
+        referral("r-1", &acceptor, customer("", B_PHONE, "")),
+        &referrer_key,
+    ))
+    .await
+    .unwrap();
+    // The till that refunds knows more than the one that sold: 150.00 back on a sale of 100.00
+    // that has not reached Tandem yet. Nothing can check it now.
+    pos.record_refund(with_bearer(
+        pb::RecordRefundRequest {
+            idempotency_key: "f-early".into(),
+            transaction_id: "A-early".into(),
+            amount: eur(15_000),
+            customer: Some(customer("", B_PHONE, "")),
+            ..Default::default()
+        },
+        &acceptor_key,
+    ))
+    .await
+    .unwrap();
+    let purchased = pos
+        .record_purchase(with_bearer(
+            purchase("p-early", "A-early", customer("", B_PHONE, ""), 10_000),
+            &acceptor_key,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+
+    // The ledger cuts the refund down to the purchase and claws back the whole commission.
+    let ledger = stack.schema("ledger").await;
+    let (commission, reversed, refunded): (i64, i64, i64) = tandem_testkit::eventually(
+        "the early refund applied",
+        Duration::from_secs(60),
+        || async {
+            let row: Option<(i64, i64, i64)> = sqlx::query_as(
+                "SELECT commission_minor, reversed_minor, refunded_minor FROM commissions WHERE purchase_id = $1",
+            )
+            .bind(&purchased.purchase_id)
+            .fetch_optional(&ledger)
+            .await
+            .unwrap();
+            row.filter(|(_, reversed, _)| *reversed > 0)
+        },
+    )
+    .await;
+    assert_eq!((commission, reversed, refunded), (500, 500, 10_000));
+    let sum: Option<i64> =
+        sqlx::query_scalar("SELECT sum(amount_minor)::bigint FROM ledger_postings")
+            .fetch_one(&ledger)
+            .await
+            .unwrap();
+    assert_eq!(sum.unwrap_or(0), 0, "the ledger balances");
+
+    // The gateway never counts more refunded than was sold: nothing is left, never less.
+    let gateway = stack.schema("gateway").await;
+    let (amount, refunded): (i64, i64) = sqlx::query_as(
+        "SELECT amount_minor, refunded_minor FROM purchases WHERE transaction_id = 'A-early'",
+    )
+    .fetch_one(&gateway)
+    .await
+    .unwrap();
+    assert_eq!((amount, refunded), (10_000, 10_000));
+    assert_eq!(
+        status_code(
+            pos.record_refund(with_bearer(
+                pb::RecordRefundRequest {
+                    idempotency_key: "f-more".into(),
+                    transaction_id: "A-early".into(),
+                    amount: eur(1),
+                    ..Default::default()
+                },
+                &acceptor_key,
+            ))
+            .await
+        ),
+        Code::FailedPrecondition
+    );
+    stack.stop().await;
+}

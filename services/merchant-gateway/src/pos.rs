@@ -318,10 +318,12 @@ impl PosApi {
             .iter()
             .map(ToString::to_string)
             .collect();
-        // Refunds recorded before their purchase count against it from the start.
+        // Refunds recorded before their purchase count against it from the start, up to the
+        // purchase itself (the ledger cuts them down to it too): nothing is left to refund then,
+        // never a negative amount.
         let inserted = sqlx::query(
             "INSERT INTO purchases (merchant_id, transaction_id, purchase_id, amount_minor, currency, customer_keys, refunded_minor) \
-             VALUES ($1, $2, $3, $4, $5, $6, (SELECT coalesce(sum(amount_minor), 0) FROM refunds WHERE merchant_id = $1 AND transaction_id = $2)) \
+             VALUES ($1, $2, $3, $4, $5, $6, least($4, (SELECT coalesce(sum(amount_minor), 0) FROM refunds WHERE merchant_id = $1 AND transaction_id = $2))) \
              ON CONFLICT (merchant_id, transaction_id) DO NOTHING",
         )
         .bind(merchant.as_str())

@@ -415,11 +415,25 @@ async fn attribute(
     .fetch_all(&mut *connection)
     .await?;
     for (refund_id, amount_minor, currency, refunded_at) in waiting {
+        let refund_id = RefundId::parse("refund_id", &refund_id)?;
+        // Nobody could check a refund recorded before its purchase against it: what exceeds
+        // what is left of the purchase is cut off here, as in the partnership's own parking.
+        let remaining = loaded
+            .state
+            .purchase(&purchase.purchase_id)
+            .map_or(0, |record| {
+                record.amount.amount_minor - record.refunded_minor
+            });
+        if remaining <= 0 {
+            mark_handled(connection, &refund_id).await?;
+            tracing::warn!(%refund_id, "waiting refund dropped: the purchase is already fully refunded");
+            continue;
+        }
         let refund = Refund {
-            refund_id: RefundId::parse("refund_id", &refund_id)?,
+            refund_id: refund_id.clone(),
             merchant: purchase.merchant.clone(),
             transaction_id: purchase.transaction_id.clone(),
-            amount: Money::parse_positive("amount", amount_minor, &currency)?,
+            amount: Money::parse_positive("amount", amount_minor.min(remaining), &currency)?,
             refunded_at,
         };
         if let Err(reason) = refund_attributed(
