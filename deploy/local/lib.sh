@@ -109,7 +109,8 @@ ensure_postgres() {
   fi
 }
 
-# Java and Maven run the broker; install them from the distribution's packages if missing.
+# Java runs the broker, Maven fetches it, python3 asks it for metadata: install them from the
+# distribution's packages if missing.
 ensure_java_and_maven() {
   command -v java >/dev/null || apt_install openjdk-17-jre-headless
   command -v mvn >/dev/null || apt_install maven
@@ -123,7 +124,6 @@ ensure_kafka_libs() {
   if [[ -f "$KAFKA_LIBS/kafka_2.13-$KAFKA_VERSION.jar" ]]; then
     return
   fi
-  ensure_java_and_maven
   log "fetching Apache Kafka $KAFKA_VERSION from Maven Central once into $KAFKA_LIBS"
   local staging="$KAFKA_LIBS.partial"
   rm -rf "$staging"
@@ -244,8 +244,8 @@ ensure_broker() {
     log "a Kafka broker is answering at 127.0.0.1:$KAFKA_PORT; using it"
     return
   fi
+  ensure_java_and_maven
   ensure_kafka_libs
-  command -v python3 >/dev/null || ensure_java_and_maven
   local node
   for ((node = 1; node <= KAFKA_NODES; node++)); do
     start_kafka_node "$node"

@@ -328,7 +328,7 @@ async fn a_stalled_consumer_turns_the_ledger_not_serving_and_ends_it() {
     let ledger = stack.spawn_ledger(listener, "stalled");
     wait_serving(ledger.address, Duration::from_secs(30)).await;
     // Let the ledger migrate and apply what is there, then hold a lock its batches need.
-    let (merchant, _) = stack.merchant("First").await;
+    stack.merchant("First").await;
     let ledger_db = stack.schema("ledger").await;
     tandem_testkit::eventually(
         "the first admin event applied",
@@ -342,7 +342,6 @@ async fn a_stalled_consumer_turns_the_ledger_not_serving_and_ends_it() {
         },
     )
     .await;
-    let _ = merchant;
     let mut blocker = ledger_db.begin().await.unwrap();
     sqlx::query("LOCK TABLE admin_progress IN ACCESS EXCLUSIVE MODE")
         .execute(&mut *blocker)

@@ -83,16 +83,6 @@ pub struct GroupMembership {
     pub stall_timeout: Duration,
 }
 
-impl Default for GroupMembership {
-    fn default() -> Self {
-        Self {
-            instance_id: None,
-            session_timeout: Duration::from_secs(15),
-            stall_timeout: Duration::from_secs(60),
-        }
-    }
-}
-
 /// `max.poll.interval.ms`: the longest the loop may spend on one batch before librdkafka leaves
 /// the group. The stall watchdog fires long before, so this is only the last line.
 const MAX_POLL_INTERVAL: Duration = Duration::from_secs(300);

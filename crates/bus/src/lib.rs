@@ -4,12 +4,14 @@
 
 mod config;
 mod consumer;
+mod lag;
 mod relay;
 mod topics;
 mod watchdog;
 
 pub use config::{BusConfig, ClientProperties};
 pub use consumer::{run_consumer, BatchHandler, ConsumerSettings, Delivery, GroupMembership};
+pub use lag::{group_monitor, group_positions, GroupPosition};
 pub use relay::{run_outbox_relay, RelaySettings};
 pub use topics::{create_topics, Topic, TopicSettings};
 

@@ -1,9 +1,8 @@
 //! Notices a consumer that has stopped making progress while messages wait for it, so that it
 //! fails loudly instead of sitting idle and healthy.
 //!
-//! Every few seconds a monitoring client (same group id, never subscribed, so it never joins the
-//! group) reads the group's committed offset and the high watermark of every partition of the
-//! consumer's topics. A partition is stalled when it has messages past the committed offset and
+//! Every few seconds it reads the group's position on every partition of the consumer's topics
+//! ([`crate::lag`]). A partition is stalled when it has messages past the committed offset and
 //! that offset has not moved for the stall timeout. The consumer fails when a stalled partition is
 //! assigned to it, or when it has no partition at all while one is stalled (the group left it out,
 //! or the coordinator lost track of it). When the broker cannot be asked, nothing is concluded.
@@ -13,10 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
-use rdkafka::Offset;
-use rdkafka::TopicPartitionList;
 use tokio::time::Instant;
 
+use crate::lag::{group_monitor, group_positions, GroupPosition};
 use crate::{BusConfig, BusError};
 
 /// Bound of every request the watchdog makes to the broker.
@@ -29,27 +27,12 @@ pub(crate) struct Watchdog {
     pub stall_timeout: Duration,
 }
 
-/// Where the group stands on one partition.
-#[derive(Debug)]
-struct Position {
-    topic: String,
-    partition: i32,
-    committed: i64,
-    lag: i64,
-}
-
 impl Watchdog {
     /// Returns only when the consumer is stalled (or the monitor cannot be created).
     pub async fn run(&self, consumer: &StreamConsumer) -> BusError {
-        let monitor: Arc<BaseConsumer> = match self
-            .config
-            .client_config()
-            .set("group.id", &self.group_id)
-            .set("enable.auto.commit", "false")
-            .create()
-        {
+        let monitor = match group_monitor(&self.config, &self.group_id) {
             Ok(monitor) => Arc::new(monitor),
-            Err(error) => return BusError::Kafka(error),
+            Err(error) => return error,
         };
         let interval =
             (self.stall_timeout / 6).clamp(Duration::from_secs(1), Duration::from_secs(10));
@@ -87,7 +70,7 @@ impl Watchdog {
                         .collect()
                 })
                 .unwrap_or_default();
-            let mine: Vec<&Position> = stalled
+            let mine: Vec<&GroupPosition> = stalled
                 .iter()
                 .filter(|p| assigned.contains(&(p.topic.clone(), p.partition)))
                 .collect();
@@ -95,7 +78,7 @@ impl Watchdog {
                 // Another member of the group owns them; its own watchdog will speak.
                 continue;
             }
-            let blamed: Vec<&Position> = if mine.is_empty() {
+            let blamed: Vec<&GroupPosition> = if mine.is_empty() {
                 stalled.iter().collect()
             } else {
                 mine
@@ -113,39 +96,11 @@ impl Watchdog {
         }
     }
 
-    /// The group's committed offset and lag on every partition of the topics.
-    async fn positions(&self, monitor: Arc<BaseConsumer>) -> Result<Vec<Position>, BusError> {
+    /// The group's position on every partition, read off the async runtime's threads.
+    async fn positions(&self, monitor: Arc<BaseConsumer>) -> Result<Vec<GroupPosition>, BusError> {
         let topics = self.topics.clone();
         let joined = tokio::task::spawn_blocking(move || {
-            let mut partitions = TopicPartitionList::new();
-            for topic in &topics {
-                let metadata = monitor.fetch_metadata(Some(topic), REQUEST_TIMEOUT)?;
-                for found in metadata.topics() {
-                    for partition in found.partitions() {
-                        partitions.add_partition(topic, partition.id());
-                    }
-                }
-            }
-            let committed = monitor.committed_offsets(partitions, REQUEST_TIMEOUT)?;
-            let mut positions = Vec::new();
-            for element in committed.elements() {
-                let (low, high) = monitor.fetch_watermarks(
-                    element.topic(),
-                    element.partition(),
-                    REQUEST_TIMEOUT,
-                )?;
-                let committed = match element.offset() {
-                    Offset::Offset(offset) => offset,
-                    _ => low,
-                };
-                positions.push(Position {
-                    topic: element.topic().to_owned(),
-                    partition: element.partition(),
-                    committed,
-                    lag: (high - committed.max(low)).max(0),
-                });
-            }
-            Ok::<_, rdkafka::error::KafkaError>(positions)
+            group_positions(&monitor, &topics, REQUEST_TIMEOUT)
         })
         .await;
         match joined {

@@ -7,8 +7,8 @@ mod server;
 
 pub use config::{host_name, BusArgs, ConsumerArgs, DatabaseArgs, TopicArgs};
 pub use server::{
-    grpc_metadata_trace_headers, link_request_span, serve, shutdown_on_signal, BackgroundTasks,
-    BoxError, ServeError,
+    grpc_metadata_trace_headers, link_request_span, serve, serve_health_only, shutdown_on_signal,
+    BackgroundTasks, BoxError, ServeError,
 };
 
 mod secret;

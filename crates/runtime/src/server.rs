@@ -143,6 +143,21 @@ pub async fn serve(
     Ok(())
 }
 
+/// Health and reflection only, for a service that has no API of its own yet.
+pub async fn serve_health_only(
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    serve(
+        listener,
+        Routes::default(),
+        &[],
+        BackgroundTasks::default(),
+        shutdown,
+    )
+    .await
+}
+
 fn task_failure(joined: Result<(String, Result<(), BoxError>), JoinError>) -> ServeError {
     match joined {
         Ok((task, Ok(()))) => ServeError::TaskFailed { task, cause: None },

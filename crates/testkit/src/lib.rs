@@ -194,35 +194,10 @@ where
 /// Messages on `topic` that consumer group `group` has not committed past yet (all of them if
 /// it never committed).
 pub fn group_lag(config: &BusConfig, group: &str, topic: Topic) -> i64 {
-    let name = topic.name(config);
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &config.brokers)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("lag consumer");
-    let metadata = consumer
-        .fetch_metadata(Some(&name), Duration::from_secs(10))
-        .expect("topic metadata");
-    let mut partitions = TopicPartitionList::new();
-    for partition in metadata.topics()[0].partitions() {
-        partitions.add_partition(&name, partition.id());
-    }
-    let committed = consumer
-        .committed_offsets(partitions, Duration::from_secs(10))
-        .expect("committed offsets");
-    committed
-        .elements()
+    let monitor = tandem_bus::group_monitor(config, group).expect("lag consumer");
+    tandem_bus::group_positions(&monitor, &[topic.name(config)], Duration::from_secs(10))
+        .expect("group positions")
         .iter()
-        .map(|element| {
-            let (low, high) = consumer
-                .fetch_watermarks(&name, element.partition(), Duration::from_secs(10))
-                .expect("watermarks");
-            let position = match element.offset() {
-                Offset::Offset(offset) => offset,
-                _ => low,
-            };
-            (high - position).max(0)
-        })
+        .map(|position| position.lag)
         .sum()
 }

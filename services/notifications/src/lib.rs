@@ -7,7 +7,6 @@ use std::net::SocketAddr;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::service::Routes;
 
 /// Configuration: every setting is a flag and an environment variable.
 #[derive(Debug, Clone, clap::Parser)]
@@ -28,12 +27,5 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), tandem_runtime::ServeError> {
-    tandem_runtime::serve(
-        listener,
-        Routes::default(),
-        &[],
-        tandem_runtime::BackgroundTasks::default(),
-        shutdown,
-    )
-    .await
+    tandem_runtime::serve_health_only(listener, shutdown).await
 }

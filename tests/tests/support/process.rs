@@ -224,13 +224,8 @@ impl PrivateKafka {
     }
 
     fn script(&self, command: &str) {
-        let output = Command::new("bash")
-            .arg(repo_root().join("deploy/local/broker.sh"))
-            .arg(command)
-            .env("TANDEM_HOME", &self.home)
-            .env("TANDEM_KAFKA_PORT", self.port.to_string())
-            .env_remove("TANDEM_KAFKA_BROKERS")
-            .env_remove("TANDEM_KAFKA_NODES")
+        let output = self
+            .broker_script(command)
             .output()
             .expect("run deploy/local/broker.sh");
         assert!(
@@ -240,18 +235,24 @@ impl PrivateKafka {
             String::from_utf8_lossy(&output.stderr)
         );
     }
+
+    /// `deploy/local/broker.sh COMMAND` for this broker's home and port only.
+    fn broker_script(&self, command: &str) -> Command {
+        let mut script = Command::new("bash");
+        script
+            .arg(repo_root().join("deploy/local/broker.sh"))
+            .arg(command)
+            .env("TANDEM_HOME", &self.home)
+            .env("TANDEM_KAFKA_PORT", self.port.to_string())
+            .env_remove("TANDEM_KAFKA_BROKERS")
+            .env_remove("TANDEM_KAFKA_NODES");
+        script
+    }
 }
 
 impl Drop for PrivateKafka {
     fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(repo_root().join("deploy/local/broker.sh"))
-            .arg("stop")
-            .env("TANDEM_HOME", &self.home)
-            .env("TANDEM_KAFKA_PORT", self.port.to_string())
-            .env_remove("TANDEM_KAFKA_BROKERS")
-            .env_remove("TANDEM_KAFKA_NODES")
-            .output();
+        let _ = self.broker_script("stop").output();
         let _ = std::fs::remove_dir_all(&self.home);
     }
 }
