@@ -227,17 +227,20 @@ pub struct TermsVersion {
     pub accepted_by: Option<MerchantId>,
 }
 
+/// What the book knows of one referred customer (one referral): enough for durations and the
+/// per-customer cap.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-struct CustomerTally {
-    purchases: u32,
-    first_purchase_at: Option<DateTime<Utc>>,
-    commission_minor: i64,
+pub struct CustomerTally {
+    pub purchases: u32,
+    pub first_purchase_at: Option<DateTime<Utc>>,
+    pub commission_minor: i64,
 }
 
+/// What the book knows of one settlement period: enough for tiers and the per-period cap.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-struct PeriodTally {
-    spend_minor: i64,
-    commission_minor: i64,
+pub struct PeriodTally {
+    pub spend_minor: i64,
+    pub commission_minor: i64,
 }
 
 /// What the book remembers of one attributed purchase.
@@ -253,17 +256,100 @@ pub struct PurchaseRecord {
     pub payable_at: DateTime<Utc>,
 }
 
-/// The state of one partnership, folded from its events.
+/// A refund that arrived before its purchase was attributed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParkedRefund {
+    pub refund_id: RefundId,
+    pub refund: Money,
+    pub refunded_at: DateTime<Utc>,
+}
+
+/// The keyed part of a partnership's state: each entry is needed only by commands that name its
+/// key, so a store keeps them in tables and loads, for a batch of commands, just the entries
+/// [`record_keys`] and [`Partnership::tally_keys`] name. The rest of the state (parties, terms
+/// versions, termination) is small and kept whole.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Facts {
+    pub customers: BTreeMap<ReferralId, CustomerTally>,
+    pub periods: BTreeMap<DateTime<Utc>, PeriodTally>,
+    pub purchases: BTreeMap<PurchaseId, PurchaseRecord>,
+    pub refunds: BTreeSet<RefundId>,
+    pub parked: BTreeMap<PurchaseId, Vec<ParkedRefund>>,
+}
+
+/// The state of one partnership, folded from its events: the core (parties, terms versions,
+/// termination) and the [`Facts`] that were loaded, which may be all of them (a full replay) or
+/// only those a batch of commands needs (the ledger's engine).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Partnership {
     parties: Option<(MerchantId, MerchantId)>,
     versions: Vec<TermsVersion>,
     terminated_at: Option<DateTime<Utc>>,
-    customers: BTreeMap<ReferralId, CustomerTally>,
-    periods: BTreeMap<DateTime<Utc>, PeriodTally>,
-    purchases: BTreeMap<PurchaseId, PurchaseRecord>,
-    refunds: BTreeSet<RefundId>,
-    parked: BTreeMap<PurchaseId, Vec<(RefundId, Money, DateTime<Utc>)>>,
+    facts: Facts,
+}
+
+/// Purchase ids and refund ids a batch of commands or events reads: load these records first.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecordKeys {
+    pub purchases: BTreeSet<PurchaseId>,
+    pub refunds: BTreeSet<RefundId>,
+}
+
+/// Customers (referrals) and periods a batch reads: load these tallies once the records are in.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TallyKeys {
+    pub customers: BTreeSet<ReferralId>,
+    pub periods: BTreeSet<DateTime<Utc>>,
+}
+
+/// The records `commands` read, whatever the state.
+pub fn record_keys<'a>(commands: impl IntoIterator<Item = &'a Command>) -> RecordKeys {
+    let mut keys = RecordKeys::default();
+    for command in commands {
+        match command {
+            Command::AttributePurchase(attribution) => {
+                keys.purchases.insert(attribution.purchase_id.clone());
+            }
+            Command::RecordRefund {
+                refund_id,
+                purchase_id,
+                ..
+            } => {
+                keys.purchases.insert(purchase_id.clone());
+                keys.refunds.insert(refund_id.clone());
+            }
+            _ => {}
+        }
+    }
+    keys
+}
+
+/// The records `events` touch when folded.
+pub fn record_keys_of_events<'a>(events: impl IntoIterator<Item = &'a Event>) -> RecordKeys {
+    let mut keys = RecordKeys::default();
+    for event in events {
+        match event {
+            Event::CommissionAccrued { purchase_id, .. }
+            | Event::CommissionNotEarned { purchase_id, .. } => {
+                keys.purchases.insert(purchase_id.clone());
+            }
+            Event::RefundApplied {
+                refund_id,
+                purchase_id,
+                ..
+            }
+            | Event::RefundParked {
+                refund_id,
+                purchase_id,
+                ..
+            } => {
+                keys.purchases.insert(purchase_id.clone());
+                keys.refunds.insert(refund_id.clone());
+            }
+            _ => {}
+        }
+    }
+    keys
 }
 
 impl Partnership {
@@ -286,7 +372,106 @@ impl Partnership {
     }
 
     pub fn purchase(&self, purchase_id: &PurchaseId) -> Option<&PurchaseRecord> {
-        self.purchases.get(purchase_id)
+        self.facts.purchases.get(purchase_id)
+    }
+
+    /// The loaded keyed state.
+    pub fn facts(&self) -> &Facts {
+        &self.facts
+    }
+
+    /// The keyed state, taking it out.
+    pub fn into_facts(self) -> Facts {
+        self.facts
+    }
+
+    /// The same partnership with only its core: parties, terms versions, termination.
+    #[must_use]
+    pub fn core(&self) -> Self {
+        Self {
+            parties: self.parties.clone(),
+            versions: self.versions.clone(),
+            terminated_at: self.terminated_at,
+            facts: Facts::default(),
+        }
+    }
+
+    /// This core with `facts` loaded.
+    #[must_use]
+    pub fn with_facts(mut self, facts: Facts) -> Self {
+        self.facts = facts;
+        self
+    }
+
+    /// True if `event` changes the core (and nothing else).
+    pub fn changes_core(event: &Event) -> bool {
+        matches!(
+            event,
+            Event::TermsProposed { .. } | Event::TermsAccepted { .. } | Event::Terminated { .. }
+        )
+    }
+
+    /// The tallies `commands` read, given the records they read (`records`, as loaded). Computed
+    /// from the core: a purchase's period comes from the terms in force at its instant.
+    pub fn tally_keys<'a>(
+        &self,
+        commands: impl IntoIterator<Item = &'a Command>,
+        records: &BTreeMap<PurchaseId, PurchaseRecord>,
+    ) -> TallyKeys {
+        let mut keys = TallyKeys::default();
+        for command in commands {
+            match command {
+                Command::AttributePurchase(attribution) => {
+                    keys.customers.insert(attribution.referral_id.clone());
+                    if let Some((_, terms)) = self.terms_at(attribution.purchased_at) {
+                        keys.periods.insert(
+                            terms
+                                .settlement_cycle
+                                .period_start(attribution.purchased_at),
+                        );
+                    }
+                }
+                Command::RecordRefund { purchase_id, .. } => {
+                    if let Some(record) = records.get(purchase_id) {
+                        keys.customers.insert(record.referral_id.clone());
+                        keys.periods.extend(record.period_start);
+                    }
+                }
+                _ => {}
+            }
+        }
+        keys
+    }
+
+    /// The tallies `events` touch when folded, given the records they touch (as loaded).
+    pub fn tally_keys_of_events<'a>(
+        events: impl IntoIterator<Item = &'a Event>,
+        records: &BTreeMap<PurchaseId, PurchaseRecord>,
+    ) -> TallyKeys {
+        let mut keys = TallyKeys::default();
+        for event in events {
+            match event {
+                Event::CommissionAccrued {
+                    referral_id,
+                    period_start,
+                    ..
+                } => {
+                    keys.customers.insert(referral_id.clone());
+                    keys.periods.insert(*period_start);
+                }
+                Event::CommissionNotEarned { referral_id, .. } => {
+                    keys.customers.insert(referral_id.clone());
+                }
+                Event::RefundApplied { purchase_id, .. } => {
+                    if let Some(record) = records.get(purchase_id) {
+                        keys.customers.insert(record.referral_id.clone());
+                        keys.periods.extend(record.period_start);
+                    }
+                }
+                _ => {}
+            }
+        }
+        keys
     }
 
     /// The accepted version in effect at `instant`, if any.
@@ -341,14 +526,18 @@ impl Partnership {
                 payable_at,
                 ..
             } => {
-                let customer = self.customers.entry(referral_id.clone()).or_default();
-                customer.purchases += 1;
+                let customer = self.facts.customers.entry(referral_id.clone()).or_default();
+                customer.purchases = customer.purchases.saturating_add(1);
                 customer.first_purchase_at.get_or_insert(*purchased_at);
-                customer.commission_minor += commission.amount_minor;
-                let period = self.periods.entry(*period_start).or_default();
-                period.spend_minor += amount.amount_minor;
-                period.commission_minor += commission.amount_minor;
-                self.purchases.insert(
+                customer.commission_minor = customer
+                    .commission_minor
+                    .saturating_add(commission.amount_minor);
+                let period = self.facts.periods.entry(*period_start).or_default();
+                period.spend_minor = period.spend_minor.saturating_add(amount.amount_minor);
+                period.commission_minor = period
+                    .commission_minor
+                    .saturating_add(commission.amount_minor);
+                self.facts.purchases.insert(
                     purchase_id.clone(),
                     PurchaseRecord {
                         referral_id: referral_id.clone(),
@@ -368,10 +557,10 @@ impl Partnership {
                 purchased_at,
                 ..
             } => {
-                let customer = self.customers.entry(referral_id.clone()).or_default();
-                customer.purchases += 1;
+                let customer = self.facts.customers.entry(referral_id.clone()).or_default();
+                customer.purchases = customer.purchases.saturating_add(1);
                 customer.first_purchase_at.get_or_insert(*purchased_at);
-                self.purchases.insert(
+                self.facts.purchases.insert(
                     purchase_id.clone(),
                     PurchaseRecord {
                         referral_id: referral_id.clone(),
@@ -391,25 +580,36 @@ impl Partnership {
                 reversal,
                 ..
             } => {
-                self.refunds.insert(refund_id.clone());
-                if let Some(parked) = self.parked.get_mut(purchase_id) {
-                    parked.retain(|(id, _, _)| id != refund_id);
+                self.facts.refunds.insert(refund_id.clone());
+                if let Some(parked) = self.facts.parked.get_mut(purchase_id) {
+                    parked.retain(|p| p.refund_id != *refund_id);
                     if parked.is_empty() {
-                        self.parked.remove(purchase_id);
+                        self.facts.parked.remove(purchase_id);
                     }
                 }
-                if let Some(record) = self.purchases.get_mut(purchase_id) {
-                    record.refunded_minor += refund.amount_minor;
-                    record.reversed_minor += reversal.amount_minor;
-                    if let Some(customer) = self.customers.get_mut(&record.referral_id) {
-                        customer.commission_minor -= reversal.amount_minor;
+                if let Some(record) = self.facts.purchases.get_mut(purchase_id) {
+                    record.refunded_minor =
+                        record.refunded_minor.saturating_add(refund.amount_minor);
+                    record.reversed_minor =
+                        record.reversed_minor.saturating_add(reversal.amount_minor);
+                    {
+                        let customer = self
+                            .facts
+                            .customers
+                            .entry(record.referral_id.clone())
+                            .or_default();
+                        customer.commission_minor = customer
+                            .commission_minor
+                            .saturating_sub(reversal.amount_minor);
                     }
                     if let Some(period) = record
                         .period_start
-                        .and_then(|start| self.periods.get_mut(&start))
+                        .map(|start| self.facts.periods.entry(start).or_default())
                     {
-                        period.spend_minor -= refund.amount_minor;
-                        period.commission_minor -= reversal.amount_minor;
+                        period.spend_minor = period.spend_minor.saturating_sub(refund.amount_minor);
+                        period.commission_minor = period
+                            .commission_minor
+                            .saturating_sub(reversal.amount_minor);
                     }
                 }
             }
@@ -419,12 +619,16 @@ impl Partnership {
                 refund,
                 refunded_at,
             } => {
-                self.refunds.insert(refund_id.clone());
-                self.parked.entry(purchase_id.clone()).or_default().push((
-                    refund_id.clone(),
-                    *refund,
-                    *refunded_at,
-                ));
+                self.facts.refunds.insert(refund_id.clone());
+                self.facts
+                    .parked
+                    .entry(purchase_id.clone())
+                    .or_default()
+                    .push(ParkedRefund {
+                        refund_id: refund_id.clone(),
+                        refund: *refund,
+                        refunded_at: *refunded_at,
+                    });
             }
         }
         self
@@ -569,13 +773,13 @@ pub fn decide(state: &Partnership, command: Command) -> Result<Vec<Event>, Partn
             refund,
             refunded_at,
         } => {
-            if state.refunds.contains(&refund_id) {
+            if state.facts.refunds.contains(&refund_id) {
                 return Ok(Vec::new());
             }
             if refund.amount_minor <= 0 {
                 return Err(PartnershipError::NonPositiveRefund);
             }
-            match state.purchases.get(&purchase_id) {
+            match state.facts.purchases.get(&purchase_id) {
                 None => Ok(vec![Event::RefundParked {
                     refund_id,
                     purchase_id,
@@ -599,7 +803,7 @@ fn decide_attribution(
     attribution: Attribution,
 ) -> Result<Vec<Event>, PartnershipError> {
     state.parties().ok_or(PartnershipError::NotCreated)?;
-    if state.purchases.contains_key(&attribution.purchase_id) {
+    if state.facts.purchases.contains_key(&attribution.purchase_id) {
         return Ok(Vec::new());
     }
     let Attribution {
@@ -647,7 +851,8 @@ fn decide_attribution(
                                 | Cap::PerPeriod {
                                     cap_minor,
                                     earned_before_minor,
-                                } => (cap_minor - earned_before_minor)
+                                } => cap_minor
+                                    .saturating_sub(earned_before_minor)
                                     .clamp(0, calculation.gross_minor),
                             });
                     Event::CommissionAccrued {
@@ -669,14 +874,22 @@ fn decide_attribution(
     // Refunds that arrived before the purchase are applied right after it.
     let mut after = state.clone().apply(&outcome);
     events.push(outcome);
-    if let Some(parked) = state.parked.get(&purchase_id) {
-        for (refund_id, refund, refunded_at) in parked {
-            let Some(record) = after.purchases.get(&purchase_id) else {
+    if let Some(parked) = state.facts.parked.get(&purchase_id) {
+        for ParkedRefund {
+            refund_id,
+            refund,
+            refunded_at,
+        } in parked
+        {
+            let Some(record) = after.facts.purchases.get(&purchase_id) else {
                 break;
             };
             // A purchase cannot be refused, so a waiting refund larger than what is left is cut
             // down to it: refunds never exceed the purchase.
-            let remaining = record.amount.amount_minor - record.refunded_minor;
+            let remaining = record
+                .amount
+                .amount_minor
+                .saturating_sub(record.refunded_minor);
             let capped = Money::new(refund.amount_minor.min(remaining).max(0), refund.currency);
             let event = refund_event(
                 &purchase_id,
@@ -731,6 +944,7 @@ fn eligibility(
         });
     }
     let customer = state
+        .facts
         .customers
         .get(referral_id)
         .cloned()
@@ -762,6 +976,7 @@ fn calculate(
     period_start: DateTime<Utc>,
 ) -> Calculation {
     let period = state
+        .facts
         .periods
         .get(&period_start)
         .cloned()
@@ -795,6 +1010,7 @@ fn calculate(
         }
     };
     let customer_earned = state
+        .facts
         .customers
         .get(referral_id)
         .map_or(0, |c| c.commission_minor);
@@ -816,7 +1032,7 @@ fn calculate(
         | Cap::PerPeriod {
             cap_minor,
             earned_before_minor,
-        } => cap_minor - earned_before_minor,
+        } => cap_minor.saturating_sub(*earned_before_minor),
     };
     // The tightest cap that actually cuts the commission.
     let capped_by = [customer_cap, period_cap]
@@ -845,15 +1061,16 @@ fn refund_event(
             purchase: record.amount.currency.to_string(),
         });
     }
-    let refunded_total = record.refunded_minor + refund.amount_minor;
-    if refunded_total > record.amount.amount_minor {
+    let refunded_total = record.refunded_minor.checked_add(refund.amount_minor);
+    let Some(refunded_total) = refunded_total.filter(|total| *total <= record.amount.amount_minor)
+    else {
         return Err(PartnershipError::RefundExceedsPurchase {
             purchase_id: purchase_id.clone(),
             amount_minor: record.amount.amount_minor,
             refund_minor: refund.amount_minor,
             currency: refund.currency.to_string(),
         });
-    }
+    };
     let target_reversed = divide_half_even(
         i128::from(record.commission_minor) * i128::from(refunded_total),
         i128::from(record.amount.amount_minor),
