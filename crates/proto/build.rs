@@ -17,6 +17,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "ledger",
         "events",
         "ledger_events",
+        "ledger_topic",
     ]
     .map(|name| proto_root.join(format!("tandem/v1/{name}.proto")));
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);

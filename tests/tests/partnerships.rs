@@ -389,6 +389,7 @@ async fn a_partnership_through_agreement_amendment_refunds_and_termination() {
             pb::GetCommissionTotalsRequest {
                 role: pb::PartnershipRole::Acceptor as i32,
                 partnership_id: partnership.clone(),
+                ..Default::default()
             },
             &acceptor_key,
         ))

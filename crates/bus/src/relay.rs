@@ -37,8 +37,9 @@ impl Default for RelaySettings {
     }
 }
 
-/// Advisory lock id for "the outbox relay of this schema".
-const RELAY_LOCK_ID: i64 = 0x7461_6e64_656d_0001;
+/// Advisory lock class for "the outbox relay"; the second key is the schema's hash, so the
+/// relays of two services sharing a database (one schema each) do not exclude each other.
+const RELAY_LOCK_ID: i32 = 0x7464_0001;
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Runs until `shutdown` is cancelled. `wake` is notified by writers after they commit to the
@@ -93,7 +94,7 @@ pub async fn run_outbox_relay(
             }
         }
     }
-    let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+    let _ = sqlx::query("SELECT pg_advisory_unlock($1, hashtext(current_schema()))")
         .bind(RELAY_LOCK_ID)
         .execute(&mut *lock_connection)
         .await;
@@ -104,10 +105,11 @@ async fn try_take_lock(
     pool: &PgPool,
 ) -> Result<Option<sqlx::pool::PoolConnection<sqlx::Postgres>>, sqlx::Error> {
     let mut connection = pool.acquire().await?;
-    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-        .bind(RELAY_LOCK_ID)
-        .fetch_one(&mut *connection)
-        .await?;
+    let locked: bool =
+        sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext(current_schema()))")
+            .bind(RELAY_LOCK_ID)
+            .fetch_one(&mut *connection)
+            .await?;
     Ok(locked.then_some(connection))
 }
 

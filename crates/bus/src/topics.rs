@@ -17,16 +17,30 @@ pub enum Topic {
     /// Referrals and purchases; key = customer key, so one partition holds one customer's
     /// history in order.
     CustomerActivity,
+    /// Internal to the referral ledger: attributed purchases and refunds, and copies of the
+    /// terms events, keyed by partnership, so that one instance owns each partnership's
+    /// commission decisions.
+    Attributions,
+    /// What the ledger decided (referral converted, purchase attributed, commission accrued,
+    /// reversed, payable); key = partnership id. Read by settlement and notifications.
+    Ledger,
 }
 
 impl Topic {
-    pub const ALL: [Topic; 2] = [Topic::Admin, Topic::CustomerActivity];
+    pub const ALL: [Topic; 4] = [
+        Topic::Admin,
+        Topic::CustomerActivity,
+        Topic::Attributions,
+        Topic::Ledger,
+    ];
 
     /// The name without the deployment prefix, as stored in the outbox.
     pub fn logical_name(self) -> &'static str {
         match self {
             Topic::Admin => "admin",
             Topic::CustomerActivity => "customer-activity",
+            Topic::Attributions => "attributions",
+            Topic::Ledger => "ledger",
         }
     }
 
@@ -49,6 +63,9 @@ pub struct TopicSettings {
     /// always has one partition, because activity events wait for admin events by their position
     /// in its single, global order (the admin sequence).
     pub activity_partitions: i32,
+    /// Partitions of the topics keyed by partnership (attributions, ledger): the unit of
+    /// parallelism of commission decisions.
+    pub partnership_partitions: i32,
     /// Copies of every partition: 1 on a one-node broker, 3 on a production cluster.
     pub replication_factor: i32,
     /// In-sync copies a write needs before it is acknowledged (`acks=all`); the broker's default
@@ -65,6 +82,7 @@ impl Default for TopicSettings {
     fn default() -> Self {
         Self {
             activity_partitions: 12,
+            partnership_partitions: 12,
             replication_factor: 1,
             min_insync_replicas: None,
             admin_retention_ms: -1,
@@ -78,13 +96,16 @@ impl TopicSettings {
         match topic {
             Topic::Admin => 1,
             Topic::CustomerActivity => self.activity_partitions,
+            Topic::Attributions | Topic::Ledger => self.partnership_partitions,
         }
     }
 
     fn retention_ms(&self, topic: Topic) -> i64 {
         match topic {
             Topic::Admin => self.admin_retention_ms,
-            Topic::CustomerActivity => self.activity_retention_ms,
+            Topic::CustomerActivity | Topic::Attributions | Topic::Ledger => {
+                self.activity_retention_ms
+            }
         }
     }
 }

@@ -107,6 +107,10 @@ pub struct TopicArgs {
     /// Partitions of the customer-activity topic (the admin topic always has one).
     #[arg(long, env = "TANDEM_ACTIVITY_PARTITIONS", default_value_t = 12, value_parser = clap::value_parser!(i32).range(1..=1_000))]
     pub activity_partitions: i32,
+    /// Partitions of the topics keyed by partnership (attributions, ledger): how many ledger
+    /// instances can share commission decisions.
+    #[arg(long, env = "TANDEM_PARTNERSHIP_PARTITIONS", default_value_t = 12, value_parser = clap::value_parser!(i32).range(1..=1_000))]
+    pub partnership_partitions: i32,
     /// Copies of every partition: 1 on a one-node broker, 3 on a production cluster.
     #[arg(long, env = "TANDEM_TOPIC_REPLICATION_FACTOR", default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=16))]
     pub replication_factor: i32,
@@ -117,7 +121,8 @@ pub struct TopicArgs {
     /// Retention of the admin topic in milliseconds; -1 keeps it forever.
     #[arg(long, env = "TANDEM_ADMIN_RETENTION_MS", default_value_t = -1, allow_negative_numbers = true, value_parser = parse_retention)]
     pub admin_retention_ms: i64,
-    /// Retention of the customer-activity topic in milliseconds; -1 keeps it forever.
+    /// Retention of the customer-activity, attributions and ledger topics in milliseconds; -1
+    /// keeps them forever (a projection is rebuilt by replaying them).
     #[arg(long, env = "TANDEM_ACTIVITY_RETENTION_MS", default_value_t = -1, allow_negative_numbers = true, value_parser = parse_retention)]
     pub activity_retention_ms: i64,
 }
@@ -142,6 +147,7 @@ impl TopicArgs {
         }
         Ok(TopicSettings {
             activity_partitions: self.activity_partitions,
+            partnership_partitions: self.partnership_partitions,
             replication_factor: self.replication_factor,
             min_insync_replicas: self.min_insync_replicas,
             admin_retention_ms: self.admin_retention_ms,

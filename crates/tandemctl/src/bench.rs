@@ -150,6 +150,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
                 pb::GetCommissionTotalsRequest {
                     role: pb::PartnershipRole::Acceptor as i32,
                     partnership_id: partnership.partnership_id.clone(),
+                    ..Default::default()
                 },
                 &acceptor.api_key,
             )?)

@@ -104,8 +104,11 @@ async fn create_topics(
         .await
         .map_err(|error| tandem_runtime::error_chain(&error))?;
     println!(
-        "topics ready under prefix {:?} (customer-activity: {} partitions; replication factor {})",
-        bus.topic_prefix, settings.activity_partitions, settings.replication_factor
+        "topics ready under prefix {:?} (customer-activity: {} partitions; attributions and ledger: {}; replication factor {})",
+        bus.topic_prefix,
+        settings.activity_partitions,
+        settings.partnership_partitions,
+        settings.replication_factor
     );
     Ok(())
 }

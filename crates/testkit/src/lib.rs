@@ -88,6 +88,7 @@ pub async fn test_bus_on(brokers: &str, activity_partitions: i32) -> BusConfig {
     };
     let settings = tandem_bus::TopicSettings {
         activity_partitions,
+        partnership_partitions: activity_partitions,
         ..Default::default()
     };
     tandem_bus::create_topics(&config, &settings)

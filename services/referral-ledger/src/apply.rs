@@ -1,26 +1,61 @@
-//! Applying a batch of messages in one transaction: deduplicate by message id, then, per message,
-//! update the per-customer-key projections (referrals, purchases, refunds), attribute purchases
-//! to referrals, and let the partnership aggregate decide commissions and reversals (see
-//! `book`). Which referral wins is decided by the pure rules in `tandem_domain::attribution`;
-//! how much it earns by `tandem_domain::commission`.
+//! The attribution stage: applies admin and customer-activity messages (keyed by customer) in one
+//! transaction per batch: deduplicate by message id, then, per message, update the per-customer-key
+//! projections (referrals, purchases, refunds) and the terms projection, and attribute purchases
+//! to referrals by the pure rules in `tandem_domain::attribution`. What it attributes, and the
+//! refunds of what it attributed, it hands to the commission stage (`commissions`) through the
+//! outbox, on the `attributions` topic keyed by partnership, together with a copy of every terms
+//! event, so the commission stage sees a partnership's terms before anything decided under them.
 
 use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 use sqlx::{PgConnection, PgPool};
 use tandem_bus::{BatchHandler, Delivery, Topic};
+use tandem_codec::{event_to_proto, money_to_proto};
 use tandem_domain::attribution::{attribution_ends_at, choose_referral, Candidate};
-use tandem_domain::commission::{Attribution, Command};
-use tandem_domain::ids::{MerchantId, PartnershipId, PurchaseId, ReferralId, RefundId};
-use tandem_domain::money::Money;
+use tandem_domain::ids::{MerchantId, PartnershipId, PurchaseId, ReferralId};
 use tandem_domain::partnership::TouchPolicy;
+use tandem_proto::time::timestamp;
+use tandem_proto::v1 as pb;
 use tracing::Instrument;
 
-use crate::book;
 use crate::events::{decode, Incoming, LedgerEvent, Purchase, Referral, Refund};
+use crate::terms::TermsCache;
 use crate::LedgerError;
 
 pub struct Applier {
     pub pool: PgPool,
+    /// Rung after a commit that wrote to the outbox.
+    pub outbox_written: std::sync::Arc<tokio::sync::Notify>,
+}
+
+/// Commands for the commission stage, written to the outbox at commit.
+pub struct Handoff {
+    messages: Vec<tandem_store::OutboxMessage>,
+    /// The trace context of the message being applied.
+    headers: Vec<(String, String)>,
+}
+
+impl Handoff {
+    fn send(
+        &mut self,
+        partnership_id: &PartnershipId,
+        command_id: String,
+        recorded_at: DateTime<Utc>,
+        command: pb::partnership_command::Command,
+    ) {
+        let message = pb::PartnershipCommand {
+            command_id,
+            partnership_id: partnership_id.to_string(),
+            recorded_at: Some(tandem_proto::time::timestamp(recorded_at)),
+            command: Some(command),
+        };
+        self.messages.push(tandem_store::OutboxMessage {
+            topic: Topic::Attributions.logical_name(),
+            partition_key: partnership_id.as_str().as_bytes().to_vec(),
+            payload: prost::Message::encode_to_vec(&message),
+            headers: self.headers.clone(),
+        });
+    }
 }
 
 impl BatchHandler for Applier {
@@ -51,12 +86,18 @@ impl BatchHandler for Applier {
                 .fetch_one(&mut *tx)
                 .await?;
         let mut unapplied = tandem_store::claim_unapplied(&mut tx, &ids).await?;
-        // Partnerships loaded in this batch, kept up to date as the batch appends to them.
-        let mut books = book::Books::default();
+        // Partnerships' terms read in this batch, kept current as the batch changes them.
+        let mut books = TermsCache::default();
+        let mut handoff = Handoff {
+            messages: Vec::new(),
+            headers: Vec::new(),
+        };
         let mut applied = 0usize;
+        let mut admin_seen = false;
         for ((message_id, admin_sequence, incoming), delivery) in decoded.into_iter().zip(batch) {
             let admin_sequence = i64::try_from(admin_sequence).unwrap_or(i64::MAX);
             if delivery.topic == Topic::Admin {
+                admin_seen = true;
                 admin_applied_through = admin_applied_through.max(admin_sequence);
             } else if admin_sequence > admin_applied_through {
                 // Recorded after admin events this ledger has not applied yet (new terms, a new
@@ -72,9 +113,10 @@ impl BatchHandler for Applier {
             }
             let span = tracing::info_span!("apply_event", trace_id = tracing::field::Empty, message_id = %message_id, topic = delivery.topic.logical_name(), partition = delivery.partition, offset = delivery.offset);
             delivery.link_span(&span);
+            handoff.headers.clone_from(&delivery.headers);
             let outcome = match incoming {
                 Ok(incoming) => {
-                    apply(&mut tx, &mut books, incoming)
+                    apply(&mut tx, &mut books, &mut handoff, incoming)
                         .instrument(span.clone())
                         .await?
                 }
@@ -91,11 +133,21 @@ impl BatchHandler for Applier {
             }
             applied += 1;
         }
-        sqlx::query("UPDATE admin_progress SET applied_through = greatest(applied_through, $1)")
+        // Only the admin consumer writes the progress row: activity batches never wait on it.
+        if admin_seen {
+            sqlx::query(
+                "UPDATE admin_progress SET applied_through = greatest(applied_through, $1)",
+            )
             .bind(admin_applied_through)
             .execute(&mut *tx)
             .await?;
+        }
+        let handed = handoff.messages.len();
+        tandem_store::enqueue_outbox(&mut tx, &handoff.messages).await?;
         tx.commit().await?;
+        if handed > 0 {
+            self.outbox_written.notify_one();
+        }
         tracing::debug!(received = batch.len(), applied, "batch applied");
         Ok(())
     }
@@ -105,7 +157,8 @@ impl BatchHandler for Applier {
 /// rejected and the consumer moves on. `Err` is a failure: the whole batch is retried.
 async fn apply(
     connection: &mut PgConnection,
-    books: &mut book::Books,
+    books: &mut TermsCache,
+    handoff: &mut Handoff,
     incoming: Incoming,
 ) -> Result<Result<(), String>, LedgerError> {
     let recorded_at = incoming.recorded_at;
@@ -116,29 +169,53 @@ async fn apply(
             event_id,
             event,
         } => {
-            let loaded = books.get(connection, &partnership_id).await?;
-            book::record(connection, loaded, &[event], &[event_id], recorded_at).await?;
-            tracing::info!(%partnership_id, "partnership terms event recorded");
+            crate::projection::project_terms(connection, &partnership_id, &event).await?;
+            books.forget(&partnership_id);
+            handoff.send(
+                &partnership_id,
+                format!("terms/{event_id}"),
+                recorded_at,
+                pb::partnership_command::Command::Terms(event_to_proto(&partnership_id, &event)),
+            );
+            tracing::info!(%partnership_id, "partnership terms event recorded and handed on");
         }
         LedgerEvent::CustomerReferred(referral) => {
-            apply_referral(connection, books, &referral, recorded_at).await?
+            apply_referral(connection, books, handoff, &referral, recorded_at).await?
         }
         LedgerEvent::ReferralCancelled {
             referral_id,
             cancelled_at,
         } => {
-            sqlx::query("UPDATE referrals SET cancelled_at = $2 WHERE referral_id = $1 AND cancelled_at IS NULL")
+            let cancelled = sqlx::query("UPDATE referrals SET cancelled_at = $2 WHERE referral_id = $1 AND cancelled_at IS NULL")
                 .bind(referral_id.as_str())
                 .bind(cancelled_at)
                 .execute(&mut *connection)
                 .await?;
-            tracing::info!(%referral_id, "referral cancelled");
+            let known = cancelled.rows_affected() > 0
+                || sqlx::query_scalar::<_, bool>(
+                    "SELECT EXISTS (SELECT 1 FROM referrals WHERE referral_id = $1)",
+                )
+                .bind(referral_id.as_str())
+                .fetch_one(&mut *connection)
+                .await?;
+            if known {
+                tracing::info!(%referral_id, "referral cancelled");
+            } else {
+                // The referral has not arrived yet (another customer key's copy, on another
+                // partition, may come later): the cancellation waits for it.
+                sqlx::query("INSERT INTO pending_cancellations (referral_id, cancelled_at) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+                    .bind(referral_id.as_str())
+                    .bind(cancelled_at)
+                    .execute(&mut *connection)
+                    .await?;
+                tracing::info!(%referral_id, "cancellation waits for its referral");
+            }
         }
         LedgerEvent::PurchaseRecorded(purchase) => {
-            apply_purchase(connection, books, &purchase, recorded_at).await?
+            apply_purchase(connection, books, handoff, &purchase, recorded_at).await?
         }
         LedgerEvent::RefundRecorded(refund) => {
-            return apply_refund(connection, books, &refund, recorded_at).await
+            apply_refund(connection, handoff, &refund, recorded_at).await?
         }
     }
     Ok(Ok(()))
@@ -146,7 +223,8 @@ async fn apply(
 
 async fn apply_referral(
     connection: &mut PgConnection,
-    books: &mut book::Books,
+    books: &mut TermsCache,
+    handoff: &mut Handoff,
     referral: &Referral,
     recorded_at: DateTime<Utc>,
 ) -> Result<(), LedgerError> {
@@ -185,7 +263,7 @@ async fn apply_referral(
     .await?;
     for (purchase_id,) in waiting {
         let purchase = load_purchase(connection, &purchase_id, referral).await?;
-        attribute(connection, books, &purchase, recorded_at).await?;
+        attribute(connection, books, handoff, &purchase, recorded_at).await?;
     }
     Ok(())
 }
@@ -211,6 +289,14 @@ async fn insert_referral(
     .bind(automatic)
     .execute(&mut *connection)
     .await?;
+    // A cancellation that arrived first applies now.
+    sqlx::query(
+        "UPDATE referrals r SET cancelled_at = p.cancelled_at FROM pending_cancellations p \
+         WHERE p.referral_id = r.referral_id AND r.referral_id = $1 AND r.cancelled_at IS NULL",
+    )
+    .bind(referral.referral_id.as_str())
+    .execute(&mut *connection)
+    .await?;
     sqlx::query(
         "INSERT INTO referral_keys (customer_key, acceptor_merchant_id, referral_id, referred_at, attribution_ends_at) \
          VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
@@ -227,7 +313,8 @@ async fn insert_referral(
 
 async fn apply_purchase(
     connection: &mut PgConnection,
-    books: &mut book::Books,
+    books: &mut TermsCache,
+    handoff: &mut Handoff,
     purchase: &Purchase,
     recorded_at: DateTime<Utc>,
 ) -> Result<(), LedgerError> {
@@ -254,7 +341,7 @@ async fn apply_purchase(
     .execute(&mut *connection)
     .await?;
     refer_automatically(connection, books, purchase).await?;
-    attribute(connection, books, purchase, recorded_at).await
+    attribute(connection, books, handoff, purchase, recorded_at).await
 }
 
 /// Partnerships whose terms say so turn every purchase at the referrer into a referral of its
@@ -262,7 +349,7 @@ async fn apply_purchase(
 /// so every customer key's copy of the purchase creates the same referral.
 async fn refer_automatically(
     connection: &mut PgConnection,
-    books: &mut book::Books,
+    books: &mut TermsCache,
     purchase: &Purchase,
 ) -> Result<(), LedgerError> {
     let partnerships: Vec<(String,)> = sqlx::query_as(
@@ -274,14 +361,14 @@ async fn refer_automatically(
     .await?;
     for (partnership_id,) in partnerships {
         let partnership_id = PartnershipId::parse("partnership_id", &partnership_id)?;
-        let loaded = books.get(connection, &partnership_id).await?;
-        let Some((version, terms)) = loaded.state.terms_at(purchase.purchased_at) else {
+        let core = books.get(connection, &partnership_id).await?;
+        let Some((version, terms)) = core.terms_at(purchase.purchased_at) else {
             continue;
         };
         if !terms.auto_refer {
             continue;
         }
-        let Some((referrer, acceptor)) = loaded.state.parties() else {
+        let Some((referrer, acceptor)) = core.parties() else {
             continue;
         };
         let digest =
@@ -317,18 +404,21 @@ type CandidateRow = (
 );
 
 /// Attributes `purchase` (one customer key's copy) to the winning referral of that key, if any,
-/// unless the purchase was already attributed, then lets the partnership decide the commission.
+/// unless the purchase was already attributed, and hands it to its partnership's commission
+/// stage, after the refunds of it that arrived first.
 async fn attribute(
     connection: &mut PgConnection,
-    books: &mut book::Books,
+    books: &mut TermsCache,
+    handoff: &mut Handoff,
     purchase: &Purchase,
     recorded_at: DateTime<Utc>,
 ) -> Result<(), LedgerError> {
-    let already: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM commissions WHERE purchase_id = $1)")
-            .bind(purchase.purchase_id.as_str())
-            .fetch_one(&mut *connection)
-            .await?;
+    let already: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM attributed_purchases WHERE purchase_id = $1)",
+    )
+    .bind(purchase.purchase_id.as_str())
+    .fetch_one(&mut *connection)
+    .await?;
     if already {
         return Ok(());
     }
@@ -352,9 +442,8 @@ async fn attribute(
     let mut partnership_of = std::collections::HashMap::new();
     for (referral_id, referred_at, attribution_ends_at, cancelled_at, partnership_id) in rows {
         let partnership_id = PartnershipId::parse("partnership_id", &partnership_id)?;
-        let loaded = books.get(connection, &partnership_id).await?;
-        if loaded
-            .state
+        let core = books.get(connection, &partnership_id).await?;
+        if core
             .terms_at(purchase.purchased_at)
             .is_none_or(|(_, terms)| terms.touch_policy == TouchPolicy::FirstReferrer)
         {
@@ -376,87 +465,108 @@ async fn attribute(
         .get(&winner.referral_id)
         .cloned()
         .ok_or(LedgerError::Invariant("winner without partnership"))?;
-    let previous_purchase_at: Option<DateTime<Utc>> = sqlx::query_scalar(
-        "SELECT max(purchased_at) FROM purchase_keys WHERE customer_key = $1 AND merchant_id = $2 AND purchased_at < $3",
+    // Another customer key's copy, on another partition, may attribute the same purchase at
+    // the same time: the first to insert wins, the other does nothing.
+    let claimed = sqlx::query(
+        "INSERT INTO attributed_purchases (purchase_id, partnership_id, referral_id) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+    )
+    .bind(purchase.purchase_id.as_str())
+    .bind(partnership_id.as_str())
+    .bind(winner.referral_id.as_str())
+    .execute(&mut *connection)
+    .await?;
+    if claimed.rows_affected() == 0 {
+        return Ok(());
+    }
+    let (previous_purchase_at, referrer_reference): (Option<DateTime<Utc>>, String) = sqlx::query_as(
+        "SELECT (SELECT max(purchased_at) FROM purchase_keys WHERE customer_key = $1 AND merchant_id = $2 AND purchased_at < $3), \
+         (SELECT referrer_reference FROM referrals WHERE referral_id = $4)",
     )
     .bind(purchase.customer_key.as_str())
     .bind(purchase.merchant.as_str())
     .bind(referred_at)
+    .bind(winner.referral_id.as_str())
     .fetch_one(&mut *connection)
     .await?;
-
-    let loaded = books.get(connection, &partnership_id).await?;
-    let command = Command::AttributePurchase(Attribution {
-        purchase_id: purchase.purchase_id.clone(),
-        referral_id: winner.referral_id.clone(),
-        amount: purchase.amount,
-        purchased_at: purchase.purchased_at,
-        referred_at,
-        previous_purchase_at,
-    });
-    if let Err(refused) = book::decide_and_record(connection, loaded, command, recorded_at).await? {
-        // Only a partnership the ledger has not seen yet can refuse an attribution.
-        tracing::warn!(%partnership_id, reason = %refused, "attribution refused; waiting for the partnership");
-        return Err(LedgerError::AwaitingPartnership(partnership_id.to_string()));
-    }
     sqlx::query("UPDATE referrals SET converted = true WHERE referral_id = $1")
         .bind(winner.referral_id.as_str())
         .execute(&mut *connection)
         .await?;
-    tracing::info!(purchase_id = %purchase.purchase_id, referral_id = %winner.referral_id, %partnership_id, "purchase attributed");
 
-    // Refunds that reached the ledger before their purchase are applied now.
+    // Refunds that reached the ledger before their purchase go first: the partnership parks
+    // them, then applies them right after the purchase, cut down to what is left of it.
     let waiting: Vec<(String, i64, String, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT refund_id, amount_minor, currency, refunded_at FROM refunds \
-         WHERE merchant_id = $1 AND transaction_id = $2 AND NOT handled ORDER BY refunded_at, refund_id",
+        "UPDATE refunds SET handled = true WHERE merchant_id = $1 AND transaction_id = $2 AND NOT handled \
+         RETURNING refund_id, amount_minor, currency, refunded_at",
     )
     .bind(purchase.merchant.as_str())
     .bind(&purchase.transaction_id)
     .fetch_all(&mut *connection)
     .await?;
+    let mut waiting = waiting;
+    waiting.sort_by(|a, b| (a.3, &a.0).cmp(&(b.3, &b.0)));
     for (refund_id, amount_minor, currency, refunded_at) in waiting {
-        let refund_id = RefundId::parse("refund_id", &refund_id)?;
-        // Nobody could check a refund recorded before its purchase against it: what exceeds
-        // what is left of the purchase is cut off here, as in the partnership's own parking.
-        let remaining = loaded
-            .state
-            .purchase(&purchase.purchase_id)
-            .map_or(0, |record| {
-                record.amount.amount_minor - record.refunded_minor
-            });
-        if remaining <= 0 {
-            mark_handled(connection, &refund_id).await?;
-            tracing::warn!(%refund_id, "waiting refund dropped: the purchase is already fully refunded");
-            continue;
-        }
-        let refund = Refund {
-            refund_id: refund_id.clone(),
-            merchant: purchase.merchant.clone(),
-            transaction_id: purchase.transaction_id.clone(),
-            amount: Money::parse_positive("amount", amount_minor.min(remaining), &currency)?,
-            refunded_at,
-        };
-        if let Err(reason) = refund_attributed(
-            connection,
-            loaded,
+        hand_refund(
+            handoff,
+            &partnership_id,
+            &refund_id,
             &purchase.purchase_id,
-            &refund,
+            pb::Money {
+                amount_minor,
+                currency,
+            },
+            refunded_at,
             recorded_at,
-        )
-        .await?
-        {
-            tracing::warn!(%refund_id, reason = %reason, "waiting refund refused");
-        }
+        );
     }
+    handoff.send(
+        &partnership_id,
+        format!("attribution/{}", purchase.purchase_id),
+        recorded_at,
+        pb::partnership_command::Command::AttributePurchase(pb::AttributePurchase {
+            purchase_id: purchase.purchase_id.to_string(),
+            referral_id: winner.referral_id.to_string(),
+            amount: Some(money_to_proto(purchase.amount)),
+            purchased_at: Some(timestamp(purchase.purchased_at)),
+            referred_at: Some(timestamp(referred_at)),
+            previous_purchase_at: previous_purchase_at.map(timestamp),
+            referrer_reference,
+            transaction_id: purchase.transaction_id.clone(),
+        }),
+    );
+    tracing::info!(purchase_id = %purchase.purchase_id, referral_id = %winner.referral_id, %partnership_id, "purchase attributed; handed to the partnership");
     Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn hand_refund(
+    handoff: &mut Handoff,
+    partnership_id: &PartnershipId,
+    refund_id: &str,
+    purchase_id: &PurchaseId,
+    amount: pb::Money,
+    refunded_at: DateTime<Utc>,
+    recorded_at: DateTime<Utc>,
+) {
+    handoff.send(
+        partnership_id,
+        format!("refund/{refund_id}"),
+        recorded_at,
+        pb::partnership_command::Command::RecordRefund(pb::RecordRefund {
+            refund_id: refund_id.to_owned(),
+            purchase_id: purchase_id.to_string(),
+            refund: Some(amount),
+            refunded_at: Some(timestamp(refunded_at)),
+        }),
+    );
 }
 
 async fn apply_refund(
     connection: &mut PgConnection,
-    books: &mut book::Books,
+    handoff: &mut Handoff,
     refund: &Refund,
     recorded_at: DateTime<Utc>,
-) -> Result<Result<(), String>, LedgerError> {
+) -> Result<(), LedgerError> {
     let inserted = sqlx::query(
         "INSERT INTO refunds (refund_id, merchant_id, transaction_id, amount_minor, currency, refunded_at) \
          VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (refund_id) DO NOTHING",
@@ -471,10 +581,10 @@ async fn apply_refund(
     .await?;
     if inserted.rows_affected() == 0 {
         // Another customer key's copy of this refund got here first.
-        return Ok(Ok(()));
+        return Ok(());
     }
     let attributed: Option<(String, String)> = sqlx::query_as(
-        "SELECT p.purchase_id, c.partnership_id FROM purchases p JOIN commissions c ON c.purchase_id = p.purchase_id \
+        "SELECT a.purchase_id, a.partnership_id FROM purchases p JOIN attributed_purchases a ON a.purchase_id = p.purchase_id \
          WHERE p.merchant_id = $1 AND p.transaction_id = $2",
     )
     .bind(refund.merchant.as_str())
@@ -485,55 +595,28 @@ async fn apply_refund(
         Some((purchase_id, partnership_id)) => {
             let purchase_id = PurchaseId::parse("purchase_id", &purchase_id)?;
             let partnership_id = PartnershipId::parse("partnership_id", &partnership_id)?;
-            let loaded = books.get(connection, &partnership_id).await?;
-            refund_attributed(connection, loaded, &purchase_id, refund, recorded_at).await
+            sqlx::query("UPDATE refunds SET handled = true WHERE refund_id = $1")
+                .bind(refund.refund_id.as_str())
+                .execute(&mut *connection)
+                .await?;
+            hand_refund(
+                handoff,
+                &partnership_id,
+                refund.refund_id.as_str(),
+                &purchase_id,
+                money_to_proto(refund.amount),
+                refund.refunded_at,
+                recorded_at,
+            );
+            tracing::info!(refund_id = %refund.refund_id, %purchase_id, %partnership_id, "refund handed to the partnership");
         }
         None => {
             // The purchase is not attributed (yet): it may not have arrived, or a referral that
             // covers it may still arrive from an offline till. The refund waits either way and is
-            // applied if and when the purchase is attributed.
+            // handed on if and when the purchase is attributed.
             tracing::info!(refund_id = %refund.refund_id, "refund waits for an attributed purchase");
-            Ok(Ok(()))
         }
     }
-}
-
-/// Lets the partnership claw back commission for a refund of an attributed purchase.
-async fn refund_attributed(
-    connection: &mut PgConnection,
-    loaded: &mut book::Loaded,
-    purchase_id: &PurchaseId,
-    refund: &Refund,
-    recorded_at: DateTime<Utc>,
-) -> Result<Result<(), String>, LedgerError> {
-    let command = Command::RecordRefund {
-        refund_id: refund.refund_id.clone(),
-        purchase_id: purchase_id.clone(),
-        refund: refund.amount,
-        refunded_at: refund.refunded_at,
-    };
-    let decided = book::decide_and_record(connection, loaded, command, recorded_at).await?;
-    mark_handled(connection, &refund.refund_id).await?;
-    match decided {
-        Ok(_) => {
-            tracing::info!(refund_id = %refund.refund_id, %purchase_id, "refund applied");
-            Ok(Ok(()))
-        }
-        Err(refused) => Ok(Err(format!(
-            "refund {} refused: {refused}",
-            refund.refund_id
-        ))),
-    }
-}
-
-async fn mark_handled(
-    connection: &mut PgConnection,
-    refund_id: &RefundId,
-) -> Result<(), LedgerError> {
-    sqlx::query("UPDATE refunds SET handled = true WHERE refund_id = $1")
-        .bind(refund_id.as_str())
-        .execute(connection)
-        .await?;
     Ok(())
 }
 
@@ -552,7 +635,7 @@ async fn load_purchase(
         merchant: MerchantId::parse("merchant_id", &merchant_id)?,
         transaction_id,
         customer_key: referral.customer_key.clone(),
-        amount: Money::parse_positive("amount", amount_minor, &currency)?,
+        amount: tandem_domain::money::Money::parse_positive("amount", amount_minor, &currency)?,
         purchased_at,
     })
 }

@@ -1,91 +1,128 @@
-//! Partnership streams: the ledger's event-sourced core. Each partnership's terms events (copied
-//! from the admin topic) and commission decisions are appended to `events` as stream
-//! `partnership-<id>` with optimistic concurrency; every appended event is projected, in the same
-//! transaction, into `partnerships`, `partnership_versions`, `commissions` and the double-entry
-//! `ledger_entries`/`ledger_postings`. [`rebuild_projections`] drops those and replays the
-//! streams: the result equals the live projections.
+//! Partnership streams: the commission stage's event-sourced core. Each partnership's terms
+//! events and commission decisions are appended to `events` as stream `partnership-<id>`; the
+//! unique `(stream_id, sequence)` is the optimistic-concurrency fence against a late writer.
+//! Beside each stream, `partnership_books` holds its head and a snapshot of its core (the terms
+//! events, a handful), written in the same transaction as the events, so loading a partnership
+//! reads one row, never its history. [`rebuild_projections`] replays every stream into the
+//! projections, key by key, in bounded memory.
+
+// Row and column tuples here mirror the SQL statements' columns one to one.
+#![allow(clippy::type_complexity)]
+
+use std::collections::{BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
 use prost::Message;
 use sqlx::{PgConnection, PgPool};
-use tandem_codec::{
-    calculation_to_proto, event_from_proto, event_to_proto, reason_to_proto, terms_to_proto,
+use tandem_codec::{event_from_proto, event_to_proto};
+use tandem_domain::commission::{
+    record_keys_of_events, Event, Partnership, PurchaseRecord, RecordKeys, TallyKeys,
 };
-use tandem_domain::commission::{decide, Command, Event, Partnership, PartnershipError};
-use tandem_domain::ids::PartnershipId;
-use tandem_domain::ledger::Entry;
+use tandem_domain::ids::{PartnershipId, PurchaseId};
 use tandem_proto::v1 as pb;
-use tandem_store::NewEvent;
 use uuid::Uuid;
 
+use crate::facts::{self, FactWrites, Keyed, Statements};
+use crate::projection::Projection;
 use crate::LedgerError;
 
 pub fn stream_id(partnership_id: &PartnershipId) -> String {
     format!("partnership-{partnership_id}")
 }
 
-/// A partnership as stored: its state and how many events its stream holds.
-#[derive(Debug, Clone)]
-pub struct Loaded {
-    pub partnership_id: PartnershipId,
-    pub state: Partnership,
+/// A partnership's core as the engine holds it: the stream head and the terms events.
+#[derive(Debug, Clone, Default)]
+pub struct Book {
     pub sequence: i32,
+    pub core: Partnership,
+    terms_events: Vec<pb::PartnershipEvent>,
+    /// True once a terms event was added since the snapshot was read.
+    changed: bool,
 }
 
-/// The partnerships one batch has loaded, kept current as the batch appends to them, so that a
-/// batch replays each stream once. Scoped to one transaction: if another ledger instance
-/// appends meanwhile, the append conflicts and the whole batch is retried with a fresh cache.
-#[derive(Debug, Default)]
-pub struct Books {
-    loaded: std::collections::HashMap<PartnershipId, Loaded>,
-}
-
-impl Books {
-    pub async fn get(
-        &mut self,
-        connection: &mut PgConnection,
+impl Book {
+    fn from_snapshot(
         partnership_id: &PartnershipId,
-    ) -> Result<&mut Loaded, LedgerError> {
-        if !self.loaded.contains_key(partnership_id) {
-            let loaded = load(connection, partnership_id).await?;
-            self.loaded.insert(partnership_id.clone(), loaded);
+        sequence: i32,
+        snapshot: &[u8],
+    ) -> Result<Self, LedgerError> {
+        let snapshot = pb::CoreSnapshot::decode(snapshot)
+            .map_err(|_| LedgerError::Invariant("undecodable core snapshot"))?;
+        let mut core = Partnership::default();
+        for event in &snapshot.terms_events {
+            core = core.apply(&event_from_proto(event)?);
         }
-        self.loaded
-            .get_mut(partnership_id)
-            .ok_or(LedgerError::Invariant(
-                "partnership vanished from the batch cache",
-            ))
+        let _ = partnership_id;
+        Ok(Self {
+            sequence,
+            core,
+            terms_events: snapshot.terms_events,
+            changed: false,
+        })
+    }
+
+    /// Folds a terms event into the core and the snapshot.
+    pub fn add_terms(&mut self, partnership_id: &PartnershipId, event: &Event) {
+        self.core = std::mem::take(&mut self.core).apply(event);
+        self.terms_events
+            .push(event_to_proto(partnership_id, event));
+        self.changed = true;
+    }
+
+    fn snapshot(&self) -> Vec<u8> {
+        pb::CoreSnapshot {
+            terms_events: self.terms_events.clone(),
+        }
+        .encode_to_vec()
     }
 }
 
-/// Loads a partnership by replaying its stream.
-pub async fn load(
+/// The heads and core snapshots of `ids` (a partnership without a row has an empty stream).
+pub async fn load_books(
     connection: &mut PgConnection,
-    partnership_id: &PartnershipId,
-) -> Result<Loaded, LedgerError> {
-    let payloads: Vec<Vec<u8>> =
-        sqlx::query_scalar("SELECT payload FROM events WHERE stream_id = $1 ORDER BY sequence")
-            .bind(stream_id(partnership_id))
-            .fetch_all(&mut *connection)
-            .await?;
-    let mut state = Partnership::default();
-    for payload in &payloads {
-        state = state.apply(&decode(payload)?);
+    ids: &[PartnershipId],
+    statements: &mut Statements,
+) -> Result<HashMap<PartnershipId, Book>, LedgerError> {
+    let names: Vec<&str> = ids.iter().map(PartnershipId::as_str).collect();
+    let rows: Vec<(String, i32, Vec<u8>)> = sqlx::query_as(
+        "SELECT partnership_id, sequence, core FROM partnership_books WHERE partnership_id = ANY($1)",
+    )
+    .bind(&names)
+    .fetch_all(&mut *connection)
+    .await?;
+    statements.add();
+    let mut books = HashMap::with_capacity(ids.len());
+    for (id, sequence, core) in rows {
+        let id = PartnershipId::parse("partnership_id", &id)?;
+        let book = Book::from_snapshot(&id, sequence, &core)?;
+        books.insert(id, book);
     }
-    Ok(Loaded {
-        partnership_id: partnership_id.clone(),
-        state,
-        sequence: i32::try_from(payloads.len()).unwrap_or(i32::MAX),
-    })
+    for id in ids {
+        books.entry(id.clone()).or_default();
+    }
+    Ok(books)
 }
 
-fn decode(payload: &[u8]) -> Result<Event, LedgerError> {
-    let event = pb::PartnershipEvent::decode(payload)
-        .map_err(|_| LedgerError::Invariant("undecodable partnership event"))?;
-    Ok(event_from_proto(&event)?)
+/// The heads, sequences only: to check a cached core is still current.
+pub async fn load_heads(
+    connection: &mut PgConnection,
+    ids: &[PartnershipId],
+    statements: &mut Statements,
+) -> Result<HashMap<PartnershipId, i32>, LedgerError> {
+    let names: Vec<&str> = ids.iter().map(PartnershipId::as_str).collect();
+    let rows: Vec<(String, i32)> = sqlx::query_as(
+        "SELECT partnership_id, sequence FROM partnership_books WHERE partnership_id = ANY($1)",
+    )
+    .bind(&names)
+    .fetch_all(&mut *connection)
+    .await?;
+    statements.add();
+    rows.into_iter()
+        .map(|(id, sequence)| Ok((PartnershipId::parse("partnership_id", &id)?, sequence)))
+        .collect()
 }
 
-fn event_type(event: &Event) -> &'static str {
+pub fn event_type(event: &Event) -> &'static str {
     match event {
         Event::TermsProposed { .. } => "TermsProposed",
         Event::TermsAccepted { .. } => "TermsAccepted",
@@ -97,364 +134,240 @@ fn event_type(event: &Event) -> &'static str {
     }
 }
 
-/// Decides `command` against the partnership and records what it decided. A refusal by the
-/// domain is returned as `Ok(Err(..))`: it is an answer, not a failure to retry.
-pub async fn decide_and_record(
-    connection: &mut PgConnection,
-    loaded: &mut Loaded,
-    command: Command,
-    recorded_at: DateTime<Utc>,
-) -> Result<Result<Vec<Event>, PartnershipError>, LedgerError> {
-    let events = match decide(&loaded.state, command) {
-        Ok(events) => events,
-        Err(refused) => return Ok(Err(refused)),
-    };
-    let ids: Vec<Uuid> = events.iter().map(|_| Uuid::now_v7()).collect();
-    record(connection, loaded, &events, &ids, recorded_at).await?;
-    Ok(Ok(events))
+/// Events to append, for every partnership of a batch.
+#[derive(Debug, Default)]
+pub struct Appends {
+    stream_id: Vec<String>,
+    sequence: Vec<i32>,
+    event_id: Vec<Uuid>,
+    event_type: Vec<&'static str>,
+    payload: Vec<Vec<u8>>,
+    recorded_at: Vec<DateTime<Utc>>,
 }
 
-/// Appends `events` (with their ids) to the stream and projects them.
-pub async fn record(
-    connection: &mut PgConnection,
-    loaded: &mut Loaded,
-    events: &[Event],
-    event_ids: &[Uuid],
-    recorded_at: DateTime<Utc>,
-) -> Result<(), LedgerError> {
-    let stored: Vec<NewEvent> = events
-        .iter()
-        .zip(event_ids)
-        .map(|(event, id)| NewEvent {
-            event_id: *id,
-            event_type: event_type(event),
-            payload: event_to_proto(&loaded.partnership_id, event).encode_to_vec(),
-            recorded_at,
-        })
-        .collect();
-    tandem_store::append_events(
-        connection,
-        &stream_id(&loaded.partnership_id),
-        loaded.sequence,
-        &stored,
-    )
-    .await?;
-    for event in events {
-        let entry = loaded.state.ledger_entry(event)?;
-        loaded.state = std::mem::take(&mut loaded.state).apply(event);
-        project(
-            connection,
-            &loaded.partnership_id,
-            &loaded.state,
-            event,
-            entry.as_ref(),
-            recorded_at,
+impl Appends {
+    /// Appends `event` at the book's next sequence and returns that sequence.
+    pub fn push(
+        &mut self,
+        partnership_id: &PartnershipId,
+        book: &mut Book,
+        event_id: Uuid,
+        event: &Event,
+        recorded_at: DateTime<Utc>,
+    ) -> i32 {
+        book.sequence += 1;
+        self.stream_id.push(stream_id(partnership_id));
+        self.sequence.push(book.sequence);
+        self.event_id.push(event_id);
+        self.event_type.push(event_type(event));
+        self.payload
+            .push(event_to_proto(partnership_id, event).encode_to_vec());
+        self.recorded_at.push(recorded_at);
+        book.sequence
+    }
+
+    pub fn len(&self) -> usize {
+        self.sequence.len()
+    }
+
+    /// One statement. A sequence another writer took first violates the unique key: the batch
+    /// fails with a conflict, and is retried from fresh state.
+    pub async fn write(
+        self,
+        connection: &mut PgConnection,
+        statements: &mut Statements,
+    ) -> Result<(), LedgerError> {
+        if self.sequence.is_empty() {
+            return Ok(());
+        }
+        let first = self.stream_id.first().cloned().unwrap_or_default();
+        let result = sqlx::query(
+            "INSERT INTO events (stream_id, sequence, event_id, event_type, payload, recorded_at) \
+             SELECT * FROM UNNEST($1::text[], $2::int[], $3::uuid[], $4::text[], $5::bytea[], $6::timestamptz[])",
         )
-        .await?;
-    }
-    loaded.sequence += i32::try_from(events.len()).unwrap_or(i32::MAX);
-    Ok(())
-}
-
-/// Updates the projections for one event; `state` is the partnership after it.
-async fn project(
-    connection: &mut PgConnection,
-    partnership_id: &PartnershipId,
-    state: &Partnership,
-    event: &Event,
-    entry: Option<&Entry>,
-    recorded_at: DateTime<Utc>,
-) -> Result<(), LedgerError> {
-    let id = partnership_id.as_str();
-    match event {
-        Event::TermsProposed {
-            version,
-            referrer,
-            acceptor,
-            proposed_by,
-            terms,
-            effective_from,
-        } => {
-            sqlx::query(
-                "INSERT INTO partnerships (partnership_id, referrer_merchant_id, acceptor_merchant_id) VALUES ($1, $2, $3) \
-                 ON CONFLICT (partnership_id) DO NOTHING",
-            )
-            .bind(id)
-            .bind(referrer.as_str())
-            .bind(acceptor.as_str())
-            .execute(&mut *connection)
-            .await?;
-            sqlx::query(
-                "INSERT INTO partnership_versions (partnership_id, version, proposed_by, terms, effective_from) VALUES ($1, $2, $3, $4, $5)",
-            )
-            .bind(id)
-            .bind(i32::try_from(*version).unwrap_or(i32::MAX))
-            .bind(proposed_by.as_str())
-            .bind(terms_to_proto(terms).encode_to_vec())
-            .bind(effective_from)
-            .execute(&mut *connection)
-            .await?;
-        }
-        Event::TermsAccepted {
-            version,
-            accepted_by,
-            effective_from,
-        } => {
-            sqlx::query("UPDATE partnership_versions SET accepted_by = $3, effective_from = $4 WHERE partnership_id = $1 AND version = $2")
-                .bind(id)
-                .bind(i32::try_from(*version).unwrap_or(i32::MAX))
-                .bind(accepted_by.as_str())
-                .bind(effective_from)
-                .execute(&mut *connection)
-                .await?;
-        }
-        Event::Terminated { at, .. } => {
-            sqlx::query("UPDATE partnerships SET terminated_at = $2 WHERE partnership_id = $1")
-                .bind(id)
-                .bind(at)
-                .execute(&mut *connection)
-                .await?;
-        }
-        Event::CommissionAccrued {
-            purchase_id,
-            referral_id,
-            terms_version,
-            amount,
-            commission,
-            calculation,
-            purchased_at,
-            period_start,
-            payable_at,
-        } => {
-            let (referrer, acceptor) = state.parties().ok_or(LedgerError::Invariant(
-                "commission on a partnership without parties",
-            ))?;
-            insert_line(
-                connection,
-                id,
-                purchase_id.as_str(),
-                referral_id.as_str(),
-                (referrer.as_str(), acceptor.as_str()),
-                *terms_version,
-                calculation.rule,
-                *amount,
-                commission.amount_minor,
-                *purchased_at,
-                Some(*period_start),
-                *payable_at,
-                None,
-                Some(calculation_to_proto(calculation).encode_to_vec()),
-                recorded_at,
-            )
-            .await?;
-            if let Some(entry) = entry {
-                post(
-                    connection,
-                    id,
-                    &format!("accrual/{purchase_id}"),
-                    "commission_accrual",
-                    purchase_id.as_str(),
-                    *payable_at,
-                    entry,
-                    recorded_at,
-                )
-                .await?;
+        .bind(self.stream_id)
+        .bind(self.sequence)
+        .bind(self.event_id)
+        .bind(self.event_type)
+        .bind(self.payload)
+        .bind(self.recorded_at)
+        .execute(&mut *connection)
+        .await;
+        statements.add();
+        match result {
+            Ok(_) => Ok(()),
+            Err(error) if tandem_store::is_unique_violation(&error) => {
+                Err(LedgerError::Store(tandem_store::StoreError::Conflict {
+                    stream_id: first,
+                    expected: 0,
+                }))
             }
+            Err(error) => Err(error.into()),
         }
-        Event::CommissionNotEarned {
-            purchase_id,
-            referral_id,
-            terms_version,
-            amount,
-            purchased_at,
-            reason,
-        } => {
-            let (referrer, acceptor) = state.parties().ok_or(LedgerError::Invariant(
-                "commission on a partnership without parties",
-            ))?;
-            let rule = terms_version
-                .and_then(|v| state.versions().iter().find(|t| t.version == v))
-                .map_or("none", |v| v.terms.rule.name());
-            insert_line(
-                connection,
-                id,
-                purchase_id.as_str(),
-                referral_id.as_str(),
-                (referrer.as_str(), acceptor.as_str()),
-                terms_version.unwrap_or(0),
-                rule,
-                *amount,
-                0,
-                *purchased_at,
-                None,
-                *purchased_at,
-                Some(reason_to_proto(reason).0),
-                None,
-                recorded_at,
-            )
-            .await?;
-        }
-        Event::RefundApplied {
-            refund_id,
-            purchase_id,
-            refund,
-            reversal,
-            refunded_at,
-            within_holding_period,
-        } => {
-            let payable_at: Option<DateTime<Utc>> = sqlx::query_scalar(
-                "UPDATE commissions SET refunded_minor = refunded_minor + $2, reversed_minor = reversed_minor + $3 \
-                 WHERE purchase_id = $1 RETURNING payable_at",
-            )
-            .bind(purchase_id.as_str())
-            .bind(refund.amount_minor)
-            .bind(reversal.amount_minor)
-            .fetch_optional(&mut *connection)
-            .await?;
-            if let Some(entry) = entry {
-                // A reversal inside the holding period reduces what is accrued; after it, what
-                // is payable.
-                let effective = if *within_holding_period {
-                    payable_at.unwrap_or(*refunded_at)
-                } else {
-                    *refunded_at
-                };
-                post(
-                    connection,
-                    id,
-                    &format!("reversal/{refund_id}"),
-                    "commission_reversal",
-                    purchase_id.as_str(),
-                    effective,
-                    entry,
-                    recorded_at,
-                )
-                .await?;
-            }
-        }
-        Event::RefundParked { .. } => {}
     }
-    Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn insert_line(
+/// Writes the heads of `books` (and the core snapshots that changed): one statement.
+pub async fn save_books<'a>(
     connection: &mut PgConnection,
-    partnership_id: &str,
-    purchase_id: &str,
-    referral_id: &str,
-    (referrer, acceptor): (&str, &str),
-    terms_version: u32,
-    rule: &str,
-    amount: tandem_domain::money::Money,
-    commission_minor: i64,
-    purchased_at: DateTime<Utc>,
-    period_start: Option<DateTime<Utc>>,
-    payable_at: DateTime<Utc>,
-    not_earned_reason: Option<&str>,
-    calculation: Option<Vec<u8>>,
-    recorded_at: DateTime<Utc>,
+    books: impl IntoIterator<Item = (&'a PartnershipId, &'a Book)>,
+    statements: &mut Statements,
 ) -> Result<(), LedgerError> {
+    let (mut ids, mut sequences, mut referrers, mut acceptors, mut cores) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (id, book) in books {
+        ids.push(id.to_string());
+        sequences.push(book.sequence);
+        let parties = book.core.parties();
+        referrers.push(parties.map(|(r, _)| r.to_string()));
+        acceptors.push(parties.map(|(_, a)| a.to_string()));
+        cores.push(book.changed.then(|| book.snapshot()));
+    }
+    if ids.is_empty() {
+        return Ok(());
+    }
     sqlx::query(
-        "INSERT INTO commissions (purchase_id, partnership_id, referral_id, referrer_merchant_id, acceptor_merchant_id, \
-         terms_version, rule, amount_minor, currency, commission_minor, purchased_at, period_start, payable_at, \
-         not_earned_reason, calculation, recorded_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+        "INSERT INTO partnership_books (partnership_id, sequence, referrer_merchant_id, acceptor_merchant_id, core) \
+         SELECT k.id, k.sequence, k.referrer, k.acceptor, coalesce(k.core, '\\x'::bytea) \
+         FROM UNNEST($1::text[], $2::int[], $3::text[], $4::text[], $5::bytea[]) AS k(id, sequence, referrer, acceptor, core) \
+         ON CONFLICT (partnership_id) DO UPDATE SET sequence = EXCLUDED.sequence, \
+         referrer_merchant_id = EXCLUDED.referrer_merchant_id, acceptor_merchant_id = EXCLUDED.acceptor_merchant_id, \
+         core = CASE WHEN EXCLUDED.core = '\\x'::bytea THEN partnership_books.core ELSE EXCLUDED.core END",
     )
-    .bind(purchase_id)
-    .bind(partnership_id)
-    .bind(referral_id)
-    .bind(referrer)
-    .bind(acceptor)
-    .bind(i32::try_from(terms_version).unwrap_or(i32::MAX))
-    .bind(rule)
-    .bind(amount.amount_minor)
-    .bind(amount.currency.as_str())
-    .bind(commission_minor)
-    .bind(purchased_at)
-    .bind(period_start)
-    .bind(payable_at)
-    .bind(not_earned_reason)
-    .bind(calculation)
-    .bind(recorded_at)
-    .execute(connection)
-    .await?;
-    Ok(())
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn post(
-    connection: &mut PgConnection,
-    partnership_id: &str,
-    entry_id: &str,
-    kind: &str,
-    purchase_id: &str,
-    payable_at: DateTime<Utc>,
-    entry: &Entry,
-    recorded_at: DateTime<Utc>,
-) -> Result<(), LedgerError> {
-    sqlx::query(
-        "INSERT INTO ledger_entries (entry_id, partnership_id, kind, purchase_id, currency, payable_at, recorded_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
-    )
-    .bind(entry_id)
-    .bind(partnership_id)
-    .bind(kind)
-    .bind(purchase_id)
-    .bind(entry.currency().as_str())
-    .bind(payable_at)
-    .bind(recorded_at)
+    .bind(ids)
+    .bind(sequences)
+    .bind(referrers)
+    .bind(acceptors)
+    .bind(cores)
     .execute(&mut *connection)
     .await?;
-    for posting in entry.postings() {
-        sqlx::query("INSERT INTO ledger_postings (entry_id, account, merchant_id, currency, amount_minor) VALUES ($1, $2, $3, $4, $5)")
-            .bind(entry_id)
-            .bind(posting.account.as_str())
-            .bind(posting.merchant.as_str())
-            .bind(entry.currency().as_str())
-            .bind(posting.amount_minor)
-            .execute(&mut *connection)
-            .await?;
-    }
+    statements.add();
     Ok(())
 }
 
-/// Drops the projections of the partnership streams and rebuilds them by replaying every stream
-/// from the event table, in one transaction.
-pub async fn rebuild_projections(pool: &PgPool) -> Result<u64, LedgerError> {
-    let mut tx = pool.begin().await?;
-    sqlx::query("TRUNCATE ledger_postings, ledger_entries, commissions, partnership_versions, partnerships CASCADE")
-        .execute(&mut *tx)
-        .await?;
-    let rows: Vec<(String, Vec<u8>, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT stream_id, payload, recorded_at FROM events WHERE stream_id LIKE 'partnership-%' ORDER BY stream_id, sequence",
-    )
-    .fetch_all(&mut *tx)
-    .await?;
-    let mut current: Option<(String, PartnershipId, Partnership)> = None;
-    let mut replayed = 0u64;
-    for (stream, payload, recorded_at) in rows {
-        if current.as_ref().is_none_or(|(name, _, _)| *name != stream) {
-            let id = stream.strip_prefix("partnership-").unwrap_or_default();
-            let partnership_id = PartnershipId::parse("stream_id", id)?;
-            current = Some((stream.clone(), partnership_id, Partnership::default()));
+impl Book {
+    /// Marks the snapshot as written.
+    pub fn saved(&mut self) {
+        self.changed = false;
+    }
+}
+
+/// Loads the keyed facts `events` (per partnership) touch, folds the events and collects the
+/// projection rows and fact writes. Shared by the live engine (for decided events, through
+/// [`crate::commissions`]) and by [`rebuild_projections`].
+async fn project_stream_chunk(
+    connection: &mut PgConnection,
+    chunk: Vec<(PartnershipId, Vec<(i32, Event, DateTime<Utc>)>)>,
+    books: &mut HashMap<PartnershipId, Book>,
+    statements: &mut Statements,
+) -> Result<(), LedgerError> {
+    let record_keys: Keyed<RecordKeys> = chunk
+        .iter()
+        .map(|(id, events)| {
+            (
+                id.clone(),
+                record_keys_of_events(events.iter().map(|(_, e, _)| e)),
+            )
+        })
+        .collect();
+    let mut loaded = facts::load_records(connection, &record_keys, statements).await?;
+    let tally_keys: Keyed<TallyKeys> = chunk
+        .iter()
+        .map(|(id, events)| {
+            let records: std::collections::BTreeMap<PurchaseId, PurchaseRecord> = loaded
+                .get(id)
+                .map(|f| f.purchases.clone())
+                .unwrap_or_default();
+            (
+                id.clone(),
+                Partnership::tally_keys_of_events(events.iter().map(|(_, e, _)| e), &records),
+            )
+        })
+        .collect();
+    facts::load_tallies(connection, &tally_keys, &mut loaded, statements).await?;
+    let mut projection = Projection::default();
+    let mut writes = FactWrites::default();
+    for (id, events) in chunk {
+        let book = books.entry(id.clone()).or_default();
+        let before = loaded.remove(&id).unwrap_or_default();
+        let mut state = book.core.clone().with_facts(before.clone());
+        for (sequence, event, recorded_at) in &events {
+            projection.add(&id, &state, event, *sequence, *recorded_at, &[])?;
+            if Partnership::changes_core(event) {
+                book.add_terms(&id, event);
+            }
+            state = state.apply(event);
+            book.sequence = *sequence;
         }
-        let Some((_, partnership_id, state)) = current.as_mut() else {
-            continue;
+        let named: BTreeSet<PurchaseId> = record_keys
+            .get(&id)
+            .map(|k| k.purchases.clone())
+            .unwrap_or_default();
+        writes.diff(&id, &before, state.facts(), &named);
+    }
+    projection.write(connection, false, statements).await?;
+    writes.write(connection, statements).await?;
+    Ok(())
+}
+
+/// Drops the commission stage's projections and rebuilds them by replaying every partnership
+/// stream from the event table, in one transaction, a chunk of events at a time (memory is
+/// bounded by the chunk and the partnerships' cores, not by the history). The payable timers are
+/// a delivery queue, not a projection, and are left alone. Returns the events replayed.
+pub async fn rebuild_projections(pool: &PgPool) -> Result<u64, LedgerError> {
+    const CHUNK: i64 = 5_000;
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "TRUNCATE ledger_postings, ledger_entries, commissions, customer_tallies, period_tallies, \
+         partnership_refunds, parked_refunds, partnership_books, partnership_versions, partnerships CASCADE",
+    )
+    .execute(&mut *tx)
+    .await?;
+    let mut books: HashMap<PartnershipId, Book> = HashMap::new();
+    let mut statements = Statements::default();
+    let mut after = (String::new(), 0i32);
+    let mut replayed = 0u64;
+    loop {
+        let rows: Vec<(String, i32, Vec<u8>, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT stream_id, sequence, payload, recorded_at FROM events \
+             WHERE stream_id LIKE 'partnership-%' AND (stream_id, sequence) > ($1, $2) \
+             ORDER BY stream_id, sequence LIMIT $3",
+        )
+        .bind(&after.0)
+        .bind(after.1)
+        .bind(CHUNK)
+        .fetch_all(&mut *tx)
+        .await?;
+        let Some((last_stream, last_sequence, _, _)) = rows.last() else {
+            break;
         };
-        let event = decode(&payload)?;
-        let entry = state.ledger_entry(&event)?;
-        *state = std::mem::take(state).apply(&event);
-        project(
+        after = (last_stream.clone(), *last_sequence);
+        replayed += rows.len() as u64;
+        let mut chunk: Vec<(PartnershipId, Vec<(i32, Event, DateTime<Utc>)>)> = Vec::new();
+        for (stream, sequence, payload, recorded_at) in rows {
+            let id = stream.strip_prefix("partnership-").unwrap_or_default();
+            let id = PartnershipId::parse("stream_id", id)?;
+            let event = pb::PartnershipEvent::decode(payload.as_slice())
+                .map_err(|_| LedgerError::Invariant("undecodable partnership event"))?;
+            let event = event_from_proto(&event)?;
+            match chunk.last_mut() {
+                Some((last, events)) if *last == id => events.push((sequence, event, recorded_at)),
+                _ => chunk.push((id, vec![(sequence, event, recorded_at)])),
+            }
+        }
+        let ids: Vec<PartnershipId> = chunk.iter().map(|(id, _)| id.clone()).collect();
+        project_stream_chunk(&mut tx, chunk, &mut books, &mut statements).await?;
+        save_books(
             &mut tx,
-            partnership_id,
-            state,
-            &event,
-            entry.as_ref(),
-            recorded_at,
+            ids.iter().filter_map(|id| books.get(id).map(|b| (id, b))),
+            &mut statements,
         )
         .await?;
-        replayed += 1;
+        for id in &ids {
+            if let Some(book) = books.get_mut(id) {
+                book.saved();
+            }
+        }
     }
     tx.commit().await?;
     Ok(replayed)

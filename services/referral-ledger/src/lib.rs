@@ -1,21 +1,35 @@
-//! The referral ledger: consumes the admin and customer-activity topics, attributes purchases to
-//! referrals, computes commissions (half-even to the minor unit) and posts them to a
-//! double-entry ledger. Every projection here is rebuilt by replaying the topics from the start.
+//! The referral ledger, in two stages. Attribution (`apply`) consumes the admin and
+//! customer-activity topics, keyed by customer, and attributes purchases to referrals; it hands
+//! what it attributed to the commission stage (`commissions`) on the internal `attributions`
+//! topic, keyed by partnership, through its outbox. The commission stage, one writer per
+//! partnership, computes commissions (half-even to the minor unit), posts them to a double-entry
+//! ledger and announces its decisions on the `ledger` topic. Every projection here is rebuilt
+//! by replaying the topics from the start (or the partnership streams, `rebuild_projections`).
 
 mod apply;
 mod book;
+mod commissions;
 mod events;
+mod facts;
+mod projection;
 mod query;
+mod rejected;
+mod terms;
 
 pub use book::rebuild_projections;
+pub use commissions::{fire_payable_timers, payable_announcement_id, BatchCost};
+pub use rejected::RejectedRow;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tandem_bus::{run_consumer, ConsumerSettings, Topic};
+use std::sync::Arc;
+
+use tandem_bus::{run_consumer, run_outbox_relay, ConsumerSettings, RelaySettings, Topic};
 use tandem_proto::v1::referral_ledger_server::ReferralLedgerServer;
 use tandem_runtime::{BackgroundTasks, BusArgs, ConsumerArgs, DatabaseArgs};
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
 use tonic::service::Routes;
@@ -39,8 +53,8 @@ pub struct Config {
     /// Postgres schema of the ledger.
     #[arg(long, env = "TANDEM_LEDGER_SCHEMA", default_value = "ledger")]
     pub schema: String,
-    /// Kafka consumer group prefix: the ledger consumes the admin topic in `<group>.admin` and
-    /// customer activity in `<group>.activity`.
+    /// Kafka consumer group prefix: the ledger consumes the admin topic in `<group>.admin`,
+    /// customer activity in `<group>.activity` and attributions in `<group>.commissions`.
     #[arg(
         long,
         env = "TANDEM_LEDGER_CONSUMER_GROUP",
@@ -72,6 +86,26 @@ pub enum LedgerError {
     Unbalanced(#[from] tandem_domain::ledger::UnbalancedEntry),
     #[error("invariant violated: {0}")]
     Invariant(&'static str),
+}
+
+impl LedgerError {
+    /// True when the data, not the infrastructure, made the batch fail: a constraint it breaks,
+    /// a value out of range, stored data the domain refuses. Such a failure would repeat on
+    /// every retry, so the consumer isolates the message and records it instead of retrying.
+    pub fn is_data_error(&self) -> bool {
+        match self {
+            Self::Database(sqlx::Error::Database(error)) => error.code().is_some_and(|code| {
+                code.starts_with("22") || (code.starts_with("23") && code != "23505")
+            }),
+            Self::Store(tandem_store::StoreError::Database(sqlx::Error::Database(error))) => {
+                error.code().is_some_and(|code| {
+                    code.starts_with("22") || (code.starts_with("23") && code != "23505")
+                })
+            }
+            Self::Corrupt(_) | Self::Unbalanced(_) | Self::Invariant(_) => true,
+            _ => false,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -108,9 +142,13 @@ pub async fn run(
         pool.close().await;
         return Ok(());
     }
-    // Two consumers, so that customer activity waiting for a partnership it references never
-    // holds up the admin topic that will bring it.
+    // Three consumers: customer activity waiting for a partnership it references never holds
+    // up the admin topic that will bring it, and commission decisions (keyed by partnership)
+    // are spread over instances independently of attribution (keyed by customer).
     let membership = config.consumer.membership(config.listen.port());
+    let bus = config.bus.bus_config();
+    let producer = tandem_bus::idempotent_producer(&bus)?;
+    let outbox_written = Arc::new(Notify::new());
     let mut tasks = BackgroundTasks::default();
     for (suffix, topic) in [
         ("admin", Topic::Admin),
@@ -120,7 +158,7 @@ pub async fn run(
         tasks.spawn(
             format!("the consumer of group {group_id}"),
             run_consumer(
-                config.bus.bus_config(),
+                bus.clone(),
                 ConsumerSettings {
                     group_id,
                     topics: vec![topic],
@@ -128,11 +166,49 @@ pub async fn run(
                     max_wait: Duration::from_millis(20),
                     membership: membership.clone(),
                 },
-                apply::Applier { pool: pool.clone() },
+                apply::Applier {
+                    pool: pool.clone(),
+                    outbox_written: outbox_written.clone(),
+                },
                 shutdown.clone(),
             ),
         );
     }
+    let group_id = format!("{}.commissions", config.consumer_group);
+    let stage = commissions::CommissionStage::new(pool.clone(), outbox_written.clone());
+    tasks.spawn(
+        format!("the consumer of group {group_id}"),
+        run_consumer(
+            bus.clone(),
+            ConsumerSettings {
+                group_id,
+                topics: vec![Topic::Attributions],
+                max_batch: config.max_batch as usize,
+                max_wait: Duration::from_millis(20),
+                membership: membership.clone(),
+            },
+            stage,
+            shutdown.clone(),
+        ),
+    );
+    let relay = run_outbox_relay(
+        pool.clone(),
+        producer,
+        bus.clone(),
+        RelaySettings::default(),
+        outbox_written.clone(),
+        shutdown.clone(),
+    );
+    // The relay and the timers retry every failure themselves; they end only at shutdown.
+    tasks.spawn("the outbox relay", async move {
+        relay.await;
+        Ok::<(), std::convert::Infallible>(())
+    });
+    let timers = commissions::run_payable_timers(pool.clone(), outbox_written, shutdown.clone());
+    tasks.spawn("the payable timers", async move {
+        timers.await;
+        Ok::<(), std::convert::Infallible>(())
+    });
     let routes = Routes::new(ReferralLedgerServer::new(query::LedgerQueries {
         pool: pool.clone(),
     }));

@@ -97,6 +97,60 @@ fn parse_page_token(token: &str) -> Result<(Option<DateTime<Utc>>, Option<String
     Ok((Some(at), Some(id.to_owned())))
 }
 
+/// A totals page position: `t1.<period start in unix micros, or "none">.<partnership>.<currency>`.
+fn encode_totals_token(
+    period_start: Option<DateTime<Utc>>,
+    partnership_id: &str,
+    currency: &str,
+) -> String {
+    let at = period_start.map_or_else(|| "none".to_owned(), |at| at.timestamp_micros().to_string());
+    format!("t1.{at}.{partnership_id}.{currency}")
+}
+
+/// The group key after which the next totals page starts; "none" is the period of lines that
+/// earned nothing, sorted last (`-infinity`).
+type TotalsPosition = (Option<DateTime<Utc>>, String, String);
+
+fn parse_totals_token(token: &str) -> Result<Option<TotalsPosition>, Status> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let invalid = || {
+        Status::invalid_argument("page_token: is not a token this API returned; pass next_page_token unchanged, or empty for the first page")
+    };
+    let parts: Vec<&str> = token.split('.').collect();
+    let ["t1", at, partnership_id, currency] = parts.as_slice() else {
+        return Err(invalid());
+    };
+    let at = if *at == "none" {
+        None
+    } else {
+        Some(
+            at.parse()
+                .ok()
+                .and_then(DateTime::from_timestamp_micros)
+                .ok_or_else(invalid)?,
+        )
+    };
+    PartnershipId::parse("page_token", partnership_id).map_err(|_| invalid())?;
+    Currency::parse("page_token", currency).map_err(|_| invalid())?;
+    Ok(Some((
+        at,
+        (*partnership_id).to_owned(),
+        (*currency).to_owned(),
+    )))
+}
+
+/// An exact sum (numeric, as text) as minor units, or OUT_OF_RANGE if it does not fit.
+fn exact_minor(sum: &str, what: &str) -> Result<i64, Status> {
+    sum.parse::<i64>().map_err(|_| {
+        Status::out_of_range(format!(
+            "{what} is {sum} minor units, more than a Money can carry (at most {}); ask for one partnership at a time",
+            i64::MAX
+        ))
+    })
+}
+
 /// The next page's token if the query returned more rows than the page holds.
 fn next_token<T>(
     rows: &mut Vec<T>,
@@ -151,10 +205,11 @@ struct LineRow {
     period_start: Option<DateTime<Utc>>,
     payable_at: DateTime<Utc>,
     not_earned_reason: Option<String>,
+    decision_sequence: i32,
 }
 
 const LINE_COLUMNS: &str = "purchase_id, partnership_id, referrer_merchant_id, acceptor_merchant_id, referral_id, terms_version, rule, \
-    amount_minor, currency, commission_minor, refunded_minor, reversed_minor, purchased_at, period_start, payable_at, not_earned_reason";
+    amount_minor, currency, commission_minor, refunded_minor, reversed_minor, purchased_at, period_start, payable_at, not_earned_reason, decision_sequence";
 
 impl LineRow {
     fn to_proto(&self, now: DateTime<Utc>) -> pb::CommissionLine {
@@ -390,54 +445,83 @@ impl ReferralLedger for LedgerQueries {
         let query = request.request.unwrap_or_default();
         let (column, counterparty) = role_columns(query.role)?;
         let partnership = partnership_filter(&query.partnership_id)?;
+        let size = page_size(query.page_size)?;
+        let after = parse_totals_token(&query.page_token)?;
         type Row = (
             String,
             String,
             Option<DateTime<Utc>>,
             String,
             i64,
-            i64,
-            i64,
-            i64,
+            String,
+            String,
+            String,
         );
+        // Sums in numeric, which cannot overflow; ordered and paged on the group key, with the
+        // lines without a period (nothing earned) last.
         let sql = format!(
-            "SELECT partnership_id, {counterparty}, period_start, currency, count(*), sum(amount_minor)::bigint, \
-             sum(commission_minor)::bigint, sum(reversed_minor)::bigint FROM commissions \
+            "SELECT partnership_id, {counterparty}, period_start, currency, count(*), sum(amount_minor)::text, \
+             sum(commission_minor)::text, sum(reversed_minor)::text FROM commissions \
              WHERE {column} = $1 AND ($2::text IS NULL OR partnership_id = $2) \
+             AND (NOT $7 \
+                  OR ($3::timestamptz IS NULL AND period_start IS NULL AND (partnership_id, currency) > ($4, $5)) \
+                  OR ($3 IS NOT NULL AND (period_start IS NULL OR period_start < $3 \
+                      OR (period_start = $3 AND (partnership_id, currency) > ($4, $5))))) \
              GROUP BY partnership_id, {counterparty}, period_start, currency \
-             ORDER BY period_start DESC NULLS LAST, partnership_id, currency LIMIT 1000"
+             ORDER BY coalesce(period_start, '-infinity') DESC, partnership_id, currency LIMIT $6"
         );
-        let rows: Vec<Row> = sqlx::query_as(&sql)
+        let mut rows: Vec<Row> = sqlx::query_as(&sql)
             .bind(merchant.as_str())
             .bind(partnership)
+            .bind(after.as_ref().and_then(|(at, _, _)| *at))
+            .bind(after.as_ref().map(|(_, p, _)| p.clone()))
+            .bind(after.as_ref().map(|(_, _, c)| c.clone()))
+            .bind(i64::from(size) + 1)
+            .bind(after.is_some())
             .fetch_all(&self.pool)
             .await
             .map_err(internal)?;
-        let totals = rows
-            .into_iter()
-            .map(
-                |(
-                    partnership_id,
-                    counterparty,
-                    period_start,
-                    currency,
-                    purchases,
-                    amount,
-                    commission,
-                    reversed,
-                )| pb::CommissionTotal {
-                    partnership_id,
-                    counterparty_merchant_id: counterparty,
-                    period_start: period_start.map(timestamp),
-                    purchases: u32::try_from(purchases).unwrap_or(u32::MAX),
-                    attributed_amount: money(amount, &currency),
-                    commission: money(commission, &currency),
-                    reversed: money(reversed, &currency),
-                    net_commission: money(commission - reversed, &currency),
-                },
-            )
-            .collect();
-        Ok(Response::new(pb::GetCommissionTotalsResponse { totals }))
+        let next_page_token = if rows.len() > size as usize {
+            rows.truncate(size as usize);
+            rows.last()
+                .map(|(partnership_id, _, period_start, currency, ..)| {
+                    encode_totals_token(*period_start, partnership_id, currency)
+                })
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let mut totals = Vec::with_capacity(rows.len());
+        for (
+            partnership_id,
+            counterparty,
+            period_start,
+            currency,
+            purchases,
+            amount,
+            commission,
+            reversed,
+        ) in rows
+        {
+            let what = |name: &str| format!("{name} of partnership {partnership_id} in {currency}");
+            let amount = exact_minor(&amount, &what("the attributed amount"))?;
+            let commission_minor = exact_minor(&commission, &what("the commission"))?;
+            let reversed_minor = exact_minor(&reversed, &what("the reversed commission"))?;
+            totals.push(pb::CommissionTotal {
+                partnership_id,
+                counterparty_merchant_id: counterparty,
+                period_start: period_start.map(timestamp),
+                purchases: u32::try_from(purchases).unwrap_or(u32::MAX),
+                attributed_amount: money(amount, &currency),
+                commission: money(commission_minor, &currency),
+                reversed: money(reversed_minor, &currency),
+                net_commission: money(commission_minor - reversed_minor, &currency),
+            });
+        }
+        Ok(Response::new(pb::GetCommissionTotalsResponse {
+            totals,
+            next_page_token,
+        }))
     }
 
     #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id = %request.get_ref().merchant_id))]
@@ -463,19 +547,39 @@ impl ReferralLedger for LedgerQueries {
                 "purchase_id: no commission line for {purchase_id} involves you; it was not attributed, or not yet"
             )));
         };
-        // The decision itself, from the partnership's stream.
+        // The decision itself: one event of the partnership's stream, and the terms it used.
         let partnership_id =
             PartnershipId::parse("partnership_id", &row.partnership_id).map_err(internal)?;
-        let mut connection = self.pool.acquire().await.map_err(internal)?;
-        let loaded = book::load(&mut connection, &partnership_id)
-            .await
-            .map_err(internal)?;
-        let decision = load_decision(&mut connection, &partnership_id, &purchase_id).await?;
+        let decision = load_decision(
+            &self.pool,
+            &partnership_id,
+            &purchase_id,
+            row.decision_sequence,
+        )
+        .await?;
         let currency = Currency::parse("currency", &row.currency).map_err(internal)?;
         let terms_version = u32::try_from(row.terms_version).ok().filter(|v| *v > 0);
-        let terms = terms_version
-            .and_then(|v| loaded.state.versions().iter().find(|t| t.version == v))
-            .map(|t| &t.terms);
+        let terms = match terms_version {
+            Some(_) => {
+                let bytes: Option<Vec<u8>> = sqlx::query_scalar(
+                    "SELECT terms FROM partnership_versions WHERE partnership_id = $1 AND version = $2",
+                )
+                .bind(partnership_id.as_str())
+                .bind(row.terms_version)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(internal)?;
+                bytes
+                    .map(|bytes| {
+                        pb::Terms::decode(bytes.as_slice())
+                            .map_err(internal)
+                            .and_then(|t| tandem_codec::terms_from_proto(&t).map_err(internal))
+                    })
+                    .transpose()?
+            }
+            None => None,
+        };
+        let terms = terms.as_ref();
         let (calculation, not_earned) = match &decision {
             Event::CommissionAccrued { calculation, .. } => (Some(calculation), None),
             Event::CommissionNotEarned { reason, .. } => (None, Some(reason)),
@@ -507,10 +611,11 @@ impl ReferralLedger for LedgerQueries {
     ) -> Result<Response<pb::GetBalancesResponse>, Status> {
         tandem_runtime::link_request_span(&request);
         let merchant = merchant(&request.get_ref().merchant_id)?;
-        let rows: Vec<(String, String, Option<i64>, Option<i64>)> = sqlx::query_as(
+        // Sums in numeric, which cannot overflow; a balance beyond a Money is OUT_OF_RANGE.
+        let rows: Vec<(String, String, Option<String>, Option<String>)> = sqlx::query_as(
             "SELECT p.currency, p.account, \
-             sum(p.amount_minor) FILTER (WHERE e.payable_at > now())::bigint, \
-             sum(p.amount_minor) FILTER (WHERE e.payable_at <= now())::bigint \
+             sum(p.amount_minor) FILTER (WHERE e.payable_at > now())::text, \
+             sum(p.amount_minor) FILTER (WHERE e.payable_at <= now())::text \
              FROM ledger_postings p JOIN ledger_entries e ON e.entry_id = p.entry_id \
              WHERE p.merchant_id = $1 GROUP BY p.currency, p.account ORDER BY p.currency, p.account",
         )
@@ -518,56 +623,65 @@ impl ReferralLedger for LedgerQueries {
         .fetch_all(&self.pool)
         .await
         .map_err(internal)?;
-        let balances = rows
-            .into_iter()
-            .map(|(currency, account, accrued, payable)| {
-                // Receivable balances are debits (positive); payable ones credits (negative):
-                // both are reported as the positive amount owed.
-                let (role, sign) = if account == "commission_receivable" {
-                    (pb::PartnershipRole::Referrer, 1)
-                } else {
-                    (pb::PartnershipRole::Acceptor, -1)
-                };
-                pb::Balance {
-                    currency,
-                    role: role as i32,
-                    accrued_minor: sign * accrued.unwrap_or(0),
-                    payable_minor: sign * payable.unwrap_or(0),
-                    settled_minor: 0,
-                }
-            })
-            .collect();
+        let mut balances = Vec::with_capacity(rows.len());
+        for (currency, account, accrued, payable) in rows {
+            // Receivable balances are debits (positive); payable ones credits (negative): both
+            // are reported as the positive amount owed.
+            let (role, sign) = if account == "commission_receivable" {
+                (pb::PartnershipRole::Referrer, 1)
+            } else {
+                (pb::PartnershipRole::Acceptor, -1)
+            };
+            let accrued = exact_minor(
+                accrued.as_deref().unwrap_or("0"),
+                &format!("the accrued {account} balance in {currency}"),
+            )?;
+            let payable = exact_minor(
+                payable.as_deref().unwrap_or("0"),
+                &format!("the payable {account} balance in {currency}"),
+            )?;
+            balances.push(pb::Balance {
+                currency,
+                role: role as i32,
+                accrued_minor: sign * accrued,
+                payable_minor: sign * payable,
+                settled_minor: 0,
+            });
+        }
         Ok(Response::new(pb::GetBalancesResponse { balances }))
     }
 }
 
-/// The commission decision (accrued or not earned) for a purchase, from the partnership stream.
+/// The commission decision (accrued or not earned) for a purchase: the one event of the
+/// partnership's stream its line points to.
 async fn load_decision(
-    connection: &mut sqlx::PgConnection,
+    pool: &PgPool,
     partnership_id: &PartnershipId,
     purchase_id: &PurchaseId,
+    sequence: i32,
 ) -> Result<Event, Status> {
-    let payloads: Vec<Vec<u8>> = sqlx::query_scalar(
-        "SELECT payload FROM events WHERE stream_id = $1 AND event_type IN ('CommissionAccrued', 'CommissionNotEarned') ORDER BY sequence",
-    )
-    .bind(book::stream_id(partnership_id))
-    .fetch_all(connection)
-    .await
-    .map_err(internal)?;
-    for payload in payloads {
-        let event = pb::PartnershipEvent::decode(payload.as_slice()).map_err(internal)?;
-        let event = tandem_codec::event_from_proto(&event).map_err(internal)?;
-        match &event {
-            Event::CommissionAccrued {
-                purchase_id: id, ..
-            }
-            | Event::CommissionNotEarned {
-                purchase_id: id, ..
-            } if id == purchase_id => return Ok(event),
-            _ => {}
+    let payload: Option<Vec<u8>> =
+        sqlx::query_scalar("SELECT payload FROM events WHERE stream_id = $1 AND sequence = $2")
+            .bind(book::stream_id(partnership_id))
+            .bind(sequence)
+            .fetch_optional(pool)
+            .await
+            .map_err(internal)?;
+    let not_found = || {
+        Status::not_found(format!(
+            "purchase_id: no commission decision for {purchase_id}"
+        ))
+    };
+    let payload = payload.ok_or_else(not_found)?;
+    let event = pb::PartnershipEvent::decode(payload.as_slice()).map_err(internal)?;
+    let event = tandem_codec::event_from_proto(&event).map_err(internal)?;
+    match &event {
+        Event::CommissionAccrued {
+            purchase_id: id, ..
         }
+        | Event::CommissionNotEarned {
+            purchase_id: id, ..
+        } if id == purchase_id => Ok(event),
+        _ => Err(not_found()),
     }
-    Err(Status::not_found(format!(
-        "purchase_id: no commission decision for {purchase_id}"
-    )))
 }

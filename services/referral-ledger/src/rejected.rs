@@ -1,0 +1,104 @@
+//! Messages the ledger could not apply: undecodable, refused by the domain, or failing alone on
+//! a constraint. Each is kept with its reason, its position and its bytes, and skipped, so that
+//! nothing blocks a partition. An operator lists them and, once the cause is fixed, replays one
+//! (`referral-ledger --list-rejected`, `--replay-rejected <ref>`): the stored bytes go through the
+//! same stage again, as if redelivered.
+
+// Row and column tuples here mirror the SQL statements' columns one to one.
+#![allow(clippy::type_complexity)]
+
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+use tandem_bus::Delivery;
+
+use crate::LedgerError;
+
+#[derive(Debug, Clone)]
+pub struct Rejected {
+    /// The message id when it could be read; otherwise its position.
+    pub message_ref: String,
+    pub reason: String,
+    pub topic: &'static str,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Vec<u8>,
+    pub payload: Vec<u8>,
+}
+
+impl Rejected {
+    pub fn of(delivery: &Delivery, message_id: Option<String>, reason: String) -> Self {
+        let position = format!(
+            "{}/{}/{}",
+            delivery.topic.logical_name(),
+            delivery.partition,
+            delivery.offset
+        );
+        Self {
+            message_ref: message_id.map_or(position.clone(), |id| format!("{id}@{position}")),
+            reason,
+            topic: delivery.topic.logical_name(),
+            partition: delivery.partition,
+            offset: delivery.offset,
+            key: delivery.key.clone(),
+            payload: delivery.payload.clone(),
+        }
+    }
+}
+
+/// Records `rejected` in one statement.
+pub async fn record(
+    connection: &mut PgConnection,
+    rejected: &[Rejected],
+) -> Result<(), LedgerError> {
+    if rejected.is_empty() {
+        return Ok(());
+    }
+    for r in rejected {
+        tracing::error!(message_ref = %r.message_ref, topic = r.topic, partition = r.partition, offset = r.offset, reason = %r.reason, "message rejected; kept in rejected_messages and skipped");
+    }
+    let mut c: (
+        Vec<&str>,
+        Vec<&str>,
+        Vec<&str>,
+        Vec<i32>,
+        Vec<i64>,
+        Vec<&[u8]>,
+        Vec<&[u8]>,
+    ) = Default::default();
+    for r in rejected {
+        c.0.push(&r.message_ref);
+        c.1.push(&r.reason);
+        c.2.push(r.topic);
+        c.3.push(r.partition);
+        c.4.push(r.offset);
+        c.5.push(&r.key);
+        c.6.push(&r.payload);
+    }
+    sqlx::query(
+        "INSERT INTO rejected_messages (message_ref, reason, topic, partition, \"offset\", key, payload) \
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int[], $5::bigint[], $6::bytea[], $7::bytea[]) \
+         ON CONFLICT (message_ref) DO NOTHING",
+    )
+    .bind(c.0)
+    .bind(c.1)
+    .bind(c.2)
+    .bind(c.3)
+    .bind(c.4)
+    .bind(c.5)
+    .bind(c.6)
+    .execute(connection)
+    .await?;
+    Ok(())
+}
+
+/// One rejected message, as listed to an operator.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct RejectedRow {
+    pub message_ref: String,
+    pub reason: String,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub rejected_at: DateTime<Utc>,
+    pub replayed_at: Option<DateTime<Utc>>,
+}
