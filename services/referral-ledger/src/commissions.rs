@@ -182,8 +182,9 @@ impl CommissionStage {
         }
     }
 
-    /// Applies `batch` in one transaction.
-    async fn apply(&self, batch: &[Delivery]) -> Result<BatchCost, LedgerError> {
+    /// Applies `batch` in one transaction and says what it cost. The consumer calls it through
+    /// [`BatchHandler::handle`], which also isolates a message the data makes fail.
+    pub async fn apply(&self, batch: &[Delivery]) -> Result<BatchCost, LedgerError> {
         let mut statements = Statements::default();
         let mut rejected = Vec::new();
         let mut incoming = Vec::new();

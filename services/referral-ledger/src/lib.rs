@@ -17,7 +17,7 @@ mod rejected;
 mod terms;
 
 pub use book::rebuild_projections;
-pub use commissions::{fire_payable_timers, payable_announcement_id, BatchCost};
+pub use commissions::{fire_payable_timers, payable_announcement_id, BatchCost, CommissionStage};
 pub use rejected::RejectedRow;
 
 use std::net::SocketAddr;
@@ -127,6 +127,11 @@ pub fn main() -> std::process::ExitCode {
 }
 
 static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Creates or upgrades the ledger's schema (what `run` does first).
+pub async fn migrate(pool: &sqlx::PgPool) -> Result<(), tandem_store::StoreError> {
+    tandem_store::migrate(pool, &MIGRATIONS).await
+}
 
 /// Runs the ledger until `shutdown` is cancelled: migrates, consumes, serves queries.
 pub async fn run(
