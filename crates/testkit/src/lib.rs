@@ -202,3 +202,24 @@ pub fn group_lag(config: &BusConfig, group: &str, topic: Topic) -> i64 {
         .map(|position| position.lag)
         .sum()
 }
+
+/// Publishes one message to `topic` (acknowledged by every in-sync replica), as a producer
+/// outside Tandem would: for poison messages and for replaying captured messages in another
+/// order.
+pub async fn publish(config: &BusConfig, topic: Topic, key: &[u8], payload: &[u8]) {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &config.brokers)
+        .set("acks", "all")
+        .create()
+        .expect("test producer");
+    let name = topic.name(config);
+    producer
+        .send(
+            FutureRecord::to(&name).key(key).payload(payload),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(error, _)| error)
+        .expect("publish a test message");
+}

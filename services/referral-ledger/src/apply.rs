@@ -62,6 +62,41 @@ impl BatchHandler for Applier {
     type Error = LedgerError;
 
     async fn handle(&self, batch: &[Delivery]) -> Result<(), LedgerError> {
+        match self.apply(batch).await {
+            Err(error) if error.is_data_error() => {
+                // Something in the batch breaks a constraint: find it, one message at a time.
+                tracing::warn!(error = %error, size = batch.len(), "batch failed on its data; applying its messages one by one");
+                for delivery in batch {
+                    match self.apply(std::slice::from_ref(delivery)).await {
+                        Err(error) if error.is_data_error() => {
+                            let message_id = decode(delivery).1.ok().map(|m| m.message_id);
+                            let reason =
+                                format!("failed alone: {}", tandem_runtime::error_chain(&error));
+                            let mut tx = self.pool.begin().await?;
+                            if let Some(id) = &message_id {
+                                tandem_store::claim_unapplied(&mut tx, std::slice::from_ref(id))
+                                    .await?;
+                            }
+                            crate::rejected::record(
+                                &mut tx,
+                                &[crate::rejected::Rejected::of(delivery, message_id, reason)],
+                            )
+                            .await?;
+                            tx.commit().await?;
+                        }
+                        other => other?,
+                    }
+                }
+                Ok(())
+            }
+            other => other,
+        }
+    }
+}
+
+impl Applier {
+    /// Applies `batch` in one transaction.
+    async fn apply(&self, batch: &[Delivery]) -> Result<(), LedgerError> {
         let decoded: Vec<(String, u64, Result<Incoming, String>)> = batch
             .iter()
             .map(|delivery| match decode(delivery) {
@@ -94,6 +129,7 @@ impl BatchHandler for Applier {
         };
         let mut applied = 0usize;
         let mut admin_seen = false;
+        let mut rejected = Vec::new();
         for ((message_id, admin_sequence, incoming), delivery) in decoded.into_iter().zip(batch) {
             let admin_sequence = i64::try_from(admin_sequence).unwrap_or(i64::MAX);
             if delivery.topic == Topic::Admin {
@@ -123,13 +159,12 @@ impl BatchHandler for Applier {
                 Err(reason) => Err(reason),
             };
             if let Err(reason) = outcome {
-                span.in_scope(|| tracing::error!(reason = %reason, "message rejected; kept in rejected_messages"));
-                sqlx::query("INSERT INTO rejected_messages (message_ref, reason, payload) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
-                    .bind(&message_id)
-                    .bind(&reason)
-                    .bind(&delivery.payload)
-                    .execute(&mut *tx)
-                    .await?;
+                let decoded = !message_id.starts_with("rejected/");
+                rejected.push(crate::rejected::Rejected::of(
+                    delivery,
+                    decoded.then(|| message_id.clone()),
+                    reason,
+                ));
             }
             applied += 1;
         }
@@ -142,6 +177,7 @@ impl BatchHandler for Applier {
             .execute(&mut *tx)
             .await?;
         }
+        crate::rejected::record(&mut tx, &rejected).await?;
         let handed = handoff.messages.len();
         tandem_store::enqueue_outbox(&mut tx, &handoff.messages).await?;
         tx.commit().await?;
