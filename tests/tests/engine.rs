@@ -258,13 +258,7 @@ type Folded = (
 
 /// Folds the `ledger` topic: per (merchant, currency), commission accrued minus reversed, from
 /// the events deduplicated by id; and how many events of each kind.
-fn fold(
-    messages: &[tandem_testkit::RawMessage],
-) -> (
-    BTreeMap<(String, String), i64>,
-    BTreeMap<&'static str, usize>,
-    HashSet<String>,
-) {
+fn fold(messages: &[tandem_testkit::RawMessage]) -> Folded {
     let mut balances = BTreeMap::new();
     let mut kinds = BTreeMap::new();
     let mut seen = HashSet::new();
