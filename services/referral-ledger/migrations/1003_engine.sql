@@ -101,10 +101,10 @@ CREATE TABLE payable_timers (
 );
 CREATE INDEX payable_timers_due ON payable_timers (payable_at);
 
--- Messages that could not be decoded or that the domain refused: kept with their reason, skipped,
--- and replayable by an operator (`tandemctl ledger rejected`). `source` says which consumer.
+-- Messages that could not be decoded or that the domain refused: kept with their reason and
+-- position, skipped, and replayable by an operator (`referral-ledger --list-rejected`,
+-- `--replay-rejected <message_ref>`).
 ALTER TABLE rejected_messages ADD COLUMN topic TEXT NOT NULL DEFAULT '';
 ALTER TABLE rejected_messages ADD COLUMN partition INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE rejected_messages ADD COLUMN "offset" BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE rejected_messages ADD COLUMN key BYTEA NOT NULL DEFAULT '';
-ALTER TABLE rejected_messages ADD COLUMN replayed_at TIMESTAMPTZ;

@@ -65,6 +65,19 @@ pub struct Config {
     /// the event table, then exit instead of serving.
     #[arg(long)]
     pub rebuild_projections: bool,
+    /// List the messages the ledger rejected and skipped (reason, topic, partition, offset),
+    /// then exit.
+    #[arg(long, conflicts_with_all = ["rebuild_projections", "replay_rejected"])]
+    pub list_rejected: bool,
+    /// Apply a rejected message again (once its cause is fixed: a deployment that understands
+    /// it, a partnership that now exists), by its `message_ref` from `--list-rejected`, then
+    /// exit. If it is refused again, it is recorded again with the new reason.
+    #[arg(
+        long,
+        value_name = "MESSAGE_REF",
+        conflicts_with = "rebuild_projections"
+    )]
+    pub replay_rejected: Option<String>,
     /// Most events applied in one transaction.
     #[arg(long, env = "TANDEM_LEDGER_MAX_BATCH", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_batch: u32,
@@ -118,6 +131,8 @@ pub enum StartError {
     Serve(#[from] tandem_runtime::ServeError),
     #[error("rebuilding the projections failed")]
     Rebuild(#[from] LedgerError),
+    #[error("{0}")]
+    Replay(String),
 }
 
 /// The whole binary: configuration from flags and the environment, then [`run`] until SIGTERM.
@@ -133,6 +148,42 @@ pub async fn migrate(pool: &sqlx::PgPool) -> Result<(), tandem_store::StoreError
     tandem_store::migrate(pool, &MIGRATIONS).await
 }
 
+/// Applies one rejected message again through its stage; what it hands on or announces waits in
+/// the outbox for the running ledger's relay. Returns the new reason if it was rejected again.
+pub async fn replay_rejected(
+    pool: &sqlx::PgPool,
+    message_ref: &str,
+) -> Result<Option<String>, StartError> {
+    use tandem_bus::BatchHandler;
+    let Some(delivery) = rejected::take(pool, message_ref).await? else {
+        return Err(StartError::Replay(format!(
+            "no rejected message {message_ref:?}; --list-rejected shows them"
+        )));
+    };
+    let wake = Arc::new(Notify::new());
+    match delivery.topic {
+        Topic::Attributions => {
+            commissions::CommissionStage::new(pool.clone(), wake)
+                .handle(std::slice::from_ref(&delivery))
+                .await?
+        }
+        _ => {
+            apply::Applier {
+                pool: pool.clone(),
+                outbox_written: wake,
+            }
+            .handle(std::slice::from_ref(&delivery))
+            .await?
+        }
+    }
+    let again = rejected::list(pool).await?.into_iter().find(|row| {
+        row.topic == delivery.topic.logical_name()
+            && row.offset == delivery.offset
+            && row.partition == delivery.partition
+    });
+    Ok(again.map(|row| row.reason))
+}
+
 /// Runs the ledger until `shutdown` is cancelled: migrates, consumes, serves queries.
 pub async fn run(
     config: Config,
@@ -141,6 +192,30 @@ pub async fn run(
 ) -> Result<(), StartError> {
     let pool = tandem_store::connect(&config.database.store_config(&config.schema)).await?;
     tandem_store::migrate(&pool, &MIGRATIONS).await?;
+    if config.list_rejected {
+        for row in rejected::list(&pool).await? {
+            println!(
+                "{}\t{}/{}/{}\t{}\t{}",
+                row.message_ref,
+                row.topic,
+                row.partition,
+                row.offset,
+                row.rejected_at.to_rfc3339(),
+                row.reason
+            );
+        }
+        pool.close().await;
+        return Ok(());
+    }
+    if let Some(message_ref) = &config.replay_rejected {
+        let outcome = replay_rejected(&pool, message_ref).await;
+        pool.close().await;
+        match outcome? {
+            None => println!("applied: {message_ref}"),
+            Some(reason) => println!("rejected again: {reason}"),
+        }
+        return Ok(());
+    }
     if config.rebuild_projections {
         let replayed = rebuild_projections(&pool).await?;
         tracing::info!(replayed, "projections rebuilt from the event table");

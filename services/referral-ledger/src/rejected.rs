@@ -100,5 +100,50 @@ pub struct RejectedRow {
     pub partition: i32,
     pub offset: i64,
     pub rejected_at: DateTime<Utc>,
-    pub replayed_at: Option<DateTime<Utc>>,
+}
+
+/// Every rejected message, oldest first.
+pub async fn list(pool: &sqlx::PgPool) -> Result<Vec<RejectedRow>, LedgerError> {
+    Ok(sqlx::query_as(
+        "SELECT message_ref, reason, topic, partition, \"offset\", rejected_at FROM rejected_messages \
+         ORDER BY rejected_at, message_ref",
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Takes a rejected message out of the table (and its id out of the applied set) and returns
+/// it as the delivery it was, to be applied again by its stage.
+pub async fn take(
+    pool: &sqlx::PgPool,
+    message_ref: &str,
+) -> Result<Option<tandem_bus::Delivery>, LedgerError> {
+    let mut tx = pool.begin().await?;
+    let row: Option<(String, i32, i64, Vec<u8>, Vec<u8>)> = sqlx::query_as(
+        "DELETE FROM rejected_messages WHERE message_ref = $1 RETURNING topic, partition, \"offset\", key, payload",
+    )
+    .bind(message_ref)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((topic, partition, offset, key, payload)) = row else {
+        return Ok(None);
+    };
+    let topic = tandem_bus::Topic::from_logical_name(&topic).ok_or(LedgerError::Invariant(
+        "rejected message of an unknown topic",
+    ))?;
+    if let Some((message_id, _)) = message_ref.split_once('@') {
+        sqlx::query("DELETE FROM applied_messages WHERE message_id = $1")
+            .bind(message_id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(Some(tandem_bus::Delivery {
+        topic,
+        partition,
+        offset,
+        key,
+        payload,
+        headers: Vec::new(),
+    }))
 }

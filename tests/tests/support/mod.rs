@@ -150,6 +150,8 @@ impl Stack {
             consumer: self.consumer_args.clone(),
             consumer_group: format!("{}-{group}", self.bus.topic_prefix),
             rebuild_projections: false,
+            list_rejected: false,
+            replay_rejected: None,
             max_batch: 500,
         };
         let shutdown = CancellationToken::new();
