@@ -97,6 +97,32 @@ pub async fn test_bus_on(brokers: &str, activity_partitions: i32) -> BusConfig {
     config
 }
 
+/// Topics of their own on a cluster: every partition copied `replication` times, writes
+/// acknowledged by `min_insync` copies, so one broker can die without losing or refusing any.
+pub async fn test_bus_replicated(
+    brokers: &str,
+    partitions: i32,
+    replication: i32,
+    min_insync: i32,
+) -> BusConfig {
+    let config = BusConfig {
+        brokers: brokers.to_owned(),
+        topic_prefix: format!("test-{}", uuid::Uuid::new_v4().simple()),
+        client_properties: Default::default(),
+    };
+    let settings = tandem_bus::TopicSettings {
+        activity_partitions: partitions,
+        partnership_partitions: partitions,
+        replication_factor: replication,
+        min_insync_replicas: Some(min_insync),
+        ..Default::default()
+    };
+    tandem_bus::create_topics(&config, &settings)
+        .await
+        .expect("create replicated topics");
+    config
+}
+
 /// A raw message read back from a topic.
 #[derive(Debug, Clone)]
 pub struct RawMessage {

@@ -110,6 +110,12 @@ impl Stack {
         }
     }
 
+    /// Another gateway on the same database, topics and ledger address (gateways are
+    /// stateless but for Postgres; their relays share the outbox under one lock).
+    pub async fn add_gateway(&self) -> Running {
+        self.spawn_gateway().await
+    }
+
     async fn spawn_gateway(&self) -> Running {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();

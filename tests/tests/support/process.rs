@@ -91,7 +91,13 @@ impl LedgerProcess {
     /// Starts the ledger on `stack`'s database, topics and ledger address, in consumer group
     /// prefix `group`, with the given extra settings (`TANDEM_…` variables).
     pub fn start(stack: &Stack, group: &str, extra: &[(&'static str, String)]) -> LedgerProcess {
-        let address = stack.ledger_address();
+        // An instance of its own listens where the extra settings say.
+        let address = extra
+            .iter()
+            .find(|(name, _)| *name == "TANDEM_LEDGER_LISTEN")
+            .map_or(stack.ledger_address(), |(_, value)| {
+                value.parse().expect("TANDEM_LEDGER_LISTEN is an address")
+            });
         let mut environment = vec![
             ("DATABASE_URL", stack.database.url.clone()),
             ("TANDEM_KAFKA_BROKERS", stack.bus.brokers.clone()),
@@ -105,7 +111,11 @@ impl LedgerProcess {
             ("RUST_LOG", "info".to_owned()),
         ];
         environment.extend(extra.iter().cloned());
-        let log_path = std::env::temp_dir().join(format!("{}-ledger.log", stack.bus.topic_prefix));
+        let log_path = std::env::temp_dir().join(format!(
+            "{}-ledger-{}.log",
+            stack.bus.topic_prefix,
+            address.port()
+        ));
         let mut process = LedgerProcess {
             child: None,
             address,
@@ -196,20 +206,34 @@ impl Drop for LedgerProcess {
 pub struct PrivateKafka {
     home: PathBuf,
     port: u16,
+    nodes: u16,
 }
 
 impl PrivateKafka {
     pub fn start() -> PrivateKafka {
-        let port = free_port_pair();
+        Self::cluster(1)
+    }
+
+    /// A cluster of `nodes` (1 or 3) brokers, each also a controller.
+    pub fn cluster(nodes: u16) -> PrivateKafka {
+        let port = free_ports(nodes);
         let home =
             std::env::temp_dir().join(format!("tandem-kafka-{}", uuid::Uuid::new_v4().simple()));
-        let kafka = PrivateKafka { home, port };
+        let kafka = PrivateKafka { home, port, nodes };
         kafka.script("start");
         kafka
     }
 
     pub fn brokers(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        (0..self.nodes)
+            .map(|n| format!("127.0.0.1:{}", self.port + n))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// SIGKILL one node (1-based): a broker crash.
+    pub fn kill(&self, node: u16) {
+        self.script(&format!("kill {node}"));
     }
 
     /// A controlled shutdown of the broker; returns when its process has exited.
@@ -241,11 +265,11 @@ impl PrivateKafka {
         let mut script = Command::new("bash");
         script
             .arg(repo_root().join("deploy/local/broker.sh"))
-            .arg(command)
+            .args(command.split(' '))
             .env("TANDEM_HOME", &self.home)
             .env("TANDEM_KAFKA_PORT", self.port.to_string())
-            .env_remove("TANDEM_KAFKA_BROKERS")
-            .env_remove("TANDEM_KAFKA_NODES");
+            .env("TANDEM_KAFKA_NODES", self.nodes.to_string())
+            .env_remove("TANDEM_KAFKA_BROKERS");
         script
     }
 }
@@ -257,15 +281,18 @@ impl Drop for PrivateKafka {
     }
 }
 
-/// A port P such that P (the broker) and P + 10000 (its controller) are both free.
-fn free_port_pair() -> u16 {
+/// A port P such that P .. P + nodes (the brokers) and the same 10000 above (their
+/// controllers) are all free.
+fn free_ports(nodes: u16) -> u16 {
     for _ in 0..100 {
-        let port = 20_000 + (uuid::Uuid::new_v4().as_u128() % 10_000) as u16;
-        let broker = std::net::TcpListener::bind(("127.0.0.1", port));
-        let controller = std::net::TcpListener::bind(("127.0.0.1", port + 10_000));
-        if broker.is_ok() && controller.is_ok() {
+        let port = 20_000 + (uuid::Uuid::new_v4().as_u128() % 9_990) as u16;
+        let free = (0..nodes).all(|n| {
+            std::net::TcpListener::bind(("127.0.0.1", port + n)).is_ok()
+                && std::net::TcpListener::bind(("127.0.0.1", port + n + 10_000)).is_ok()
+        });
+        if free {
             return port;
         }
     }
-    panic!("no free port pair for a private Kafka broker");
+    panic!("no free ports for a private Kafka cluster");
 }
