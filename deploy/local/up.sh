@@ -29,7 +29,8 @@ bin="$CARGO_TARGET_DIR/release"
 service_db_url="$("$bin/tandemctl" database-url --database-url "$DATABASE_URL" --name "$TANDEM_DATABASE_NAME")"
 # Partitions, replication factor and retention come from TANDEM_ACTIVITY_PARTITIONS,
 # TANDEM_TOPIC_REPLICATION_FACTOR (3 in the three-node mode), TANDEM_TOPIC_MIN_INSYNC_REPLICAS,
-# TANDEM_ADMIN_RETENTION_MS and TANDEM_ACTIVITY_RETENTION_MS (tandemctl create-topics --help).
+# TANDEM_PARTNERSHIP_PARTITIONS, TANDEM_ADMIN_RETENTION_MS and TANDEM_ACTIVITY_RETENTION_MS
+# (tandemctl create-topics --help).
 "$bin/tandemctl" create-topics --kafka-brokers "$TANDEM_KAFKA_BROKERS" --topic-prefix "$TANDEM_TOPIC_PREFIX"
 
 start_service() {

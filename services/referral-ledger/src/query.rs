@@ -685,3 +685,46 @@ async fn load_decision(
         _ => Err(not_found()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn a_total_beyond_a_money_is_out_of_range_not_wrapped() {
+        assert_eq!(exact_minor("9223372036854775807", "x").unwrap(), i64::MAX);
+        let status = exact_minor("18446744073709551614", "the commission").unwrap_err();
+        assert_eq!(status.code(), tonic::Code::OutOfRange);
+        assert!(status
+            .message()
+            .contains("the commission is 18446744073709551614"));
+    }
+
+    #[test]
+    fn totals_tokens_round_trip_and_refuse_what_this_api_did_not_write() {
+        let at = DateTime::from_timestamp_micros(1_764_547_200_000_000).unwrap();
+        let partnership = "prt_01a2321400007456805e5a64fc1f2ee2";
+        let token = encode_totals_token(Some(at), partnership, "EUR");
+        assert_eq!(
+            parse_totals_token(&token).unwrap(),
+            Some((Some(at), partnership.to_owned(), "EUR".to_owned()))
+        );
+        let none = encode_totals_token(None, partnership, "EUR");
+        assert_eq!(parse_totals_token(&none).unwrap().unwrap().0, None);
+        assert_eq!(parse_totals_token("").unwrap(), None);
+        for bad in [
+            "t1",
+            "t1.x.prt_1.EUR",
+            "t2.1.prt_01a2321400007456805e5a64fc1f2ee2.EUR",
+            "t1.1.'; drop.EUR",
+        ] {
+            assert_eq!(
+                parse_totals_token(bad).unwrap_err().code(),
+                tonic::Code::InvalidArgument,
+                "{bad}"
+            );
+        }
+    }
+}
