@@ -280,6 +280,7 @@ async fn invalid_requests_get_precise_statuses_and_publish_nothing() {
         display_name: "M".into(),
         settlement_currency: "EUR".into(),
         time_zone: "Europe/Paris".into(),
+        ..Default::default()
     };
     assert_status(
         operator

@@ -4,6 +4,7 @@
 //! that breaks the contract becomes a `ValidationError` naming the field.
 
 mod events;
+pub mod identifiers;
 mod terms;
 
 pub use events::{

@@ -73,6 +73,10 @@ fn parse(terms: &pb::Terms) -> Result<Terms, ValidationError> {
         settlement_cycle,
         minimum_payout_minor: terms.minimum_payout_minor,
         auto_refer: terms.auto_refer,
+        attributing_kinds: crate::identifiers::attributing_kinds_from_proto(
+            "attributing_kinds",
+            &terms.attributing_kinds,
+        )?,
     }
     .validated()
 }
@@ -125,6 +129,7 @@ pub fn terms_to_proto(terms: &Terms) -> pb::Terms {
         } as i32,
         minimum_payout_minor: terms.minimum_payout_minor,
         auto_refer: terms.auto_refer,
+        attributing_kinds: crate::identifiers::attributing_kinds_to_proto(&terms.attributing_kinds),
     }
 }
 

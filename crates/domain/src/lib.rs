@@ -8,6 +8,7 @@ pub mod customer;
 pub mod error;
 pub mod ids;
 pub mod ledger;
+pub mod loyalty;
 pub mod money;
 pub mod partnership;
 pub mod text;

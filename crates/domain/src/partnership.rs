@@ -15,6 +15,7 @@
 
 use chrono::{DateTime, Datelike, Duration, NaiveTime, TimeZone, Utc};
 
+use crate::customer::AttributingKinds;
 use crate::ids::MerchantId;
 use crate::money::Currency;
 use crate::ValidationError;
@@ -145,6 +146,8 @@ pub struct Terms {
     pub minimum_payout_minor: i64,
     /// Every purchase at the referrer refers its customer to the acceptor.
     pub auto_refer: bool,
+    /// The identifier kinds whose match may attribute a purchase (empty: every kind).
+    pub attributing_kinds: AttributingKinds,
 }
 
 impl Terms {
@@ -175,6 +178,7 @@ impl Terms {
             settlement_cycle: SettlementCycle::Monthly,
             minimum_payout_minor: 0,
             auto_refer: false,
+            attributing_kinds: AttributingKinds::every(),
         }
         .validated()
     }

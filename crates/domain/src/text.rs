@@ -29,7 +29,7 @@ pub fn contains_card_number(value: &str) -> bool {
     flush(&mut digits)
 }
 
-fn luhn_valid(digits: &[u8]) -> bool {
+pub(crate) fn luhn_valid(digits: &[u8]) -> bool {
     let sum: u32 = digits
         .iter()
         .rev()

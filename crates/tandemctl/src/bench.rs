@@ -39,6 +39,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
         display_name: format!("bench {name} {tag}"),
         settlement_currency: "EUR".into(),
         time_zone: "Europe/Paris".into(),
+        ..Default::default()
     };
     let acceptor = call!(
         "create acceptor",

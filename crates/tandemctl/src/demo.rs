@@ -1,6 +1,8 @@
 //! The demo a newcomer runs: merchant C refers customer B to partner merchant A at C's checkout;
 //! B later buys at A twice, another customer buys at A once; C then sees exactly B's purchases,
-//! with amounts and commissions, and nothing about the other customer.
+//! with amounts and commissions, and nothing about the other customer. C's tills take cards
+//! through one processor and A's through another, so their card fingerprints never match: the
+//! card's PAR, the same at every processor, is what matches B.
 
 use std::time::Duration;
 
@@ -32,6 +34,11 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
                 display_name: "Atelier Bikes (A)".into(),
                 settlement_currency: "EUR".into(),
                 time_zone: "Europe/Paris".into(),
+                identifier_captures: captures(&[
+                    (pb::IdentifierKind::CardFingerprint, "adyen"),
+                    (pb::IdentifierKind::PaymentAccountReference, ""),
+                    (pb::IdentifierKind::Phone, ""),
+                ]),
             },
             token,
         )?)
@@ -43,12 +50,23 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
                 display_name: "Cafe Lumiere (C)".into(),
                 settlement_currency: "EUR".into(),
                 time_zone: "Europe/Paris".into(),
+                identifier_captures: captures(&[
+                    (pb::IdentifierKind::CardFingerprint, "stripe"),
+                    (pb::IdentifierKind::PaymentAccountReference, ""),
+                    (pb::IdentifierKind::Email, ""),
+                ]),
             },
             token,
         )?)
     )?;
-    println!("merchant A (acceptor): {}", acceptor.merchant_id);
-    println!("merchant C (referrer): {}", referrer.merchant_id);
+    println!(
+        "merchant A (acceptor): {} (cards through Adyen; tills capture card fingerprint, PAR, phone)",
+        acceptor.merchant_id
+    );
+    println!(
+        "merchant C (referrer): {} (cards through Stripe; tills capture card fingerprint, PAR, e-mail)",
+        referrer.merchant_id
+    );
 
     let partnership = call!(
         "create partnership",
@@ -68,10 +86,13 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         partnership.partnership_id
     );
 
+    // B pays at C by card: Stripe reports its fingerprint of the card and the card's PAR.
+    let b_par = par("V001", &run_tag, "B");
     let customer_b_at_c = pb::CustomerIdentifiers {
-        card_fingerprint: String::new(),
-        phone: "+33 6 12 34 56 78".into(),
+        card_fingerprint: format!("card_stripe_{run_tag}_b"),
+        payment_account_reference: b_par.clone(),
         email: "b.martin@example.com".into(),
+        ..Default::default()
     };
     let referral = call!(
         "create referral at C",
@@ -88,20 +109,22 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         )?)
     )?;
     println!(
-        "C's checkout referred customer B to A: {} (phone and e-mail pseudonymised at the gateway)",
+        "C's checkout referred customer B to A: {} (card fingerprint, PAR and e-mail pseudonymised at the gateway)",
         referral.referral_id
     );
 
-    // B pays at A as usual: A's POS captured the phone written differently, plus a card fingerprint.
+    // B pays at A as usual, with the same card: Adyen's fingerprint of it is another token than
+    // Stripe's, but the PAR (here in lower case, as one terminal reports it) is the same.
     let customer_b_at_a = pb::CustomerIdentifiers {
-        card_fingerprint: format!("fp_{run_tag}_b"),
+        card_fingerprint: format!("8ad0f3c2{run_tag}b"),
+        payment_account_reference: b_par.to_lowercase(),
         phone: "0033 612 345 678".into(),
-        email: String::new(),
+        ..Default::default()
     };
     let customer_d_at_a = pb::CustomerIdentifiers {
-        card_fingerprint: format!("fp_{run_tag}_d"),
-        phone: String::new(),
-        email: "someone.else@example.org".into(),
+        card_fingerprint: format!("8ad0f3c2{run_tag}d"),
+        payment_account_reference: par("5001", &run_tag, "D"),
+        ..Default::default()
     };
     let eur = Currency::parse("currency", "EUR").map_err(|e| e.to_string())?;
     let purchases = [
@@ -173,8 +196,8 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
     println!();
     println!("What C learned (ListReferralActivity, as C):");
     println!(
-        "  {:<20} {:<24} {:>12} {:>12}  purchase",
-        "purchased at (UTC)", "C's reference", "amount", "commission"
+        "  {:<20} {:<24} {:>12} {:>12}  {:<10} purchase",
+        "purchased at (UTC)", "C's reference", "amount", "commission", "matched by"
     );
     let mut total_commission = 0i64;
     for purchase in &activity.purchases {
@@ -188,12 +211,21 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
             .and_then(tandem_proto::time::datetime)
             .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
             .unwrap_or_default();
+        let matched_by = match pb::IdentifierKind::try_from(purchase.matched_by) {
+            Ok(pb::IdentifierKind::PaymentAccountReference) => "PAR",
+            Ok(pb::IdentifierKind::CardFingerprint) => "card",
+            Ok(pb::IdentifierKind::Phone) => "phone",
+            Ok(pb::IdentifierKind::Email) => "e-mail",
+            Ok(pb::IdentifierKind::LoyaltyMember) => "member",
+            _ => "-",
+        };
         println!(
-            "  {:<20} {:<24} {:>12} {:>12}  {}",
+            "  {:<20} {:<24} {:>12} {:>12}  {:<10} {}",
             at,
             purchase.referrer_reference,
             Money::new(amount.amount_minor, currency).to_string(),
             Money::new(commission.amount_minor, currency).to_string(),
+            matched_by,
             purchase.purchase_id
         );
     }
@@ -202,6 +234,9 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         Money::new(total_commission, eur)
     );
     println!("Customer D was never referred by C, so C learns nothing about D's purchase.");
+    println!(
+        "A and C share no card processor and no phone or e-mail capture: the card's PAR matched B."
+    );
 
     // B returns part of the first purchase: the commission is clawed back in proportion.
     let first_purchase = activity
@@ -267,4 +302,23 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         );
     }
     Ok(())
+}
+
+fn captures(kinds: &[(pb::IdentifierKind, &str)]) -> Vec<pb::IdentifierCapture> {
+    kinds
+        .iter()
+        .map(|(kind, scope)| pb::IdentifierCapture {
+            kind: *kind as i32,
+            scope: (*scope).to_owned(),
+        })
+        .collect()
+}
+
+/// A well-formed PAR for this run: the BIN Controller Identifier, then 25 characters.
+fn par(bin_controller: &str, run_tag: &str, who: &str) -> String {
+    let mut par = format!("{bin_controller}{}{who}", run_tag.to_uppercase());
+    while par.len() < 29 {
+        par.push('7');
+    }
+    par
 }

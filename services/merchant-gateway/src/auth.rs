@@ -24,7 +24,7 @@ pub fn api_key_sha256(api_key: &str) -> Vec<u8> {
     Sha256::digest(api_key.as_bytes()).to_vec()
 }
 
-fn bearer_token(metadata: &MetadataMap) -> Result<&str, GatewayError> {
+pub(crate) fn bearer_token(metadata: &MetadataMap) -> Result<&str, GatewayError> {
     let value = metadata
         .get("authorization")
         .ok_or(GatewayError::Unauthenticated(

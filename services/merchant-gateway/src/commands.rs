@@ -1,9 +1,10 @@
-//! Parsing requests into commands: every raw field becomes a domain type here, and raw customer
-//! identifiers become customer keys. Nothing past this module sees a raw identifier.
+//! Parsing requests into commands: every raw field becomes a domain type here. Raw customer
+//! identifiers became customer keys before (`identifiers::customer_keys`); nothing past that sees a
+//! raw identifier.
 
 use chrono::{DateTime, Duration, Utc};
 use sha2::{Digest, Sha256};
-use tandem_domain::customer::{CustomerIdentifiers, CustomerKey, NetworkKey};
+use tandem_domain::customer::CustomerKey;
 use tandem_domain::ids::MerchantId;
 use tandem_domain::money::Money;
 use tandem_domain::text::{parse_token, reject_card_number};
@@ -43,12 +44,11 @@ pub struct RecordPurchase {
 
 pub fn parse_create_referral(
     request: &v1::CreateReferralRequest,
-    network_key: &NetworkKey,
+    customer_keys: Vec<CustomerKey>,
     now: DateTime<Utc>,
 ) -> Result<Parsed<CreateReferral>, ValidationError> {
     let idempotency_key = parse_idempotency_key(&request.idempotency_key)?;
     let acceptor = MerchantId::parse("acceptor_merchant_id", &request.acceptor_merchant_id)?;
-    let customer_keys = parse_customer(request.customer.as_ref(), network_key)?;
     let referrer_reference = if request.referrer_reference.trim().is_empty() {
         String::new()
     } else {
@@ -78,12 +78,11 @@ pub fn parse_create_referral(
 
 pub fn parse_record_purchase(
     request: &v1::RecordPurchaseRequest,
-    network_key: &NetworkKey,
+    customer_keys: Vec<CustomerKey>,
     now: DateTime<Utc>,
 ) -> Result<Parsed<RecordPurchase>, ValidationError> {
     let idempotency_key = parse_idempotency_key(&request.idempotency_key)?;
     let transaction_id = parse_token("transaction_id", &request.transaction_id, 1, 128)?;
-    let customer_keys = parse_customer(request.customer.as_ref(), network_key)?;
     let amount = request
         .amount
         .as_ref()
@@ -112,25 +111,6 @@ pub fn parse_record_purchase(
 
 fn parse_idempotency_key(value: &str) -> Result<String, ValidationError> {
     parse_token("idempotency_key", value, 1, 128)
-}
-
-fn parse_customer(
-    customer: Option<&v1::CustomerIdentifiers>,
-    network_key: &NetworkKey,
-) -> Result<Vec<CustomerKey>, ValidationError> {
-    let customer = customer.ok_or_else(|| {
-        ValidationError::new(
-            "customer",
-            "is required: at least one of card_fingerprint, phone or email",
-        )
-    })?;
-    let identifiers = CustomerIdentifiers::parse(
-        "customer",
-        &customer.card_fingerprint,
-        &customer.phone,
-        &customer.email,
-    )?;
-    Ok(identifiers.keys(network_key))
 }
 
 /// An instant sent by the POS, or `now` if it sent none. Must lie within

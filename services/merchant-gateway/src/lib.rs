@@ -10,6 +10,7 @@ mod commands;
 mod error;
 mod events;
 mod idempotency;
+mod identifiers;
 mod operator;
 mod partnerships;
 mod pos;
@@ -90,6 +91,8 @@ pub struct State {
     pub operator_token: Secret,
     /// Rung after every commit that wrote to the outbox, so the relay publishes at once.
     pub outbox_written: Arc<Notify>,
+    /// Registered loyalty programmes, cached once seen.
+    pub programmes: identifiers::Programmes,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +130,7 @@ pub async fn run(
         network_key: config.network_key,
         operator_token: config.operator_token,
         outbox_written: Arc::new(Notify::new()),
+        programmes: identifiers::Programmes::default(),
     });
 
     let mut tasks = BackgroundTasks::default();

@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::{api_key_sha256, authenticate_operator, generate_api_key};
 use crate::events::record_event;
+use crate::identifiers;
 use crate::partnerships::{decide_and_record, register_pair};
 use crate::{GatewayError, State};
 
@@ -33,6 +34,18 @@ impl OperatorService for OperatorApi {
     ) -> Result<Response<pb::CreateMerchantResponse>, Status> {
         tandem_runtime::link_request_span(&request);
         Ok(Response::new(self.create_merchant(request).await?))
+    }
+
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, programme_id = %request.get_ref().programme_id))]
+    async fn register_loyalty_programme(
+        &self,
+        request: Request<pb::RegisterLoyaltyProgrammeRequest>,
+    ) -> Result<Response<pb::LoyaltyProgramme>, Status> {
+        tandem_runtime::link_request_span(&request);
+        authenticate_operator(request.metadata(), self.state.operator_token.expose())?;
+        Ok(Response::new(
+            identifiers::register_programme(&self.state.pool, request.get_ref()).await?,
+        ))
     }
 
     #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, partnership_id))]
@@ -58,6 +71,8 @@ impl OperatorApi {
         }
         let currency = Currency::parse("settlement_currency", &request.settlement_currency)?;
         let time_zone = parse_time_zone(&request.time_zone)?;
+        let captures =
+            identifiers::initial_captures(&self.state, &request.identifier_captures).await?;
         let merchant_id = MerchantId::generate();
         tracing::Span::current().record("merchant_id", merchant_id.as_str());
         let api_key = generate_api_key();
@@ -65,8 +80,8 @@ impl OperatorApi {
 
         let mut tx = self.state.pool.begin().await?;
         sqlx::query(
-            "INSERT INTO merchants (merchant_id, display_name, settlement_currency, time_zone, api_key_sha256, registered_at) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO merchants (merchant_id, display_name, settlement_currency, time_zone, api_key_sha256, registered_at, identifier_captures) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(merchant_id.as_str())
         .bind(&display_name)
@@ -74,6 +89,7 @@ impl OperatorApi {
         .bind(&time_zone)
         .bind(api_key_sha256(&api_key))
         .bind(now)
+        .bind(captures.tags())
         .execute(&mut *tx)
         .await?;
         let event = pb::MerchantRegistered {
@@ -137,6 +153,8 @@ impl OperatorApi {
                 .await?;
         let currency = Currency::parse("settlement_currency", &currency)?;
         let terms = Terms::percentage(currency, rate_bps, request.attribution_window_days)?;
+        identifiers::require_overlap(&mut tx, &referrer, &acceptor, &terms.attributing_kinds)
+            .await?;
         // The operator records an agreement both merchants already made.
         let commands = vec![Command::Import {
             referrer: referrer.clone(),

@@ -25,7 +25,9 @@ use tonic::{Request, Response, Status};
 use crate::auth::authenticate_merchant;
 use crate::commands::MAX_CLOCK_SKEW;
 use crate::events::{load_stream, record_events};
+use crate::identifiers::{captures_of, require_overlap};
 use crate::{idempotency, GatewayError, State};
+use tandem_codec::identifiers::captures_to_proto;
 
 pub struct PartnershipApi {
     pub state: Arc<State>,
@@ -290,6 +292,7 @@ impl PartnershipApi {
             (partnership_id, state, sequence, referrer, acceptor)
         };
         span.record("partnership_id", partnership_id.as_str());
+        require_overlap(&mut tx, &referrer, &acceptor, &terms.attributing_kinds).await?;
         let command = Command::Propose {
             referrer,
             acceptor,
@@ -447,12 +450,26 @@ impl PartnershipApi {
         let (referrer, acceptor) = state
             .parties()
             .ok_or(GatewayError::CorruptEvent(stream_id(&partnership_id)))?;
+        let referrer_captures = captures_of(&mut connection, referrer).await?;
+        let acceptor_captures = captures_of(&mut connection, acceptor).await?;
+        // The terms in force now, or before any is, the latest proposed.
+        let now = Utc::now();
+        let allowed = state
+            .terms_at(now)
+            .map(|(_, terms)| terms)
+            .or_else(|| state.versions().last().map(|version| &version.terms))
+            .map(|terms| terms.attributing_kinds.clone())
+            .unwrap_or_default();
+        let overlap = referrer_captures.overlap(&acceptor_captures, &allowed);
         Ok(pb::Partnership {
             partnership_id: partnership_id.to_string(),
             referrer_merchant_id: referrer.to_string(),
             acceptor_merchant_id: acceptor.to_string(),
             versions: state.versions().iter().map(version_to_proto).collect(),
             terminated_at: state.terminated_at().map(timestamp),
+            identifier_overlap: captures_to_proto(&overlap),
+            referrer_captures: captures_to_proto(referrer_captures.iter()),
+            acceptor_captures: captures_to_proto(acceptor_captures.iter()),
         })
     }
 

@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status};
 use crate::auth::{authenticate_merchant, check_acting_as};
 use crate::commands::{parse_create_referral, parse_record_purchase};
 use crate::events::record_event;
+use crate::identifiers::{self, authenticate_caller, customer_keys};
 use crate::partnerships::{find_by_pair, load_partnership};
 use crate::{idempotency, GatewayError, State};
 use crate::{queries, refunds};
@@ -29,6 +30,30 @@ pub struct PosApi {
 
 #[tonic::async_trait]
 impl MerchantGateway for PosApi {
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id))]
+    async fn declare_identifier_capture(
+        &self,
+        request: Request<pb::DeclareIdentifierCaptureRequest>,
+    ) -> Result<Response<pb::IdentifierCaptureDeclaration>, Status> {
+        tandem_runtime::link_request_span(&request);
+        let merchant = authenticate_merchant(&self.state.pool, request.metadata()).await?;
+        tracing::Span::current().record("merchant_id", merchant.as_str());
+        Ok(Response::new(
+            identifiers::declare_captures(&self.state, &merchant, request.get_ref()).await?,
+        ))
+    }
+
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id))]
+    async fn get_identifier_capture(
+        &self,
+        request: Request<pb::GetIdentifierCaptureRequest>,
+    ) -> Result<Response<pb::IdentifierCaptureDeclaration>, Status> {
+        tandem_runtime::link_request_span(&request);
+        let caller = authenticate_caller(&self.state.pool, request.metadata()).await?;
+        tracing::Span::current().record("merchant_id", caller.merchant.as_str());
+        Ok(Response::new(identifiers::declaration(&caller)))
+    }
+
     #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id, referral_id, partnership_id))]
     async fn create_referral(
         &self,
@@ -198,13 +223,15 @@ impl PosApi {
         &self,
         request: Request<pb::CreateReferralRequest>,
     ) -> Result<pb::CreateReferralResponse, GatewayError> {
-        let merchant = authenticate_merchant(&self.state.pool, request.metadata()).await?;
+        let caller = authenticate_caller(&self.state.pool, request.metadata()).await?;
+        let merchant = caller.merchant.clone();
         let span = tracing::Span::current();
         span.record("merchant_id", merchant.as_str());
         let request = request.into_inner();
         check_acting_as(&merchant, &request.merchant_id)?;
         let now = Utc::now();
-        let parsed = parse_create_referral(&request, &self.state.network_key, now)?;
+        let keys = customer_keys(&self.state, &caller, request.customer.as_ref()).await?;
+        let parsed = parse_create_referral(&request, keys, now)?;
         let command = parsed.command;
         check_not_self_referral(&merchant, &command.acceptor)?;
 
@@ -292,13 +319,15 @@ impl PosApi {
         &self,
         request: Request<pb::RecordPurchaseRequest>,
     ) -> Result<pb::RecordPurchaseResponse, GatewayError> {
-        let merchant = authenticate_merchant(&self.state.pool, request.metadata()).await?;
+        let caller = authenticate_caller(&self.state.pool, request.metadata()).await?;
+        let merchant = caller.merchant.clone();
         let span = tracing::Span::current();
         span.record("merchant_id", merchant.as_str());
         let request = request.into_inner();
         check_acting_as(&merchant, &request.merchant_id)?;
         let now = Utc::now();
-        let parsed = parse_record_purchase(&request, &self.state.network_key, now)?;
+        let keys = customer_keys(&self.state, &caller, request.customer.as_ref()).await?;
+        let parsed = parse_record_purchase(&request, keys, now)?;
         let command = parsed.command;
 
         let scope = idempotency::Scope {

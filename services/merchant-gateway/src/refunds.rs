@@ -2,7 +2,6 @@
 
 use chrono::Utc;
 use sha2::{Digest, Sha256};
-use tandem_domain::customer::CustomerIdentifiers;
 use tandem_domain::ids::{ReferralId, RefundId};
 use tandem_domain::money::Money;
 use tandem_domain::text::parse_token;
@@ -15,6 +14,7 @@ use tonic::Request;
 use crate::auth::authenticate_merchant;
 use crate::commands::parse_instant;
 use crate::events::record_event;
+use crate::identifiers::{authenticate_caller, customer_keys};
 use crate::{idempotency, GatewayError, State};
 
 type ReferralRow = (String, String, Vec<String>, Option<chrono::DateTime<Utc>>);
@@ -30,7 +30,8 @@ pub async fn record_refund(
     state: &State,
     request: Request<pb::RecordRefundRequest>,
 ) -> Result<pb::RecordRefundResponse, GatewayError> {
-    let merchant = authenticate_merchant(&state.pool, request.metadata()).await?;
+    let caller = authenticate_caller(&state.pool, request.metadata()).await?;
+    let merchant = caller.merchant.clone();
     let span = tracing::Span::current();
     span.record("merchant_id", merchant.as_str());
     let request = request.into_inner();
@@ -60,16 +61,11 @@ pub async fn record_refund(
     };
     let customer_keys = match &request.customer {
         Some(customer) => Some(
-            CustomerIdentifiers::parse(
-                "customer",
-                &customer.card_fingerprint,
-                &customer.phone,
-                &customer.email,
-            )?
-            .keys(&state.network_key)
-            .into_iter()
-            .map(|key| key.to_string())
-            .collect::<Vec<_>>(),
+            customer_keys(state, &caller, Some(customer))
+                .await?
+                .into_iter()
+                .map(|key| key.to_string())
+                .collect::<Vec<_>>(),
         ),
         None => None,
     };

@@ -12,6 +12,7 @@ use sqlx::{PgConnection, PgPool};
 use tandem_bus::{BatchHandler, Delivery, Topic};
 use tandem_codec::{event_to_proto, money_to_proto};
 use tandem_domain::attribution::{attribution_ends_at, choose_referral, Candidate};
+use tandem_domain::customer::IdentifierKind;
 use tandem_domain::ids::{MerchantId, PartnershipId, PurchaseId, ReferralId};
 use tandem_domain::partnership::TouchPolicy;
 use tandem_proto::time::timestamp;
@@ -476,13 +477,17 @@ async fn attribute(
     let mut policy = TouchPolicy::LastReferrer;
     let mut candidates = Vec::with_capacity(rows.len());
     let mut partnership_of = std::collections::HashMap::new();
+    let matched_by = purchase.customer_key.kind();
     for (referral_id, referred_at, attribution_ends_at, cancelled_at, partnership_id) in rows {
         let partnership_id = PartnershipId::parse("partnership_id", &partnership_id)?;
         let core = books.get(connection, &partnership_id).await?;
-        if core
-            .terms_at(purchase.purchased_at)
-            .is_none_or(|(_, terms)| terms.touch_policy == TouchPolicy::FirstReferrer)
-        {
+        let terms = core.terms_at(purchase.purchased_at).map(|(_, terms)| terms);
+        // A partnership that lets only some identifier kinds attribute ignores a match on
+        // another kind (the purchase's other keys, on their own copies, may still match).
+        if terms.is_some_and(|terms| !terms.attributing_kinds.allows(matched_by)) {
+            continue;
+        }
+        if terms.is_none_or(|terms| terms.touch_policy == TouchPolicy::FirstReferrer) {
             policy = TouchPolicy::FirstReferrer;
         }
         let referral_id = ReferralId::parse("referral_id", &referral_id)?;
@@ -504,11 +509,12 @@ async fn attribute(
     // Another customer key's copy, on another partition, may attribute the same purchase at
     // the same time: the first to insert wins, the other does nothing.
     let claimed = sqlx::query(
-        "INSERT INTO attributed_purchases (purchase_id, partnership_id, referral_id) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+        "INSERT INTO attributed_purchases (purchase_id, partnership_id, referral_id, matched_by) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
     )
     .bind(purchase.purchase_id.as_str())
     .bind(partnership_id.as_str())
     .bind(winner.referral_id.as_str())
+    .bind(matched_by.map(IdentifierKind::tag))
     .execute(&mut *connection)
     .await?;
     if claimed.rows_affected() == 0 {
@@ -568,6 +574,9 @@ async fn attribute(
             previous_purchase_at: previous_purchase_at.map(timestamp),
             referrer_reference,
             transaction_id: purchase.transaction_id.clone(),
+            matched_by: tandem_codec::identifiers::kind_tag_to_proto(
+                matched_by.map(IdentifierKind::tag),
+            ),
         }),
     );
     tracing::info!(purchase_id = %purchase.purchase_id, referral_id = %winner.referral_id, %partnership_id, "purchase attributed; handed to the partnership");

@@ -46,6 +46,8 @@ enum Body {
         command: Command,
         referrer_reference: String,
         transaction_id: String,
+        /// `tandem.v1.IdentifierKind` that matched an attributed purchase.
+        matched_by: i32,
     },
 }
 
@@ -110,6 +112,7 @@ fn parse(command: pb::PartnershipCommand) -> Result<Incoming, tandem_domain::Val
             }),
             referrer_reference: a.referrer_reference,
             transaction_id: a.transaction_id,
+            matched_by: a.matched_by,
         },
         Some(pb::partnership_command::Command::RecordRefund(r)) => Body::Decide {
             command: Command::RecordRefund {
@@ -120,6 +123,7 @@ fn parse(command: pb::PartnershipCommand) -> Result<Incoming, tandem_domain::Val
             },
             referrer_reference: String::new(),
             transaction_id: String::new(),
+            matched_by: 0,
         },
     };
     Ok(Incoming {
@@ -287,6 +291,7 @@ impl CommissionStage {
                         command,
                         referrer_reference,
                         transaction_id,
+                        matched_by,
                     } => {
                         let events = match decide(&state, command) {
                             Ok(events) => events,
@@ -319,6 +324,7 @@ impl CommissionStage {
                                 event_id,
                                 &referrer_reference,
                                 &transaction_id,
+                                matched_by,
                                 message.recorded_at,
                                 &headers,
                             );
@@ -460,6 +466,7 @@ fn announce(
     event_id: Uuid,
     referrer_reference: &str,
     transaction_id: &str,
+    matched_by: i32,
     recorded_at: DateTime<Utc>,
     headers: &[(String, String)],
 ) {
@@ -501,6 +508,7 @@ fn announce(
             terms_version,
             commission: Some(money_to_proto(commission)),
             not_earned_reason: reason.to_owned(),
+            matched_by,
         })
     };
     let converted = |purchase_id: &PurchaseId, referral_id: &ReferralId, at: &DateTime<Utc>| {

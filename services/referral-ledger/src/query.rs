@@ -5,8 +5,10 @@
 use chrono::{DateTime, Utc};
 use prost::Message;
 use sqlx::PgPool;
+use tandem_codec::identifiers::kind_tag_to_proto;
 use tandem_codec::{calculation_to_proto, terms_to_proto};
 use tandem_domain::commission::{explain, CommissionLine, Event};
+use tandem_domain::customer::IdentifierKind;
 use tandem_domain::ids::{MerchantId, PartnershipId, PurchaseId};
 use tandem_domain::money::{Currency, Money};
 use tandem_proto::time::timestamp;
@@ -185,6 +187,7 @@ struct ActivityRow {
     terms_version: i32,
     purchased_at: DateTime<Utc>,
     recorded_at: DateTime<Utc>,
+    matched_by: Option<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -206,10 +209,12 @@ struct LineRow {
     payable_at: DateTime<Utc>,
     not_earned_reason: Option<String>,
     decision_sequence: i32,
+    matched_by: Option<String>,
 }
 
 const LINE_COLUMNS: &str = "purchase_id, partnership_id, referrer_merchant_id, acceptor_merchant_id, referral_id, terms_version, rule, \
-    amount_minor, currency, commission_minor, refunded_minor, reversed_minor, purchased_at, period_start, payable_at, not_earned_reason, decision_sequence";
+    amount_minor, currency, commission_minor, refunded_minor, reversed_minor, purchased_at, period_start, payable_at, not_earned_reason, decision_sequence, \
+    (SELECT a.matched_by FROM attributed_purchases a WHERE a.purchase_id = commissions.purchase_id) AS matched_by";
 
 impl LineRow {
     fn to_proto(&self, now: DateTime<Utc>) -> pb::CommissionLine {
@@ -238,6 +243,7 @@ impl LineRow {
             payable_at: Some(timestamp(self.payable_at)),
             status: status as i32,
             not_earned_reason: self.not_earned_reason.clone().unwrap_or_default(),
+            matched_by: kind_tag_to_proto(self.matched_by.as_deref()),
         }
     }
 }
@@ -257,7 +263,7 @@ impl ReferralLedger for LedgerQueries {
         let mut rows: Vec<ActivityRow> = sqlx::query_as(
             "SELECT c.purchase_id, c.referral_id, r.referrer_reference, c.partnership_id, c.acceptor_merchant_id, \
              c.amount_minor, c.currency, c.commission_minor, c.reversed_minor, v.terms, c.terms_version, c.purchased_at, \
-             c.recorded_at \
+             c.recorded_at, (SELECT a.matched_by FROM attributed_purchases a WHERE a.purchase_id = c.purchase_id) AS matched_by \
              FROM commissions c JOIN referrals r ON r.referral_id = c.referral_id \
              LEFT JOIN partnership_versions v ON v.partnership_id = c.partnership_id AND v.version = c.terms_version \
              WHERE c.referrer_merchant_id = $1 \
@@ -300,6 +306,7 @@ impl ReferralLedger for LedgerQueries {
                     attributed_at: Some(timestamp(row.recorded_at)),
                     reversed: money(row.reversed_minor, &row.currency),
                     net_commission: money(row.commission_minor - row.reversed_minor, &row.currency),
+                    matched_by: kind_tag_to_proto(row.matched_by.as_deref()),
                 }
             })
             .collect();
@@ -596,6 +603,13 @@ impl ReferralLedger for LedgerQueries {
             reversed_minor: row.reversed_minor,
             payable_at: row.payable_at,
         });
+        // Which capture at the till found the customer (never the value).
+        let explanation = match row.matched_by.as_deref().and_then(IdentifierKind::from_tag) {
+            Some(kind) => {
+                format!("Matched to the referral by the customer's {kind}. {explanation}")
+            }
+            None => explanation,
+        };
         Ok(Response::new(pb::ExplainCommissionResponse {
             line: Some(row.to_proto(Utc::now())),
             terms: terms.map(terms_to_proto),

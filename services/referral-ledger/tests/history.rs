@@ -76,6 +76,7 @@ impl Feed {
                 previous_purchase_at: None,
                 referrer_reference: format!("ref-{n}"),
                 transaction_id: format!("tx-{n}"),
+                matched_by: pb::IdentifierKind::Phone as i32,
             }),
         )
     }

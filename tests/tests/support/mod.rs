@@ -216,8 +216,16 @@ impl Stack {
         MerchantGatewayClient::new(self.channel().await)
     }
 
-    /// Registers a merchant; returns its id and API key.
+    /// Registers a merchant whose tills capture card fingerprints (of one processor every test
+    /// merchant shares), PARs, phones and e-mails; returns its id and API key.
     pub async fn merchant(&self, name: &str) -> (String, String) {
+        self.merchant_capturing(name, &["card:test-processor", "par", "phone", "email"])
+            .await
+    }
+
+    /// Registers a merchant whose tills capture `captures` (`par`, `phone`, `email`,
+    /// `card:<processor>`, `member:<programme>`); returns its id and API key.
+    pub async fn merchant_capturing(&self, name: &str, captures: &[&str]) -> (String, String) {
         let response = self
             .operator()
             .await
@@ -225,6 +233,7 @@ impl Stack {
                 display_name: name.into(),
                 settlement_currency: "EUR".into(),
                 time_zone: "Europe/Paris".into(),
+                identifier_captures: captures.iter().map(|tag| capture(tag)).collect(),
             }))
             .await
             .expect("create merchant")
@@ -316,6 +325,24 @@ pub fn customer(card: &str, phone: &str, email: &str) -> pb::CustomerIdentifiers
         card_fingerprint: card.into(),
         phone: phone.into(),
         email: email.into(),
+        ..Default::default()
+    }
+}
+
+/// `card:adyen`, `member:coalition`, `par`, `phone`, `email` as an `IdentifierCapture`.
+pub fn capture(tag: &str) -> pb::IdentifierCapture {
+    let (kind, scope) = tag.split_once(':').unwrap_or((tag, ""));
+    let kind = match kind {
+        "card" => pb::IdentifierKind::CardFingerprint,
+        "par" => pb::IdentifierKind::PaymentAccountReference,
+        "phone" => pb::IdentifierKind::Phone,
+        "email" => pb::IdentifierKind::Email,
+        "member" => pb::IdentifierKind::LoyaltyMember,
+        other => panic!("unknown capture kind {other}"),
+    };
+    pb::IdentifierCapture {
+        kind: kind as i32,
+        scope: scope.into(),
     }
 }
 
