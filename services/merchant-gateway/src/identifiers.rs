@@ -172,20 +172,7 @@ pub async fn declare_captures(
 ) -> Result<pb::IdentifierCaptureDeclaration, GatewayError> {
     let captures = captures_from_proto("captures", &request.captures)?;
     let mut connection = state.pool.acquire().await?;
-    for capture in captures.iter() {
-        if capture.kind == IdentifierKind::LoyaltyMember
-            && state
-                .programmes
-                .get(&mut connection, &capture.scope)
-                .await?
-                .is_none()
-        {
-            return Err(GatewayError::FailedPrecondition(format!(
-                "captures: programme {:?} is not registered; an operator registers it with RegisterLoyaltyProgramme",
-                capture.scope
-            )));
-        }
-    }
+    require_registered(state, &mut connection, "captures", &captures).await?;
     sqlx::query("UPDATE merchants SET identifier_captures = $2 WHERE merchant_id = $1")
         .bind(merchant.as_str())
         .bind(captures.tags())
@@ -215,21 +202,32 @@ pub async fn initial_captures(
     }
     let captures = captures_from_proto("identifier_captures", captures)?;
     let mut connection = state.pool.acquire().await?;
+    require_registered(state, &mut connection, "identifier_captures", &captures).await?;
+    Ok(captures)
+}
+
+/// Every programme a declaration names must be registered.
+async fn require_registered(
+    state: &State,
+    connection: &mut PgConnection,
+    field: &str,
+    captures: &Captures,
+) -> Result<(), GatewayError> {
     for capture in captures.iter() {
         if capture.kind == IdentifierKind::LoyaltyMember
             && state
                 .programmes
-                .get(&mut connection, &capture.scope)
+                .get(connection, &capture.scope)
                 .await?
                 .is_none()
         {
             return Err(GatewayError::FailedPrecondition(format!(
-                "identifier_captures: programme {:?} is not registered; register it with RegisterLoyaltyProgramme first",
+                "{field}: programme {:?} is not registered; an operator registers it with RegisterLoyaltyProgramme",
                 capture.scope
             )));
         }
     }
-    Ok(captures)
+    Ok(())
 }
 
 /// The request's raw identifiers as customer keys, checked against what the caller declared.
