@@ -186,6 +186,17 @@ async fn a_par_matches_across_processors_where_equal_fingerprints_never_do() {
             .code(),
         Code::NotFound
     );
+    // Neither the PAR nor the fingerprints are stored or published, in any spelling.
+    assert_never_stored_or_published(
+        &stack,
+        &[
+            PAR,
+            &PAR.to_lowercase(),
+            SHARED_TOKEN,
+            "adyen_other_token_1",
+        ],
+    )
+    .await;
     stack.stop().await;
 }
 

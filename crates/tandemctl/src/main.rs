@@ -4,6 +4,7 @@
 mod bench;
 mod client;
 mod demo;
+mod import;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -58,6 +59,9 @@ enum Command {
     /// Measures a running stack: purchases acknowledged per second, and how long until the
     /// ledger attributed them all. A benchmark, not a test.
     Bench(bench::BenchArgs),
+    /// Imports a merchant's purchases from a CSV file through the bulk call RecordPurchases, with
+    /// a progress bar. Safe to run again: each row has its idempotency key.
+    Import(import::ImportArgs),
 }
 
 #[tokio::main]
@@ -85,6 +89,7 @@ async fn main() -> ExitCode {
         } => wait_healthy(&endpoints, Duration::from_secs(timeout_secs)).await,
         Command::Demo(args) => demo::run(args).await,
         Command::Bench(args) => bench::run(args).await,
+        Command::Import(args) => import::run(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

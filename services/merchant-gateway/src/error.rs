@@ -37,6 +37,28 @@ pub enum GatewayError {
     CorruptResponse(#[from] prost::DecodeError),
 }
 
+impl GatewayError {
+    /// Whether the client caused it (a bulk call refuses that item and records the others), as
+    /// opposed to a failure of Tandem's own parts (the whole call fails and nothing is recorded).
+    pub fn is_client_error(&self) -> bool {
+        match self {
+            GatewayError::Invalid(_)
+            | GatewayError::Unauthenticated(_)
+            | GatewayError::PermissionDenied(_)
+            | GatewayError::AlreadyExists(_)
+            | GatewayError::FailedPrecondition(_)
+            | GatewayError::NotFound(_)
+            | GatewayError::Aborted(_) => true,
+            GatewayError::Upstream(status) => status.code() != Code::Unavailable,
+            GatewayError::Unavailable(_)
+            | GatewayError::CorruptEvent(_)
+            | GatewayError::Store(_)
+            | GatewayError::Database(_)
+            | GatewayError::CorruptResponse(_) => false,
+        }
+    }
+}
+
 impl From<GatewayError> for Status {
     fn from(error: GatewayError) -> Self {
         match error {

@@ -72,6 +72,42 @@ pub async fn complete<R: Message>(
     Ok(())
 }
 
+/// Checks the key inside a transaction the caller already holds (a bulk call writes many items
+/// in one): the stored answer to a retried request, or `None` for a new key. The key's lock is
+/// held until that transaction ends.
+pub async fn check<R: Message + Default>(
+    connection: &mut PgConnection,
+    scope: &Scope<'_>,
+) -> Result<Option<R>, GatewayError> {
+    begin(
+        connection,
+        scope.merchant,
+        scope.key,
+        scope.operation,
+        scope.fingerprint,
+    )
+    .await?
+    .map(|previous| R::decode(previous.as_slice()).map_err(GatewayError::from))
+    .transpose()
+}
+
+/// Stores the answer to a new key in the caller's transaction (see [`check`]).
+pub async fn store<R: Message>(
+    connection: &mut PgConnection,
+    scope: &Scope<'_>,
+    response: &R,
+) -> Result<(), GatewayError> {
+    finish(
+        connection,
+        scope.merchant,
+        scope.key,
+        scope.operation,
+        scope.fingerprint,
+        &response.encode_to_vec(),
+    )
+    .await
+}
+
 /// Starts an idempotent write: returns the stored answer if this key was already used for the
 /// same request, an error if it was used for a different one, and `None` for a new key.
 async fn begin(

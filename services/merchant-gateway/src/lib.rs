@@ -6,6 +6,7 @@
 //! request parsing.
 
 mod auth;
+mod bulk;
 mod commands;
 mod error;
 mod events;

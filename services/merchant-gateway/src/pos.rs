@@ -2,9 +2,10 @@
 
 use std::sync::Arc;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
+use sqlx::{Acquire, PgConnection};
 use tandem_domain::attribution::attribution_ends_at;
-use tandem_domain::ids::{PurchaseId, ReferralId};
+use tandem_domain::ids::{MerchantId, PurchaseId, ReferralId};
 use tandem_domain::partnership::check_not_self_referral;
 use tandem_proto::time::timestamp;
 use tandem_proto::v1::event_envelope::Payload;
@@ -14,9 +15,11 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::auth::{authenticate_merchant, check_acting_as};
+use crate::bulk;
 use crate::commands::{parse_create_referral, parse_record_purchase};
+use crate::commands::{Parsed, RecordPurchase};
 use crate::events::record_event;
-use crate::identifiers::{self, authenticate_caller, customer_keys};
+use crate::identifiers::{self, authenticate_caller, customer_keys, Caller};
 use crate::partnerships::{find_by_pair, load_partnership};
 use crate::{idempotency, GatewayError, State};
 use crate::{queries, refunds};
@@ -70,6 +73,26 @@ impl MerchantGateway for PosApi {
     ) -> Result<Response<pb::RecordPurchaseResponse>, Status> {
         tandem_runtime::link_request_span(&request);
         Ok(Response::new(self.record_purchase(request).await?))
+    }
+
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id, items = request.get_ref().purchases.len()))]
+    async fn record_purchases(
+        &self,
+        request: Request<pb::RecordPurchasesRequest>,
+    ) -> Result<Response<pb::RecordPurchasesResponse>, Status> {
+        tandem_runtime::link_request_span(&request);
+        Ok(Response::new(self.record_purchases(request).await?))
+    }
+
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id, items = request.get_ref().refunds.len()))]
+    async fn record_refunds(
+        &self,
+        request: Request<pb::RecordRefundsRequest>,
+    ) -> Result<Response<pb::RecordRefundsResponse>, Status> {
+        tandem_runtime::link_request_span(&request);
+        Ok(Response::new(
+            refunds::record_refunds(&self.state, request).await?,
+        ))
     }
 
     #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id, refund_id))]
@@ -320,80 +343,68 @@ impl PosApi {
         request: Request<pb::RecordPurchaseRequest>,
     ) -> Result<pb::RecordPurchaseResponse, GatewayError> {
         let caller = authenticate_caller(&self.state.pool, request.metadata()).await?;
-        let merchant = caller.merchant.clone();
-        let span = tracing::Span::current();
-        span.record("merchant_id", merchant.as_str());
+        tracing::Span::current().record("merchant_id", caller.merchant.as_str());
         let request = request.into_inner();
-        check_acting_as(&merchant, &request.merchant_id)?;
         let now = Utc::now();
-        let keys = customer_keys(&self.state, &caller, request.customer.as_ref()).await?;
-        let parsed = parse_record_purchase(&request, keys, now)?;
-        let command = parsed.command;
-
-        let scope = idempotency::Scope {
-            merchant: &merchant,
-            key: &parsed.idempotency_key,
-            operation: "RecordPurchase",
-            fingerprint: &parsed.fingerprint,
-        };
-        let mut tx = match idempotency::start(&self.state.pool, &scope).await? {
-            idempotency::Begun::Replayed(response) => return Ok(response),
-            idempotency::Begun::Fresh(tx) => tx,
-        };
-        let purchase_id = PurchaseId::generate();
-        span.record("purchase_id", purchase_id.as_str());
-        let customer_keys: Vec<String> = command
-            .customer_keys
-            .iter()
-            .map(ToString::to_string)
-            .collect();
-        // Refunds recorded before their purchase count against it from the start, up to the
-        // purchase itself (the ledger cuts them down to it too): nothing is left to refund then,
-        // never a negative amount.
-        let inserted = sqlx::query(
-            "INSERT INTO purchases (merchant_id, transaction_id, purchase_id, amount_minor, currency, customer_keys, refunded_minor) \
-             VALUES ($1, $2, $3, $4, $5, $6, least($4, (SELECT coalesce(sum(amount_minor), 0) FROM refunds WHERE merchant_id = $1 AND transaction_id = $2))) \
-             ON CONFLICT (merchant_id, transaction_id) DO NOTHING",
-        )
-        .bind(merchant.as_str())
-        .bind(&command.transaction_id)
-        .bind(purchase_id.as_str())
-        .bind(command.amount.amount_minor)
-        .bind(command.amount.currency.as_str())
-        .bind(&customer_keys)
-        .execute(&mut *tx)
-        .await?;
-        if inserted.rows_affected() == 0 {
-            return Err(GatewayError::AlreadyExists(format!(
-                "transaction_id {:?} was already recorded with another idempotency key; a transaction is recorded once",
-                command.transaction_id
-            )));
+        let parsed = prepare_purchase(&self.state, &caller, &request, now).await?;
+        let mut tx = self.state.pool.begin().await?;
+        let written = write_purchase(&mut tx, &caller.merchant, parsed, now).await?;
+        tx.commit().await?;
+        if written.fresh {
+            self.state.outbox_written.notify_one();
         }
-        let event = pb::PurchaseRecorded {
-            purchase_id: purchase_id.to_string(),
-            merchant_id: merchant.to_string(),
-            transaction_id: command.transaction_id,
-            customer_keys,
-            amount: Some(pb::Money {
-                amount_minor: command.amount.amount_minor,
-                currency: command.amount.currency.to_string(),
+        tracing::Span::current().record("purchase_id", written.response.purchase_id.as_str());
+        Ok(written.response)
+    }
+
+    async fn record_purchases(
+        &self,
+        request: Request<pb::RecordPurchasesRequest>,
+    ) -> Result<pb::RecordPurchasesResponse, GatewayError> {
+        let caller = authenticate_caller(&self.state.pool, request.metadata()).await?;
+        tracing::Span::current().record("merchant_id", caller.merchant.as_str());
+        let items = request.into_inner().purchases;
+        bulk::check_size("purchases", items.len())?;
+        let now = Utc::now();
+        let mut prepared = Vec::with_capacity(items.len());
+        for (index, item) in items.iter().enumerate() {
+            prepared.push(
+                prepare_purchase(&self.state, &caller, item, now)
+                    .await
+                    .map_err(|error| bulk::within("purchases", index, error)),
+            );
+        }
+        let mut tx = self.state.pool.begin().await?;
+        let mut outcomes = Vec::with_capacity(items.len());
+        for item in prepared {
+            let outcome = match item {
+                Err(refused) => Err(refused),
+                Ok(parsed) => {
+                    let mut savepoint = Acquire::begin(&mut tx).await?;
+                    let written =
+                        write_purchase(&mut savepoint, &caller.merchant, parsed, now).await;
+                    bulk::settle(savepoint, written).await?
+                }
+            };
+            outcomes.push(outcome);
+        }
+        tx.commit().await?;
+        let (results, fresh) = bulk::results(outcomes, |index, outcome| pb::RecordPurchaseResult {
+            index,
+            outcome: Some(match outcome {
+                Ok(recorded) => pb::record_purchase_result::Outcome::Recorded(recorded),
+                Err(error) => pb::record_purchase_result::Outcome::Error(error),
             }),
-            purchased_at: Some(timestamp(command.purchased_at)),
-        };
-        let event_id = record_event(
-            &mut tx,
-            &format!("purchase-{purchase_id}"),
-            Payload::PurchaseRecorded(event),
-            now,
-        )
-        .await?;
-        let response = pb::RecordPurchaseResponse {
-            purchase_id: purchase_id.to_string(),
-            purchased_at: Some(timestamp(command.purchased_at)),
-        };
-        idempotency::complete(&self.state, tx, &scope, &response).await?;
-        tracing::info!(%event_id, "purchase recorded");
-        Ok(response)
+        });
+        if fresh > 0 {
+            self.state.outbox_written.notify_one();
+        }
+        tracing::info!(
+            items = results.len(),
+            recorded = fresh,
+            "bulk purchases recorded"
+        );
+        Ok(pb::RecordPurchasesResponse { results })
     }
 
     async fn list_referral_activity(
@@ -426,4 +437,97 @@ impl PosApi {
         )
         .await
     }
+}
+
+/// A purchase request validated and pseudonymised: nothing raw is left in it.
+async fn prepare_purchase(
+    state: &State,
+    caller: &Caller,
+    request: &pb::RecordPurchaseRequest,
+    now: DateTime<Utc>,
+) -> Result<Parsed<RecordPurchase>, GatewayError> {
+    check_acting_as(&caller.merchant, &request.merchant_id)?;
+    let keys = customer_keys(state, caller, request.customer.as_ref()).await?;
+    Ok(parse_record_purchase(request, keys, now)?)
+}
+
+/// Writes one purchase in the caller's transaction: the idempotency record, the purchase, its
+/// event and one outbox row per customer key. A retry of a recorded request answers the stored
+/// response (`fresh` false).
+async fn write_purchase(
+    connection: &mut PgConnection,
+    merchant: &MerchantId,
+    parsed: Parsed<RecordPurchase>,
+    now: DateTime<Utc>,
+) -> Result<bulk::Written<pb::RecordPurchaseResponse>, GatewayError> {
+    let command = parsed.command;
+    let scope = idempotency::Scope {
+        merchant,
+        key: &parsed.idempotency_key,
+        operation: "RecordPurchase",
+        fingerprint: &parsed.fingerprint,
+    };
+    if let Some(response) = idempotency::check(connection, &scope).await? {
+        tracing::info!("idempotent retry answered from the first response");
+        return Ok(bulk::Written {
+            response,
+            fresh: false,
+        });
+    }
+    let purchase_id = PurchaseId::generate();
+    let customer_keys: Vec<String> = command
+        .customer_keys
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    // Refunds recorded before their purchase count against it from the start, up to the
+    // purchase itself (the ledger cuts them down to it too): nothing is left to refund then,
+    // never a negative amount.
+    let inserted = sqlx::query(
+        "INSERT INTO purchases (merchant_id, transaction_id, purchase_id, amount_minor, currency, customer_keys, refunded_minor) \
+         VALUES ($1, $2, $3, $4, $5, $6, least($4, (SELECT coalesce(sum(amount_minor), 0) FROM refunds WHERE merchant_id = $1 AND transaction_id = $2))) \
+         ON CONFLICT (merchant_id, transaction_id) DO NOTHING",
+    )
+    .bind(merchant.as_str())
+    .bind(&command.transaction_id)
+    .bind(purchase_id.as_str())
+    .bind(command.amount.amount_minor)
+    .bind(command.amount.currency.as_str())
+    .bind(&customer_keys)
+    .execute(&mut *connection)
+    .await?;
+    if inserted.rows_affected() == 0 {
+        return Err(GatewayError::AlreadyExists(format!(
+            "transaction_id {:?} was already recorded with another idempotency key; a transaction is recorded once",
+            command.transaction_id
+        )));
+    }
+    let event = pb::PurchaseRecorded {
+        purchase_id: purchase_id.to_string(),
+        merchant_id: merchant.to_string(),
+        transaction_id: command.transaction_id,
+        customer_keys,
+        amount: Some(pb::Money {
+            amount_minor: command.amount.amount_minor,
+            currency: command.amount.currency.to_string(),
+        }),
+        purchased_at: Some(timestamp(command.purchased_at)),
+    };
+    let event_id = record_event(
+        connection,
+        &format!("purchase-{purchase_id}"),
+        Payload::PurchaseRecorded(event),
+        now,
+    )
+    .await?;
+    let response = pb::RecordPurchaseResponse {
+        purchase_id: purchase_id.to_string(),
+        purchased_at: Some(timestamp(command.purchased_at)),
+    };
+    idempotency::store(connection, &scope, &response).await?;
+    tracing::info!(%event_id, %purchase_id, "purchase recorded");
+    Ok(bulk::Written {
+        response,
+        fresh: true,
+    })
 }

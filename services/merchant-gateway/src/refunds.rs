@@ -1,8 +1,9 @@
 //! Refunds, voids and referral cancellations: writes that change what was already recorded.
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
-use tandem_domain::ids::{ReferralId, RefundId};
+use sqlx::{Acquire, PgConnection};
+use tandem_domain::ids::{MerchantId, ReferralId, RefundId};
 use tandem_domain::money::Money;
 use tandem_domain::text::parse_token;
 use tandem_domain::ValidationError;
@@ -12,9 +13,10 @@ use tandem_proto::v1::event_envelope::Payload;
 use tonic::Request;
 
 use crate::auth::authenticate_merchant;
+use crate::bulk;
 use crate::commands::parse_instant;
 use crate::events::record_event;
-use crate::identifiers::{authenticate_caller, customer_keys};
+use crate::identifiers::{authenticate_caller, customer_keys, Caller};
 use crate::{idempotency, GatewayError, State};
 
 type ReferralRow = (String, String, Vec<String>, Option<chrono::DateTime<Utc>>);
@@ -31,13 +33,91 @@ pub async fn record_refund(
     request: Request<pb::RecordRefundRequest>,
 ) -> Result<pb::RecordRefundResponse, GatewayError> {
     let caller = authenticate_caller(&state.pool, request.metadata()).await?;
-    let merchant = caller.merchant.clone();
     let span = tracing::Span::current();
-    span.record("merchant_id", merchant.as_str());
+    span.record("merchant_id", caller.merchant.as_str());
     let request = request.into_inner();
+    let now = Utc::now();
+    let prepared = prepare_refund(state, &caller, &request, now).await?;
+    let mut tx = state.pool.begin().await?;
+    let written = write_refund(&mut tx, &caller.merchant, prepared, now).await?;
+    tx.commit().await?;
+    if written.fresh {
+        state.outbox_written.notify_one();
+    }
+    span.record("refund_id", written.response.refund_id.as_str());
+    Ok(written.response)
+}
+
+/// Up to [`bulk::MAX_ITEMS`] refunds in one call and one transaction, applied in request order
+/// (a refund and a later void of the same purchase in one call work as two calls would).
+pub async fn record_refunds(
+    state: &State,
+    request: Request<pb::RecordRefundsRequest>,
+) -> Result<pb::RecordRefundsResponse, GatewayError> {
+    let caller = authenticate_caller(&state.pool, request.metadata()).await?;
+    tracing::Span::current().record("merchant_id", caller.merchant.as_str());
+    let items = request.into_inner().refunds;
+    bulk::check_size("refunds", items.len())?;
+    let now = Utc::now();
+    let mut prepared = Vec::with_capacity(items.len());
+    for (index, item) in items.iter().enumerate() {
+        prepared.push(
+            prepare_refund(state, &caller, item, now)
+                .await
+                .map_err(|error| bulk::within("refunds", index, error)),
+        );
+    }
+    let mut tx = state.pool.begin().await?;
+    let mut outcomes = Vec::with_capacity(items.len());
+    for item in prepared {
+        let outcome = match item {
+            Err(refused) => Err(refused),
+            Ok(prepared) => {
+                let mut savepoint = Acquire::begin(&mut tx).await?;
+                let written = write_refund(&mut savepoint, &caller.merchant, prepared, now).await;
+                bulk::settle(savepoint, written).await?
+            }
+        };
+        outcomes.push(outcome);
+    }
+    tx.commit().await?;
+    let (results, fresh) = bulk::results(outcomes, |index, outcome| pb::RecordRefundResult {
+        index,
+        outcome: Some(match outcome {
+            Ok(recorded) => pb::record_refund_result::Outcome::Recorded(recorded),
+            Err(error) => pb::record_refund_result::Outcome::Error(error),
+        }),
+    });
+    if fresh > 0 {
+        state.outbox_written.notify_one();
+    }
+    tracing::info!(
+        items = results.len(),
+        recorded = fresh,
+        "bulk refunds recorded"
+    );
+    Ok(pb::RecordRefundsResponse { results })
+}
+
+/// A refund request validated and pseudonymised.
+pub struct PreparedRefund {
+    idempotency_key: String,
+    transaction_id: String,
+    refunded_at: DateTime<Utc>,
+    amount: Option<Money>,
+    void: bool,
+    customer_keys: Option<Vec<String>>,
+    fingerprint: Vec<u8>,
+}
+
+async fn prepare_refund(
+    state: &State,
+    caller: &Caller,
+    request: &pb::RecordRefundRequest,
+    now: DateTime<Utc>,
+) -> Result<PreparedRefund, GatewayError> {
     let idempotency_key = parse_token("idempotency_key", &request.idempotency_key, 1, 128)?;
     let transaction_id = parse_token("transaction_id", &request.transaction_id, 1, 128)?;
-    let now = Utc::now();
     let refunded_at = parse_instant("refunded_at", request.refunded_at.as_ref(), now)?;
     let amount = match (&request.amount, request.void) {
         (Some(_), true) => {
@@ -61,7 +141,7 @@ pub async fn record_refund(
     };
     let customer_keys = match &request.customer {
         Some(customer) => Some(
-            customer_keys(state, &caller, Some(customer))
+            customer_keys(state, caller, Some(customer))
                 .await?
                 .into_iter()
                 .map(|key| key.to_string())
@@ -84,24 +164,53 @@ pub async fn record_refund(
         hasher.update(part.as_bytes());
     }
     let fingerprint = hasher.finalize().to_vec();
+    Ok(PreparedRefund {
+        idempotency_key,
+        transaction_id,
+        refunded_at,
+        amount,
+        void: request.void,
+        customer_keys,
+        fingerprint,
+    })
+}
 
+/// Writes one refund in the caller's transaction; a retry answers the stored response.
+async fn write_refund(
+    connection: &mut PgConnection,
+    merchant: &MerchantId,
+    prepared: PreparedRefund,
+    now: DateTime<Utc>,
+) -> Result<bulk::Written<pb::RecordRefundResponse>, GatewayError> {
+    let PreparedRefund {
+        idempotency_key,
+        transaction_id,
+        refunded_at,
+        amount,
+        void,
+        customer_keys,
+        fingerprint,
+    } = prepared;
     let scope = idempotency::Scope {
-        merchant: &merchant,
+        merchant,
         key: &idempotency_key,
         operation: "RecordRefund",
         fingerprint: &fingerprint,
     };
-    let mut tx = match idempotency::start(&state.pool, &scope).await? {
-        idempotency::Begun::Replayed(response) => return Ok(response),
-        idempotency::Begun::Fresh(tx) => tx,
-    };
+    if let Some(response) = idempotency::check(connection, &scope).await? {
+        tracing::info!("idempotent retry answered from the first response");
+        return Ok(bulk::Written {
+            response,
+            fresh: false,
+        });
+    }
     let purchase: Option<PurchaseRow> = sqlx::query_as(
         "SELECT purchase_id, amount_minor, currency, customer_keys, refunded_minor FROM purchases \
          WHERE merchant_id = $1 AND transaction_id = $2 FOR UPDATE",
     )
     .bind(merchant.as_str())
     .bind(&transaction_id)
-    .fetch_optional(&mut *tx)
+    .fetch_optional(&mut *connection)
     .await?;
     let (purchase_id, refund, keys) = match purchase {
         Some((purchase_id, Some(amount_minor), Some(currency), Some(keys), refunded_minor)) => {
@@ -127,7 +236,7 @@ pub async fn record_refund(
                 .bind(merchant.as_str())
                 .bind(&transaction_id)
                 .bind(refund.amount_minor)
-                .execute(&mut *tx)
+                .execute(&mut *connection)
                 .await?;
             (purchase_id, refund, keys)
         }
@@ -148,14 +257,13 @@ pub async fn record_refund(
         }
     };
     let refund_id = RefundId::generate();
-    span.record("refund_id", refund_id.as_str());
     sqlx::query("INSERT INTO refunds (refund_id, merchant_id, transaction_id, amount_minor, currency) VALUES ($1, $2, $3, $4, $5)")
         .bind(refund_id.as_str())
         .bind(merchant.as_str())
         .bind(&transaction_id)
         .bind(refund.amount_minor)
         .bind(refund.currency.as_str())
-        .execute(&mut *tx)
+        .execute(&mut *connection)
         .await?;
     let refunded = pb::Money {
         amount_minor: refund.amount_minor,
@@ -169,10 +277,10 @@ pub async fn record_refund(
         customer_keys: keys,
         amount: Some(refunded.clone()),
         refunded_at: Some(timestamp(refunded_at)),
-        void: request.void,
+        void,
     };
     let event_id = record_event(
-        &mut tx,
+        connection,
         &format!("refund-{refund_id}"),
         Payload::RefundRecorded(event),
         now,
@@ -183,9 +291,12 @@ pub async fn record_refund(
         purchase_id,
         refunded: Some(refunded),
     };
-    idempotency::complete(state, tx, &scope, &response).await?;
-    tracing::info!(%event_id, "refund recorded");
-    Ok(response)
+    idempotency::store(connection, &scope, &response).await?;
+    tracing::info!(%event_id, %refund_id, "refund recorded");
+    Ok(bulk::Written {
+        response,
+        fresh: true,
+    })
 }
 
 pub async fn cancel_referral(

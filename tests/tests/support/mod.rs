@@ -419,3 +419,38 @@ pub async fn dump_tables_named(pool: &sqlx::PgPool, schema: &str, tables: &[&str
     }
     rows
 }
+
+/// Asserts that none of `raw_values` (nor its hex form) is in any table of the stack's schemas or
+/// in any message, key or header of any topic.
+pub async fn assert_never_stored_or_published(stack: &Stack, raw_values: &[&str]) {
+    let database = stack.schema("public").await;
+    let rows = dump_tables(&database, &["gateway", "ledger", "public"]).await;
+    assert!(!rows.is_empty(), "the scan must see the data");
+    let mut messages: Vec<Vec<u8>> = Vec::new();
+    for topic in tandem_bus::Topic::ALL {
+        for message in tandem_testkit::read_topic(&stack.bus, topic) {
+            messages.push(message.key);
+            messages.push(message.payload);
+            for (name, value) in message.headers {
+                messages.push(name.into_bytes());
+                messages.push(value);
+            }
+        }
+    }
+    assert!(!messages.is_empty(), "the scan must see the topics");
+    for raw in raw_values {
+        let hex: String = raw.bytes().map(|b| format!("{b:02x}")).collect();
+        for row in &rows {
+            assert!(
+                !row.contains(raw) && !row.contains(&hex),
+                "raw identifier {raw:?} stored: {row}"
+            );
+        }
+        for message in &messages {
+            assert!(
+                !message.windows(raw.len()).any(|w| w == raw.as_bytes()),
+                "raw identifier {raw:?} published"
+            );
+        }
+    }
+}
