@@ -26,6 +26,10 @@ pub struct BenchArgs {
     /// Calls in flight at once.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
+    /// Send the purchases in RecordPurchases calls of this many items (1 to 500) instead of one
+    /// RecordPurchase call each; latencies are then per call.
+    #[arg(long)]
+    bulk: Option<usize>,
     /// Give up waiting for the ledger after this long.
     #[arg(long, default_value_t = 600)]
     timeout_secs: u64,
@@ -62,7 +66,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
             token,
         )?)
     )?;
-    let phone = |customer: usize| format!("+3361{customer:07}");
+    let phone = phone_of;
     for customer in 0..args.customers {
         call!(
             "create referral",
@@ -85,6 +89,9 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
         args.customers
     );
 
+    if args.bulk.is_some_and(|size| !(1..=500).contains(&size)) {
+        return Err("--bulk takes 1 to 500 items a call".into());
+    }
     let started = Instant::now();
     let mut workers = Vec::new();
     for worker in 0..args.concurrency {
@@ -96,22 +103,35 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
             args.purchases,
             args.concurrency,
         );
+        let bulk = args.bulk;
         workers.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
+            if let Some(size) = bulk {
+                let mine: Vec<usize> = (worker..purchases).step_by(concurrency).collect();
+                for chunk in mine.chunks(size) {
+                    let request = pb::RecordPurchasesRequest {
+                        purchases: chunk
+                            .iter()
+                            .map(|&index| purchase_request(&tag, index, customers))
+                            .collect(),
+                    };
+                    let sent = Instant::now();
+                    let response = call!(
+                        "record purchases",
+                        pos.record_purchases(authorised(request.clone(), &api_key)?)
+                    )?;
+                    latencies.push(sent.elapsed());
+                    if let Some(refused) = response.results.iter().find_map(|r| match &r.outcome {
+                        Some(pb::record_purchase_result::Outcome::Error(error)) => Some(error),
+                        _ => None,
+                    }) {
+                        return Err(format!("a bulk item was refused: {}", refused.message));
+                    }
+                }
+                return Ok::<_, String>(latencies);
+            }
             for index in (worker..purchases).step_by(concurrency) {
-                let request = pb::RecordPurchaseRequest {
-                    idempotency_key: format!("bench-{tag}-p{index}"),
-                    transaction_id: format!("bench-{tag}-{index}"),
-                    customer: Some(pb::CustomerIdentifiers {
-                        phone: phone(index % customers),
-                        ..Default::default()
-                    }),
-                    amount: Some(pb::Money {
-                        amount_minor: 1_000 + (index as i64 % 9_000),
-                        currency: "EUR".into(),
-                    }),
-                    ..Default::default()
-                };
+                let request = purchase_request(&tag, index, customers);
                 let sent = Instant::now();
                 call!(
                     "record purchase",
@@ -135,7 +155,10 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
             .unwrap_or_default()
     };
     println!(
-        "gateway: {} purchases acknowledged in {:.2}s = {:.0}/s; latency p50 {:.1} ms, p99 {:.1} ms",
+        "gateway{}: {} purchases acknowledged in {:.2}s = {:.0}/s; latency p50 {:.1} ms, p99 {:.1} ms",
+        args.bulk
+            .map(|size| format!(" (RecordPurchases, {size} a call; latency per call)"))
+            .unwrap_or_default(),
         args.purchases,
         acknowledged.as_secs_f64(),
         args.purchases as f64 / acknowledged.as_secs_f64(),
@@ -175,5 +198,27 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
             ));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The phone number of the bench's customer `customer`.
+fn phone_of(customer: usize) -> String {
+    format!("+3361{customer:07}")
+}
+
+/// The bench's purchase number `index`, by one of `customers` referred customers.
+fn purchase_request(tag: &str, index: usize, customers: usize) -> pb::RecordPurchaseRequest {
+    pb::RecordPurchaseRequest {
+        idempotency_key: format!("bench-{tag}-p{index}"),
+        transaction_id: format!("bench-{tag}-{index}"),
+        customer: Some(pb::CustomerIdentifiers {
+            phone: phone_of(index % customers),
+            ..Default::default()
+        }),
+        amount: Some(pb::Money {
+            amount_minor: 1_000 + (index as i64 % 9_000),
+            currency: "EUR".into(),
+        }),
+        ..Default::default()
     }
 }

@@ -224,7 +224,10 @@ pub async fn run(args: ImportArgs) -> Result<(), String> {
                         refused.push(format!(
                             "line {line}: {:?}: {}",
                             tonic::Code::from_i32(error.code),
-                            error.message
+                            // The line says which row; its place in this call would only confuse.
+                            error
+                                .message
+                                .replacen(&format!("purchases[{}].", result.index), "", 1)
                         ))
                     }
                     None => refused.push(format!("line {line}: no result")),
