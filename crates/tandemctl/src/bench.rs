@@ -1,43 +1,208 @@
-//! `tandemctl bench`: measures a running stack end to end. It registers two merchants, a
-//! partnership and `customers` referrals, then records `purchases` purchases of those customers
-//! at the acceptor with `concurrency` calls in flight, and reports
-//! - how fast the gateway acknowledged them (each acknowledgement is a committed transaction), and
-//! - how long until the referral ledger had attributed every one of them.
+//! `tandemctl bench`: the benchmark harness. In one run, on the stack it is pointed at, it measures
+//! - the raw ceilings of the real parts on this machine (Kafka, Postgres, tonic; `ceilings.rs`),
+//! - Tandem end to end with single `RecordPurchase` calls, then with bulk `RecordPurchases` calls:
+//!   how fast the gateway acknowledged the purchases, the acknowledgement latencies, and how long
+//!   until the referral ledger had attributed every one,
+//! - the CPU seconds and peak memory of each service process and of the broker,
+//!
+//! and prints a table and writes the same figures as JSON, so runs can be compared.
 //!
 //! This is a benchmark, not a test: it asserts nothing and its numbers depend on the machine.
+//! (A test runs its short form and checks that every figure is there.)
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use serde::Serialize;
+use tandem_bus::BusConfig;
 use tandem_proto::v1 as pb;
 
 use crate::call;
+use crate::ceilings::{self, CeilingSettings, Ceilings, Rate};
 use crate::client::{authorised, GatewayArgs};
+use crate::process::{self, ProcessUsage};
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
     #[command(flatten)]
     gateway: GatewayArgs,
+    #[command(flatten)]
+    bus: tandem_runtime::BusArgs,
+    /// A Postgres server URL for the Postgres ceiling (a scratch schema is created and dropped).
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: String,
     /// Referred customers the purchases are spread over.
     #[arg(long, default_value_t = 200)]
     customers: usize,
-    /// Purchases to record.
+    /// Purchases to record, in each of the two workloads (single calls, bulk calls).
     #[arg(long, default_value_t = 5_000)]
     purchases: usize,
     /// Calls in flight at once.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
-    /// Send the purchases in RecordPurchases calls of this many items (1 to 500) instead of one
-    /// RecordPurchase call each; latencies are then per call.
+    /// Items per RecordPurchases call in the bulk workload, 1 to 500.
+    #[arg(long, default_value_t = 100)]
+    bulk: usize,
+    /// Seconds-scale counts everywhere (what CI runs): the figures are there, their values mean
+    /// little.
     #[arg(long)]
-    bulk: Option<usize>,
+    short: bool,
+    /// Where the local scripts keep `<process>.pid` files; every process found there is measured.
+    #[arg(long, default_value = ".tandem/pids")]
+    pids_dir: PathBuf,
+    /// Where to write the JSON result.
+    #[arg(long, default_value = "bench-result.json")]
+    json: PathBuf,
     /// Give up waiting for the ledger after this long.
     #[arg(long, default_value_t = 600)]
     timeout_secs: u64,
 }
 
+/// What one harness run measures, as a library call (the CLI and the test build one).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub gateway: String,
+    pub operator_token: String,
+    pub bus: BusConfig,
+    pub database_url: String,
+    pub customers: usize,
+    pub purchases: usize,
+    pub concurrency: usize,
+    pub bulk: usize,
+    pub ceilings: CeilingSettings,
+    /// (name, pid) of every process to measure.
+    pub processes: Vec<(String, u32)>,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Latency {
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Workload {
+    /// `RecordPurchase` calls, or `RecordPurchases` calls of `items_per_call`.
+    pub calls: String,
+    pub items_per_call: usize,
+    pub purchases_sent: u64,
+    /// Purchases the ledger attributed (equal to those sent when the run is complete).
+    pub purchases_attributed: u64,
+    /// From the first call to the last acknowledgement.
+    pub acknowledged: Rate,
+    /// Per call, closed loop (each client waits for its answer before the next call).
+    pub acknowledgement_latency: Latency,
+    /// From the first call until the ledger had attributed every purchase.
+    pub end_to_end: Rate,
+    /// CPU seconds each measured process spent during this workload.
+    pub cpu_seconds: Vec<(String, f64)>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Ratios {
+    /// End-to-end single-call rate over the slowest of the Kafka produce, Postgres one-row
+    /// transaction and tonic ceilings (target ≥ 0.4).
+    pub single_over_slowest_ceiling: f64,
+    /// End-to-end bulk rate over the lower of the Kafka produce and Postgres batched ceilings
+    /// (target ≥ 0.5).
+    pub bulk_over_lower_of_kafka_and_postgres: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub started_at: String,
+    pub machine: Machine,
+    pub ceilings: Ceilings,
+    pub single: Workload,
+    pub bulk: Workload,
+    pub ratios: Ratios,
+    /// Peak RSS and total CPU of each measured process at the end of the run.
+    pub processes: Vec<ProcessUsage>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    pub cores: usize,
+    pub memory_gib: f64,
+}
+
 pub async fn run(args: BenchArgs) -> Result<(), String> {
-    let (mut operator, mut pos) = args.gateway.clients().await?;
-    let token = args.gateway.operator_token.as_str();
+    let short = args.short;
+    let settings = Settings {
+        gateway: args.gateway.gateway.clone(),
+        operator_token: args.gateway.operator_token.clone(),
+        bus: args.bus.bus_config(),
+        database_url: args.database_url.clone(),
+        customers: if short { 20 } else { args.customers },
+        purchases: if short { 200 } else { args.purchases },
+        concurrency: args.concurrency,
+        bulk: args.bulk,
+        ceilings: if short {
+            CeilingSettings::short(args.concurrency)
+        } else {
+            CeilingSettings::full(args.concurrency)
+        },
+        processes: process::from_pid_files(&args.pids_dir),
+        timeout: Duration::from_secs(args.timeout_secs),
+    };
+    let report = measure(&settings).await?;
+    print_report(&report);
+    let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+    std::fs::write(&args.json, json + "\n")
+        .map_err(|e| format!("write {}: {e}", args.json.display()))?;
+    println!("JSON result written to {}", args.json.display());
+    Ok(())
+}
+
+/// Runs every measurement of the harness.
+pub async fn measure(settings: &Settings) -> Result<Report, String> {
+    if !(1..=500).contains(&settings.bulk) {
+        return Err("the bulk workload takes 1 to 500 items a call".into());
+    }
+    let started_at = chrono::Utc::now().to_rfc3339();
+    let ceilings =
+        ceilings::measure(&settings.bus, &settings.database_url, &settings.ceilings).await?;
+    let single = workload(settings, None).await?;
+    let bulk = workload(settings, Some(settings.bulk)).await?;
+    let slowest = ceilings
+        .kafka_produce
+        .per_second
+        .min(ceilings.postgres_single_row_transactions.per_second)
+        .min(ceilings.tonic_unary_calls.per_second);
+    let lower = ceilings
+        .kafka_produce
+        .per_second
+        .min(ceilings.postgres_batched_rows.per_second);
+    let ratios = Ratios {
+        single_over_slowest_ceiling: single.end_to_end.per_second / slowest,
+        bulk_over_lower_of_kafka_and_postgres: bulk.end_to_end.per_second / lower,
+    };
+    Ok(Report {
+        started_at,
+        machine: process::machine(),
+        ceilings,
+        single,
+        bulk,
+        ratios,
+        processes: settings
+            .processes
+            .iter()
+            .filter_map(|(name, pid)| process::usage(name, *pid))
+            .collect(),
+    })
+}
+
+/// One workload on fresh merchants: a partnership, `customers` referrals, then `purchases`
+/// purchases of those customers at the acceptor, in single calls or bulk calls of `bulk` items.
+async fn workload(settings: &Settings, bulk: Option<usize>) -> Result<Workload, String> {
+    let args = GatewayArgs {
+        gateway: settings.gateway.clone(),
+        operator_token: settings.operator_token.clone(),
+    };
+    let (mut operator, mut pos) = args.clients().await?;
+    let token = settings.operator_token.as_str();
     let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
     let merchant = |name: &str| pb::CreateMerchantRequest {
         display_name: format!("bench {name} {tag}"),
@@ -66,8 +231,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
             token,
         )?)
     )?;
-    let phone = phone_of;
-    for customer in 0..args.customers {
+    for customer in 0..settings.customers {
         call!(
             "create referral",
             pos.create_referral(authorised(
@@ -75,7 +239,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
                     idempotency_key: format!("bench-{tag}-r{customer}"),
                     acceptor_merchant_id: acceptor.merchant_id.clone(),
                     customer: Some(pb::CustomerIdentifiers {
-                        phone: phone(customer),
+                        phone: phone_of(customer),
                         ..Default::default()
                     }),
                     ..Default::default()
@@ -84,90 +248,85 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
             )?)
         )?;
     }
-    println!(
-        "setup: 2 merchants, 1 partnership, {} referrals",
-        args.customers
-    );
-
-    if args.bulk.is_some_and(|size| !(1..=500).contains(&size)) {
-        return Err("--bulk takes 1 to 500 items a call".into());
-    }
+    let cpu_before = cpu_of(&settings.processes);
     let started = Instant::now();
     let mut workers = Vec::new();
-    for worker in 0..args.concurrency {
+    for worker in 0..settings.concurrency {
         let mut pos = pos.clone();
         let api_key = acceptor.api_key.clone();
         let (tag, customers, purchases, concurrency) = (
             tag.clone(),
-            args.customers,
-            args.purchases,
-            args.concurrency,
+            settings.customers,
+            settings.purchases,
+            settings.concurrency,
         );
-        let bulk = args.bulk;
         workers.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
-            if let Some(size) = bulk {
-                let mine: Vec<usize> = (worker..purchases).step_by(concurrency).collect();
-                for chunk in mine.chunks(size) {
-                    let request = pb::RecordPurchasesRequest {
-                        purchases: chunk
-                            .iter()
-                            .map(|&index| purchase_request(&tag, index, customers))
-                            .collect(),
-                    };
-                    let sent = Instant::now();
-                    let response = call!(
-                        "record purchases",
-                        pos.record_purchases(authorised(request.clone(), &api_key)?)
-                    )?;
-                    latencies.push(sent.elapsed());
-                    if let Some(refused) = response.results.iter().find_map(|r| match &r.outcome {
-                        Some(pb::record_purchase_result::Outcome::Error(error)) => Some(error),
-                        _ => None,
-                    }) {
-                        return Err(format!("a bulk item was refused: {}", refused.message));
+            let mine: Vec<usize> = (worker..purchases).step_by(concurrency).collect();
+            match bulk {
+                Some(size) => {
+                    for chunk in mine.chunks(size) {
+                        let request = pb::RecordPurchasesRequest {
+                            purchases: chunk
+                                .iter()
+                                .map(|&index| purchase_request(&tag, index, customers))
+                                .collect(),
+                        };
+                        let sent = Instant::now();
+                        let response = call!(
+                            "record purchases",
+                            pos.record_purchases(authorised(request.clone(), &api_key)?)
+                        )?;
+                        latencies.push(sent.elapsed());
+                        if let Some(refused) =
+                            response.results.iter().find_map(|r| match &r.outcome {
+                                Some(pb::record_purchase_result::Outcome::Error(error)) => {
+                                    Some(error)
+                                }
+                                _ => None,
+                            })
+                        {
+                            return Err(format!("a bulk item was refused: {}", refused.message));
+                        }
                     }
                 }
-                return Ok::<_, String>(latencies);
-            }
-            for index in (worker..purchases).step_by(concurrency) {
-                let request = purchase_request(&tag, index, customers);
-                let sent = Instant::now();
-                call!(
-                    "record purchase",
-                    pos.record_purchase(authorised(request.clone(), &api_key)?)
-                )?;
-                latencies.push(sent.elapsed());
+                None => {
+                    for index in mine {
+                        let request = purchase_request(&tag, index, customers);
+                        let sent = Instant::now();
+                        call!(
+                            "record purchase",
+                            pos.record_purchase(authorised(request.clone(), &api_key)?)
+                        )?;
+                        latencies.push(sent.elapsed());
+                    }
+                }
             }
             Ok::<_, String>(latencies)
         }));
     }
-    let mut latencies = Vec::with_capacity(args.purchases);
+    let mut latencies = Vec::with_capacity(settings.purchases);
     for worker in workers {
         latencies.extend(worker.await.map_err(|e| e.to_string())??);
     }
-    let acknowledged = started.elapsed();
+    let acknowledged = Rate::of(settings.purchases as u64, started.elapsed());
     latencies.sort();
-    let percentile = |p: usize| {
+    let percentile = |per_mille: usize| {
         latencies
-            .get((latencies.len() * p / 100).min(latencies.len().saturating_sub(1)))
+            .get((latencies.len() * per_mille / 1000).min(latencies.len().saturating_sub(1)))
             .copied()
             .unwrap_or_default()
+            .as_secs_f64()
+            * 1e3
     };
-    println!(
-        "gateway{}: {} purchases acknowledged in {:.2}s = {:.0}/s; latency p50 {:.1} ms, p99 {:.1} ms",
-        args.bulk
-            .map(|size| format!(" (RecordPurchases, {size} a call; latency per call)"))
-            .unwrap_or_default(),
-        args.purchases,
-        acknowledged.as_secs_f64(),
-        args.purchases as f64 / acknowledged.as_secs_f64(),
-        percentile(50).as_secs_f64() * 1e3,
-        percentile(99).as_secs_f64() * 1e3
-    );
+    let acknowledgement_latency = Latency {
+        p50_ms: percentile(500),
+        p99_ms: percentile(990),
+        p999_ms: percentile(999),
+    };
 
-    let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
-    loop {
+    let deadline = Instant::now() + settings.timeout;
+    let attributed = loop {
         let totals = call!(
             "commission totals",
             pos.get_commission_totals(authorised(
@@ -180,24 +339,115 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
             )?)
         )?
         .totals;
-        let attributed: usize = totals.iter().map(|t| t.purchases as usize).sum();
-        if attributed >= args.purchases {
-            let all = started.elapsed();
-            println!(
-                "pipeline: all {} attributed {:.2}s after the first call = {:.0}/s end to end",
-                args.purchases,
-                all.as_secs_f64(),
-                args.purchases as f64 / all.as_secs_f64()
-            );
-            return Ok(());
+        let attributed: u64 = totals.iter().map(|t| u64::from(t.purchases)).sum();
+        if attributed >= settings.purchases as u64 {
+            break attributed;
         }
         if Instant::now() >= deadline {
             return Err(format!(
-                "only {attributed} of {} attributed after {}s",
-                args.purchases, args.timeout_secs
+                "only {attributed} of {} attributed after {:?}",
+                settings.purchases, settings.timeout
             ));
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let end_to_end = Rate::of(settings.purchases as u64, started.elapsed());
+    let cpu_after = cpu_of(&settings.processes);
+    Ok(Workload {
+        calls: match bulk {
+            Some(_) => "RecordPurchases".into(),
+            None => "RecordPurchase".into(),
+        },
+        items_per_call: bulk.unwrap_or(1),
+        purchases_sent: settings.purchases as u64,
+        purchases_attributed: attributed,
+        acknowledged,
+        acknowledgement_latency,
+        end_to_end,
+        cpu_seconds: cpu_after
+            .into_iter()
+            .zip(cpu_before)
+            .map(|((name, after), (_, before))| (name, after - before))
+            .collect(),
+    })
+}
+
+fn cpu_of(processes: &[(String, u32)]) -> Vec<(String, f64)> {
+    processes
+        .iter()
+        .map(|(name, pid)| {
+            (
+                name.clone(),
+                process::usage(name, *pid).map_or(0.0, |u| u.cpu_seconds),
+            )
+        })
+        .collect()
+}
+
+fn print_report(report: &Report) {
+    let c = &report.ceilings;
+    println!(
+        "machine: {} cores, {:.0} GiB; run started {}",
+        report.machine.cores, report.machine.memory_gib, report.started_at
+    );
+    println!();
+    println!(
+        "ceilings of the parts on this machine ({} in flight):",
+        c.concurrency
+    );
+    println!(
+        "  Kafka produce ({} B messages, {} partitions, acks=all, idempotent) {:>10.0}/s",
+        c.kafka_message_bytes, c.kafka_partitions, c.kafka_produce.per_second
+    );
+    println!(
+        "  Kafka consume                                                 {:>10.0}/s",
+        c.kafka_consume.per_second
+    );
+    println!(
+        "  Postgres, one durable transaction a row                       {:>10.0}/s",
+        c.postgres_single_row_transactions.per_second
+    );
+    println!(
+        "  Postgres, {} rows a transaction                              {:>10.0} rows/s",
+        c.postgres_batch_rows, c.postgres_batched_rows.per_second
+    );
+    println!(
+        "  tonic unary RecordPurchase into a no-op server                {:>10.0}/s",
+        c.tonic_unary_calls.per_second
+    );
+    for workload in [&report.single, &report.bulk] {
+        println!();
+        println!(
+            "Tandem, {} ({} a call): {} purchases",
+            workload.calls, workload.items_per_call, workload.purchases_sent
+        );
+        println!(
+            "  gateway acknowledged {:>8.0}/s; per call p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms",
+            workload.acknowledged.per_second,
+            workload.acknowledgement_latency.p50_ms,
+            workload.acknowledgement_latency.p99_ms,
+            workload.acknowledgement_latency.p999_ms
+        );
+        println!(
+            "  all {} attributed in {:.2} s: {:.0}/s end to end",
+            workload.purchases_attributed,
+            workload.end_to_end.seconds,
+            workload.end_to_end.per_second
+        );
+        for (name, seconds) in &workload.cpu_seconds {
+            println!("  CPU {name}: {seconds:.1} s");
+        }
+    }
+    println!();
+    println!(
+        "ratios: single calls / slowest ceiling {:.2} (target 0.40); bulk / lower of Kafka and Postgres {:.2} (target 0.50)",
+        report.ratios.single_over_slowest_ceiling, report.ratios.bulk_over_lower_of_kafka_and_postgres
+    );
+    for process in &report.processes {
+        println!(
+            "process {} (pid {}): peak RSS {:.0} MiB, {:.1} CPU s in all",
+            process.name, process.pid, process.peak_rss_mib, process.cpu_seconds
+        );
     }
 }
 
@@ -207,12 +457,12 @@ fn phone_of(customer: usize) -> String {
 }
 
 /// The bench's purchase number `index`, by one of `customers` referred customers.
-fn purchase_request(tag: &str, index: usize, customers: usize) -> pb::RecordPurchaseRequest {
+pub fn purchase_request(tag: &str, index: usize, customers: usize) -> pb::RecordPurchaseRequest {
     pb::RecordPurchaseRequest {
         idempotency_key: format!("bench-{tag}-p{index}"),
         transaction_id: format!("bench-{tag}-{index}"),
         customer: Some(pb::CustomerIdentifiers {
-            phone: phone_of(index % customers),
+            phone: phone_of(index % customers.max(1)),
             ..Default::default()
         }),
         amount: Some(pb::Money {

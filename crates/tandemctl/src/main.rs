@@ -1,10 +1,7 @@
 //! `tandemctl`: the operator's command line. Creates topics, waits for services to report
 //! healthy, and runs the end-to-end demo against a running stack.
 
-mod bench;
-mod client;
-mod demo;
-mod import;
+use tandemctl::{bench, demo, import};
 
 use std::process::ExitCode;
 use std::time::Duration;

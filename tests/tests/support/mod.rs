@@ -196,7 +196,7 @@ impl Stack {
         }
     }
 
-    fn gateway_address(&self) -> SocketAddr {
+    pub fn gateway_address(&self) -> SocketAddr {
         self.gateway.as_ref().expect("gateway running").address
     }
 

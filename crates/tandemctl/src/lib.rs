@@ -1,0 +1,9 @@
+//! `tandemctl`'s commands as a library, so that tests can run them (the benchmark harness's short
+//! form runs in CI): the demo, the benchmark harness, CSV import, and what they share.
+
+pub mod bench;
+pub mod ceilings;
+pub mod client;
+pub mod demo;
+pub mod import;
+pub mod process;

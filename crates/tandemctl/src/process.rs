@@ -1,0 +1,88 @@
+//! What a process costs, read from Linux's `/proc`: peak resident memory (`VmHWM`) and CPU
+//! seconds (user + system, in clock ticks of 1/100 s, Linux's `USER_HZ`).
+
+use std::path::Path;
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ProcessUsage {
+    pub name: String,
+    pub pid: u32,
+    pub peak_rss_mib: f64,
+    pub cpu_seconds: f64,
+}
+
+/// The process's usage now, or `None` if it is gone (or this is not Linux).
+pub fn usage(name: &str, pid: u32) -> Option<ProcessUsage> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let peak_kib: f64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name in parentheses: state is field 3, utime 14 and stime 15.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = |index: usize| fields.get(index).and_then(|f| f.parse::<f64>().ok());
+    let cpu_ticks = ticks(11)? + ticks(12)?;
+    Some(ProcessUsage {
+        name: name.to_owned(),
+        pid,
+        peak_rss_mib: peak_kib / 1024.0,
+        cpu_seconds: cpu_ticks / 100.0,
+    })
+}
+
+/// Every `<name>.pid` in `dir` whose process is alive (the local scripts write them).
+pub fn from_pid_files(dir: &Path) -> Vec<(String, u32)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut processes: Vec<(String, u32)> = entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let path = entry.path();
+            let name = path.file_name()?.to_str()?.strip_suffix(".pid")?.to_owned();
+            let pid: u32 = std::fs::read_to_string(&path).ok()?.trim().parse().ok()?;
+            usage(&name, pid).map(|_| (name, pid))
+        })
+        .collect();
+    processes.sort();
+    processes
+}
+
+/// Cores and memory of this machine.
+pub fn machine() -> crate::bench::Machine {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let memory_kib: f64 = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|line| line.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0.0);
+    crate::bench::Machine {
+        cores,
+        memory_gib: memory_kib / 1024.0 / 1024.0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn reads_this_process() {
+        let me = usage("me", std::process::id()).unwrap();
+        assert!(me.peak_rss_mib > 1.0);
+        assert!(me.cpu_seconds >= 0.0);
+        assert!(machine().cores >= 1);
+    }
+}

@@ -1,0 +1,81 @@
+//! The benchmark harness's short form, on the real stack: every figure is there and the
+//! end-to-end counts equal the purchases sent. No timing is asserted: a benchmark is not a test.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+use tandemctl::bench::{measure, Settings};
+use tandemctl::ceilings::CeilingSettings;
+
+#[tokio::test]
+async fn the_harness_short_form_reports_every_figure() {
+    let stack = Stack::start(true).await;
+    let settings = Settings {
+        gateway: format!("http://{}", stack.gateway_address()),
+        operator_token: OPERATOR_TOKEN.into(),
+        bus: stack.bus.clone(),
+        database_url: stack.database.url.clone(),
+        customers: 10,
+        purchases: 120,
+        concurrency: 4,
+        bulk: 25,
+        ceilings: CeilingSettings {
+            kafka_messages: 1_000,
+            kafka_partitions: 3,
+            postgres_rows: 100,
+            postgres_batch_rows: 20,
+            tonic_calls: 500,
+            concurrency: 4,
+        },
+        processes: vec![("test process".into(), std::process::id())],
+        timeout: Duration::from_secs(120),
+    };
+    let report = measure(&settings).await.expect("the harness runs");
+    let c = &report.ceilings;
+    for (what, rate) in [
+        ("kafka produce", &c.kafka_produce),
+        ("kafka consume", &c.kafka_consume),
+        ("postgres single", &c.postgres_single_row_transactions),
+        ("postgres batched", &c.postgres_batched_rows),
+        ("tonic", &c.tonic_unary_calls),
+    ] {
+        assert!(rate.count > 0 && rate.per_second > 0.0, "{what}: {rate:?}");
+    }
+    assert_eq!(c.kafka_produce.count, 1_000);
+    assert_eq!(c.kafka_consume.count, 1_000);
+    assert_eq!(c.postgres_batched_rows.count, 400);
+    assert!(c.kafka_message_bytes > 100);
+    for workload in [&report.single, &report.bulk] {
+        assert_eq!(workload.purchases_sent, 120);
+        assert_eq!(workload.purchases_attributed, 120, "{workload:?}");
+        assert!(workload.end_to_end.per_second > 0.0);
+        assert!(
+            workload.acknowledgement_latency.p999_ms >= workload.acknowledgement_latency.p50_ms
+        );
+        assert_eq!(workload.cpu_seconds.len(), 1);
+    }
+    assert_eq!(report.bulk.items_per_call, 25);
+    assert!(report.ratios.single_over_slowest_ceiling > 0.0);
+    assert!(report.ratios.bulk_over_lower_of_kafka_and_postgres > 0.0);
+    assert_eq!(report.processes.len(), 1);
+    assert!(report.processes[0].peak_rss_mib > 0.0);
+    // The JSON result carries the same figures.
+    let json = serde_json::to_value(&report).unwrap();
+    for key in [
+        "ceilings",
+        "single",
+        "bulk",
+        "ratios",
+        "processes",
+        "machine",
+    ] {
+        assert!(
+            json.get(key).is_some(),
+            "{key} missing from the JSON result"
+        );
+    }
+    stack.stop().await;
+}
