@@ -12,8 +12,9 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
 
+use futures::future::join_all;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::time::Instant;
@@ -62,6 +63,11 @@ pub struct ConsumerSettings {
     pub max_batch: usize,
     /// Longest wait to fill a batch once its first message arrived.
     pub max_wait: Duration,
+    /// How many parts of a batch are applied at once, 1 to 16: the batch is split by partition
+    /// (partition modulo lanes), each part applied in its own transaction, concurrently; a
+    /// partition's messages stay in one part, in order. Offsets are committed once every part is
+    /// applied.
+    pub lanes: usize,
     pub membership: GroupMembership,
 }
 
@@ -128,10 +134,86 @@ pub async fn run_consumer<H: BatchHandler>(
     if let Some(instance_id) = &membership.instance_id {
         client.set("group.instance.id", instance_id);
     }
-    let consumer: StreamConsumer = client.create()?;
     let topic_names: Vec<String> = settings.topics.iter().map(|t| t.name(&config)).collect();
     let subscribed: Vec<&str> = topic_names.iter().map(String::as_str).collect();
-    consumer.subscribe(&subscribed)?;
+    let mut rejoins: Vec<Instant> = Vec::new();
+    loop {
+        let consumer: StreamConsumer = client.create()?;
+        consumer.subscribe(&subscribed)?;
+        let outage = Outage::default();
+        let result = run_member(
+            &consumer,
+            &config,
+            &settings,
+            &handler,
+            &shutdown,
+            &topic_names,
+            stall_timeout,
+            session_timeout,
+            &outage,
+        )
+        .await;
+        // A static member can be fenced by its own earlier session when the group coordinator
+        // came back from an outage (the broker restarted) while a commit was in flight: the
+        // same process, not another instance. Rejoin then, a few times at most; a fencing with
+        // no outage just before is another instance with this id, and ends this one.
+        if let Err(BusError::ConsumerFatal { code, .. }) = &result {
+            let now = Instant::now();
+            rejoins.retain(|at| now.duration_since(*at) < REJOIN_WINDOW);
+            if code == "FencedInstanceId"
+                && outage.seen_within(OUTAGE_BEFORE_FENCING)
+                && rejoins.len() < MAX_REJOINS
+            {
+                rejoins.push(now);
+                tracing::warn!(group_id = %settings.group_id, "fenced right after the brokers were unreachable: rejoining the group");
+                drop(consumer);
+                continue;
+            }
+        }
+        return result;
+    }
+}
+
+/// How recent a broker outage must be for a fencing to count as its after-effect.
+const OUTAGE_BEFORE_FENCING: Duration = Duration::from_secs(120);
+/// At most this many rejoins within [`REJOIN_WINDOW`].
+const MAX_REJOINS: usize = 3;
+const REJOIN_WINDOW: Duration = Duration::from_secs(600);
+
+/// When this member last saw every broker unreachable or a transport failure.
+#[derive(Default)]
+struct Outage(std::sync::Mutex<Option<Instant>>);
+
+impl Outage {
+    fn record(&self) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Instant::now());
+    }
+
+    fn seen_within(&self, window: Duration) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some_and(|at| at.elapsed() < window)
+    }
+}
+
+/// One membership of the group: consume until shutdown, a fatal error or a stall.
+#[allow(clippy::too_many_arguments)]
+async fn run_member<H: BatchHandler>(
+    consumer: &StreamConsumer,
+    config: &BusConfig,
+    settings: &ConsumerSettings,
+    handler: &H,
+    shutdown: &CancellationToken,
+    topic_names: &[String],
+    stall_timeout: Duration,
+    session_timeout: Duration,
+    outage: &Outage,
+) -> Result<(), BusError> {
+    let membership = &settings.membership;
     tracing::info!(
         group_id = %settings.group_id,
         instance_id = membership.instance_id.as_deref().unwrap_or("(dynamic)"),
@@ -143,12 +225,12 @@ pub async fn run_consumer<H: BatchHandler>(
     let watchdog = Watchdog {
         config: config.clone(),
         group_id: settings.group_id.clone(),
-        topics: topic_names.clone(),
+        topics: topic_names.to_vec(),
         stall_timeout,
     };
     let result = tokio::select! {
-        result = consume(&consumer, &config, &settings, &handler, &shutdown) => result,
-        stalled = watchdog.run(&consumer) => Err(stalled),
+        result = consume(consumer, config, settings, handler, shutdown, outage) => result,
+        stalled = watchdog.run(consumer) => Err(stalled),
     };
     match &result {
         Ok(()) => tracing::info!(group_id = %settings.group_id, "consumer stopped"),
@@ -166,6 +248,7 @@ async fn consume<H: BatchHandler>(
     settings: &ConsumerSettings,
     handler: &H,
     shutdown: &CancellationToken,
+    outage: &Outage,
 ) -> Result<(), BusError> {
     let by_name: HashMap<String, Topic> = settings
         .topics
@@ -182,7 +265,7 @@ async fn consume<H: BatchHandler>(
         match first {
             Ok(message) => push(&mut batch, &message, &by_name),
             Err(error) => {
-                fail_if_fatal(consumer, error)?;
+                fail_if_fatal(consumer, error, outage)?;
                 continue;
             }
         }
@@ -190,24 +273,25 @@ async fn consume<H: BatchHandler>(
         while batch.len() < max_batch {
             match tokio::time::timeout_at(deadline, consumer.recv()).await {
                 Ok(Ok(message)) => push(&mut batch, &message, &by_name),
-                Ok(Err(error)) => fail_if_fatal(consumer, error)?,
+                Ok(Err(error)) => fail_if_fatal(consumer, error, outage)?,
                 Err(_) => break,
             }
         }
 
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match handler.handle(&batch).await {
-                Ok(()) => break,
-                Err(error) => {
-                    tracing::warn!(error = %error, source = ?std::error::Error::source(&error), messages = batch.len(), backoff_ms = backoff.as_millis() as u64, "batch not applied; retrying");
-                    tokio::select! {
-                        () = shutdown.cancelled() => return Ok(()),
-                        () = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                }
-            }
+        // Lanes: a partition's messages in one lane and in order (the sort is stable).
+        let lanes = settings.lanes.clamp(1, 16);
+        let lane_of =
+            |delivery: &Delivery| usize::try_from(delivery.partition).unwrap_or(0) % lanes;
+        batch.sort_by_key(|delivery| lane_of(delivery));
+        let parts: Vec<&[Delivery]> = batch.chunk_by(|a, b| lane_of(a) == lane_of(b)).collect();
+        let applied = join_all(
+            parts
+                .into_iter()
+                .map(|part| apply_until_done(handler, part, shutdown)),
+        )
+        .await;
+        if applied.iter().any(|done| !done) {
+            return Ok(());
         }
 
         let mut next_offsets: HashMap<(Topic, i32), i64> = HashMap::new();
@@ -228,9 +312,36 @@ async fn consume<H: BatchHandler>(
     }
 }
 
+/// Applies one part of a batch until it succeeds, retrying with backoff; `false` if shutdown
+/// came first.
+async fn apply_until_done<H: BatchHandler>(
+    handler: &H,
+    part: &[Delivery],
+    shutdown: &CancellationToken,
+) -> bool {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match handler.handle(part).await {
+            Ok(()) => return true,
+            Err(error) => {
+                tracing::warn!(error = %error, source = ?std::error::Error::source(&error), messages = part.len(), backoff_ms = backoff.as_millis() as u64, "batch not applied; retrying");
+                tokio::select! {
+                    () = shutdown.cancelled() => return false,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
 /// Transient errors (a broker restarting) are logged and consumption goes on; librdkafka
 /// reconnects by itself. A fatal error leaves the client unusable: it ends the consumer.
-fn fail_if_fatal(consumer: &StreamConsumer, error: KafkaError) -> Result<(), BusError> {
+fn fail_if_fatal(
+    consumer: &StreamConsumer,
+    error: KafkaError,
+    outage: &Outage,
+) -> Result<(), BusError> {
     if let Some((code, reason)) = consumer.client().fatal_error() {
         return Err(BusError::ConsumerFatal {
             code: format!("{code:?}"),
@@ -242,6 +353,12 @@ fn fail_if_fatal(consumer: &StreamConsumer, error: KafkaError) -> Result<(), Bus
             code: format!("{code:?}"),
             reason: error.to_string(),
         });
+    }
+    if let KafkaError::MessageConsumption(
+        RDKafkaErrorCode::AllBrokersDown | RDKafkaErrorCode::BrokerTransportFailure,
+    ) = error
+    {
+        outage.record();
     }
     tracing::warn!(error = %error, "consumer error");
     Ok(())

@@ -81,6 +81,12 @@ pub struct Config {
     /// Most events applied in one transaction.
     #[arg(long, env = "TANDEM_LEDGER_MAX_BATCH", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_batch: u32,
+    /// Parts of each consumed batch applied at once, each in its own transaction and connection
+    /// (a partition's messages stay in one part, in order). Each of the three consumers uses
+    /// this many connections, so the pool needs at least 3 × lanes + 2
+    /// (`TANDEM_DB_MAX_CONNECTIONS`).
+    #[arg(long, env = "TANDEM_LEDGER_CONSUMER_LANES", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub consumer_lanes: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +139,8 @@ pub enum StartError {
     Rebuild(#[from] LedgerError),
     #[error("{0}")]
     Replay(String),
+    #[error("{0}")]
+    Config(String),
 }
 
 /// The whole binary: configuration from flags and the environment, then [`run`] until SIGTERM.
@@ -190,6 +198,16 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
+    // Three consumers with their lanes, the relay's lock, and one for the relay's batches and
+    // the payable timers.
+    let needed = 3 * config.consumer_lanes + 2;
+    if config.database.db_max_connections < needed {
+        return Err(StartError::Config(format!(
+            "{} consumer lanes need at least {needed} database connections (3 consumers × lanes, the outbox relay's lock, its batches and the timers); \
+             TANDEM_DB_MAX_CONNECTIONS is {}: raise it or lower TANDEM_LEDGER_CONSUMER_LANES",
+            config.consumer_lanes, config.database.db_max_connections
+        )));
+    }
     let pool = tandem_store::connect(&config.database.store_config(&config.schema)).await?;
     tandem_store::migrate(&pool, &MIGRATIONS).await?;
     if config.list_rejected {
@@ -244,6 +262,7 @@ pub async fn run(
                     topics: vec![topic],
                     max_batch: config.max_batch as usize,
                     max_wait: Duration::from_millis(20),
+                    lanes: config.consumer_lanes as usize,
                     membership: membership.clone(),
                 },
                 apply::Applier {
@@ -265,6 +284,7 @@ pub async fn run(
                 topics: vec![Topic::Attributions],
                 max_batch: config.max_batch as usize,
                 max_wait: Duration::from_millis(20),
+                lanes: config.consumer_lanes as usize,
                 membership: membership.clone(),
             },
             stage,

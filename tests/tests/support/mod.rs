@@ -159,6 +159,7 @@ impl Stack {
             list_rejected: false,
             replay_rejected: None,
             max_batch: 500,
+            consumer_lanes: 1,
         };
         let shutdown = CancellationToken::new();
         let task = tokio::spawn({
