@@ -31,6 +31,7 @@ async fn the_harness_short_form_reports_every_figure() {
             concurrency: 4,
         },
         processes: vec![("test process".into(), std::process::id())],
+        open_loop_seconds: 2.0,
         timeout: Duration::from_secs(120),
     };
     let report = measure(&settings).await.expect("the harness runs");
@@ -58,6 +59,10 @@ async fn the_harness_short_form_reports_every_figure() {
         assert_eq!(workload.cpu_seconds.len(), 1);
     }
     assert_eq!(report.bulk.items_per_call, 25);
+    let open = &report.open_loop;
+    assert!(open.purchases_sent > 0 && open.rate_per_second > 0.0);
+    assert_eq!(open.purchases_announced, open.purchases_sent, "{open:?}");
+    assert!(open.latency.p99_ms >= open.latency.p50_ms && open.latency.p50_ms > 0.0);
     assert!(report.ratios.single_over_slowest_ceiling > 0.0);
     assert!(report.ratios.bulk_over_lower_of_kafka_and_postgres > 0.0);
     assert_eq!(report.processes.len(), 1);

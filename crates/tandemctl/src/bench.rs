@@ -13,6 +13,9 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use prost::Message as _;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::{Message as _, Offset, TopicPartitionList};
 use serde::Serialize;
 use tandem_bus::BusConfig;
 use tandem_proto::v1 as pb;
@@ -72,6 +75,8 @@ pub struct Settings {
     pub ceilings: CeilingSettings,
     /// (name, pid) of every process to measure.
     pub processes: Vec<(String, u32)>,
+    /// How long the open-loop latency run sends, at half the single-call end-to-end rate.
+    pub open_loop_seconds: f64,
     pub timeout: Duration,
 }
 
@@ -117,6 +122,8 @@ pub struct Report {
     pub ceilings: Ceilings,
     pub single: Workload,
     pub bulk: Workload,
+    /// Latency from the POS call to the ledger's event, at half the sustained single-call rate.
+    pub open_loop: OpenLoop,
     pub ratios: Ratios,
     /// Peak RSS and total CPU of each measured process at the end of the run.
     pub processes: Vec<ProcessUsage>,
@@ -145,6 +152,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
             CeilingSettings::full(args.concurrency)
         },
         processes: process::from_pid_files(&args.pids_dir),
+        open_loop_seconds: if short { 2.0 } else { 10.0 },
         timeout: Duration::from_secs(args.timeout_secs),
     };
     let report = measure(&settings).await?;
@@ -166,6 +174,12 @@ pub async fn measure(settings: &Settings) -> Result<Report, String> {
         ceilings::measure(&settings.bus, &settings.database_url, &settings.ceilings).await?;
     let single = workload(settings, None).await?;
     let bulk = workload(settings, Some(settings.bulk)).await?;
+    let open_loop = open_loop(
+        settings,
+        single.end_to_end.per_second / 2.0,
+        settings.open_loop_seconds,
+    )
+    .await?;
     let slowest = ceilings
         .kafka_produce
         .per_second
@@ -185,6 +199,7 @@ pub async fn measure(settings: &Settings) -> Result<Report, String> {
         ceilings,
         single,
         bulk,
+        open_loop,
         ratios,
         processes: settings
             .processes
@@ -311,19 +326,7 @@ async fn workload(settings: &Settings, bulk: Option<usize>) -> Result<Workload, 
     }
     let acknowledged = Rate::of(settings.purchases as u64, started.elapsed());
     latencies.sort();
-    let percentile = |per_mille: usize| {
-        latencies
-            .get((latencies.len() * per_mille / 1000).min(latencies.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or_default()
-            .as_secs_f64()
-            * 1e3
-    };
-    let acknowledgement_latency = Latency {
-        p50_ms: percentile(500),
-        p99_ms: percentile(990),
-        p999_ms: percentile(999),
-    };
+    let acknowledgement_latency = latency_of(&latencies);
 
     let deadline = Instant::now() + settings.timeout;
     let attributed = loop {
@@ -370,6 +373,23 @@ async fn workload(settings: &Settings, bulk: Option<usize>) -> Result<Workload, 
             .map(|((name, after), (_, before))| (name, after - before))
             .collect(),
     })
+}
+
+/// Percentiles of sorted durations, in milliseconds.
+fn latency_of(sorted: &[Duration]) -> Latency {
+    let percentile = |per_mille: usize| {
+        sorted
+            .get((sorted.len() * per_mille / 1000).min(sorted.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+            .as_secs_f64()
+            * 1e3
+    };
+    Latency {
+        p50_ms: percentile(500),
+        p99_ms: percentile(990),
+        p999_ms: percentile(999),
+    }
 }
 
 fn cpu_of(processes: &[(String, u32)]) -> Vec<(String, f64)> {
@@ -438,6 +458,18 @@ fn print_report(report: &Report) {
             println!("  CPU {name}: {seconds:.1} s");
         }
     }
+    let open = &report.open_loop;
+    println!();
+    println!(
+        "open loop at {:.0}/s (half the single-call rate): {} of {} purchases announced on the ledger topic; \
+         POS call to ledger event p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms",
+        open.rate_per_second,
+        open.purchases_announced,
+        open.purchases_sent,
+        open.latency.p50_ms,
+        open.latency.p99_ms,
+        open.latency.p999_ms
+    );
     println!();
     println!(
         "ratios: single calls / slowest ceiling {:.2} (target 0.40); bulk / lower of Kafka and Postgres {:.2} (target 0.50)",
@@ -448,6 +480,176 @@ fn print_report(report: &Report) {
             "process {} (pid {}): peak RSS {:.0} MiB, {:.1} CPU s in all",
             process.name, process.pid, process.peak_rss_mib, process.cpu_seconds
         );
+    }
+}
+
+/// The open-loop latency run: purchases sent at a fixed rate (each at its intended time, whether
+/// or not earlier calls answered), latency counted from the intended send time to the moment the
+/// harness reads the ledger's `PurchaseAttributed` event for it from the `ledger` topic, so a
+/// stall anywhere shows up in the figures instead of slowing the sender down.
+#[derive(Debug, Clone, Serialize)]
+pub struct OpenLoop {
+    pub rate_per_second: f64,
+    pub purchases_sent: u64,
+    /// Purchases whose ledger event was read (equal to those sent when the run is complete).
+    pub purchases_announced: u64,
+    pub latency: Latency,
+}
+
+async fn open_loop(settings: &Settings, rate: f64, seconds: f64) -> Result<OpenLoop, String> {
+    let rate = rate.max(1.0);
+    let count = ((rate * seconds).ceil() as usize).max(1);
+    let args = GatewayArgs {
+        gateway: settings.gateway.clone(),
+        operator_token: settings.operator_token.clone(),
+    };
+    let (mut operator, mut pos) = args.clients().await?;
+    let token = settings.operator_token.as_str();
+    let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let merchant = |name: &str| pb::CreateMerchantRequest {
+        display_name: format!("bench {name} {tag}"),
+        settlement_currency: "EUR".into(),
+        time_zone: "Europe/Paris".into(),
+        ..Default::default()
+    };
+    let acceptor = call!(
+        "create acceptor",
+        operator.create_merchant(authorised(merchant("acceptor"), token)?)
+    )?;
+    let referrer = call!(
+        "create referrer",
+        operator.create_merchant(authorised(merchant("referrer"), token)?)
+    )?;
+    call!(
+        "create partnership",
+        operator.create_partnership(authorised(
+            pb::CreatePartnershipRequest {
+                referrer_merchant_id: referrer.merchant_id.clone(),
+                acceptor_merchant_id: acceptor.merchant_id.clone(),
+                commission_rate_bps: 500,
+                attribution_window_days: 30,
+                effective_from: None,
+            },
+            token,
+        )?)
+    )?;
+    for customer in 0..settings.customers {
+        call!(
+            "create referral",
+            pos.create_referral(authorised(
+                pb::CreateReferralRequest {
+                    idempotency_key: format!("bench-{tag}-r{customer}"),
+                    acceptor_merchant_id: acceptor.merchant_id.clone(),
+                    customer: Some(pb::CustomerIdentifiers {
+                        phone: phone_of(customer),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                &referrer.api_key,
+            )?)
+        )?;
+    }
+    // Read the ledger topic from its current end, before the first purchase is sent.
+    let reader = LedgerReader::from_end(&settings.bus)?;
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let start = tokio::time::Instant::now() + Duration::from_millis(100);
+    let mut intended = std::collections::HashMap::with_capacity(count);
+    let mut calls = Vec::with_capacity(count);
+    for index in 0..count {
+        let at = start + interval.mul_f64(index as f64);
+        let request = purchase_request(&tag, index, settings.customers);
+        intended.insert(request.transaction_id.clone(), at);
+        let mut pos = pos.clone();
+        let api_key = acceptor.api_key.clone();
+        calls.push(tokio::spawn(async move {
+            tokio::time::sleep_until(at).await;
+            call!(
+                "record purchase",
+                pos.record_purchase(authorised(request.clone(), &api_key)?)
+            )
+            .map(|_| ())
+        }));
+    }
+    for sent in calls {
+        sent.await.map_err(|e| e.to_string())??;
+    }
+    let mut latencies = Vec::with_capacity(count);
+    let deadline = tokio::time::Instant::now() + settings.timeout;
+    while latencies.len() < count && tokio::time::Instant::now() < deadline {
+        for transaction_id in reader.attributed(Duration::from_millis(200)).await? {
+            if let Some(at) = intended.remove(&transaction_id) {
+                latencies.push(tokio::time::Instant::now().duration_since(at));
+            }
+        }
+    }
+    let announced = latencies.len() as u64;
+    latencies.sort();
+    Ok(OpenLoop {
+        rate_per_second: rate,
+        purchases_sent: count as u64,
+        purchases_announced: announced,
+        latency: latency_of(&latencies),
+    })
+}
+
+/// Reads `PurchaseAttributed` events from the `ledger` topic, every partition, from where the
+/// topic ended when the reader was made.
+struct LedgerReader {
+    consumer: StreamConsumer,
+}
+
+impl LedgerReader {
+    fn from_end(bus: &BusConfig) -> Result<Self, String> {
+        let topic = tandem_bus::Topic::Ledger.name(bus);
+        let consumer: StreamConsumer = bus
+            .client_config()
+            .set(
+                "group.id",
+                format!("bench-latency-{}", uuid::Uuid::new_v4().simple()),
+            )
+            .set("enable.auto.commit", "false")
+            .create()
+            .map_err(|e| format!("ledger topic reader: {e}"))?;
+        let metadata = consumer
+            .fetch_metadata(Some(&topic), Duration::from_secs(10))
+            .map_err(|e| format!("ledger topic metadata: {e}"))?;
+        let mut assignment = TopicPartitionList::new();
+        for partition in metadata
+            .topics()
+            .first()
+            .map(|t| t.partitions())
+            .unwrap_or_default()
+        {
+            let (_, high) = consumer
+                .fetch_watermarks(&topic, partition.id(), Duration::from_secs(10))
+                .map_err(|e| format!("ledger topic watermarks: {e}"))?;
+            assignment
+                .add_partition_offset(&topic, partition.id(), Offset::Offset(high))
+                .map_err(|e| e.to_string())?;
+        }
+        consumer
+            .assign(&assignment)
+            .map_err(|e| format!("assign: {e}"))?;
+        Ok(Self { consumer })
+    }
+
+    /// The transaction ids of the purchases attributed in the events read within `wait`.
+    async fn attributed(&self, wait: Duration) -> Result<Vec<String>, String> {
+        let mut found = Vec::new();
+        let until = tokio::time::Instant::now() + wait;
+        while let Ok(message) = tokio::time::timeout_at(until, self.consumer.recv()).await {
+            let Ok(message) = message else { continue };
+            let Some(payload) = message.payload() else {
+                continue;
+            };
+            if let Ok(event) = pb::LedgerEvent::decode(payload) {
+                if let Some(pb::ledger_event::Event::PurchaseAttributed(attributed)) = event.event {
+                    found.push(attributed.transaction_id);
+                }
+            }
+        }
+        Ok(found)
     }
 }
 
