@@ -550,8 +550,22 @@ async fn open_loop(settings: &Settings, rate: f64, seconds: f64) -> Result<OpenL
             )?)
         )?;
     }
-    // Read the ledger topic from its current end, before the first purchase is sent.
+    // Read the ledger topic from its current end, before the first purchase is sent, and while
+    // the purchases are sent: each event is timed when it is read.
     let reader = LedgerReader::from_end(&settings.bus)?;
+    let read_until = tokio::time::Instant::now() + settings.timeout;
+    let ours = format!("bench-{tag}-");
+    let reading = tokio::spawn(async move {
+        let mut arrivals = Vec::with_capacity(count);
+        while arrivals.len() < count && tokio::time::Instant::now() < read_until {
+            for transaction_id in reader.attributed(Duration::from_millis(50)).await? {
+                if transaction_id.starts_with(&ours) {
+                    arrivals.push((transaction_id, tokio::time::Instant::now()));
+                }
+            }
+        }
+        Ok::<_, String>(arrivals)
+    });
     let interval = Duration::from_secs_f64(1.0 / rate);
     let start = tokio::time::Instant::now() + Duration::from_millis(100);
     let mut intended = std::collections::HashMap::with_capacity(count);
@@ -575,12 +589,10 @@ async fn open_loop(settings: &Settings, rate: f64, seconds: f64) -> Result<OpenL
         sent.await.map_err(|e| e.to_string())??;
     }
     let mut latencies = Vec::with_capacity(count);
-    let deadline = tokio::time::Instant::now() + settings.timeout;
-    while latencies.len() < count && tokio::time::Instant::now() < deadline {
-        for transaction_id in reader.attributed(Duration::from_millis(200)).await? {
-            if let Some(at) = intended.remove(&transaction_id) {
-                latencies.push(tokio::time::Instant::now().duration_since(at));
-            }
+    for (transaction_id, read_at) in reading.await.map_err(|e| e.to_string())?? {
+        // Only this run's purchases, each once (an event may be read twice after a redelivery).
+        if let Some(at) = intended.remove(&transaction_id) {
+            latencies.push(read_at.duration_since(at));
         }
     }
     let announced = latencies.len() as u64;
