@@ -9,5 +9,11 @@ ensure_broker
 ensure_build_deps
 ensure_nextest
 cd "$REPO_ROOT"
+# Every test creates its own topics (prefix test-<uuid>); a reused broker would pile up thousands
+# of partitions run after run and slow down. Earlier runs' topics go first.
+cargo build --quiet -p tandemctl
+log "deleting earlier test runs' topics from the broker"
+"${CARGO_TARGET_DIR:-target}/debug/tandemctl" delete-topics --kafka-brokers "$TANDEM_KAFKA_BROKERS" \
+  --starting-with test- || log "could not delete earlier test topics; going on"
 log "running the tests"
 exec cargo nextest run --workspace --no-fail-fast "$@"

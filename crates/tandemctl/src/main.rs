@@ -27,6 +27,15 @@ enum Command {
         #[command(flatten)]
         topics: tandem_runtime::TopicArgs,
     },
+    /// Deletes every topic whose name starts with PREFIX (e.g. `test-`, what the test suite
+    /// leaves behind), so a reused local broker does not pile up partitions.
+    DeleteTopics {
+        #[command(flatten)]
+        bus: tandem_runtime::BusArgs,
+        /// At least 3 characters; every topic starting with it is deleted.
+        #[arg(long)]
+        starting_with: String,
+    },
     /// Creates a database on the Postgres server unless it exists.
     CreateDatabase {
         /// URL of the server (any database on it).
@@ -66,6 +75,9 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::CreateTopics { bus, topics } => create_topics(&bus, &topics).await,
+        Command::DeleteTopics { bus, starting_with } => {
+            delete_topics(&bus.bus_config(), &starting_with).await
+        }
         Command::CreateDatabase { database_url, name } => {
             tandem_store::create_database(&database_url, &name)
                 .await
@@ -112,6 +124,38 @@ async fn create_topics(
         settings.partnership_partitions,
         settings.replication_factor
     );
+    Ok(())
+}
+
+async fn delete_topics(bus: &tandem_bus::BusConfig, prefix: &str) -> Result<(), String> {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    if prefix.len() < 3 {
+        return Err("--starting-with must be at least 3 characters".into());
+    }
+    let admin: AdminClient<DefaultClientContext> = bus
+        .client_config()
+        .create()
+        .map_err(|e| format!("kafka admin: {e}"))?;
+    let metadata = admin
+        .inner()
+        .fetch_metadata(None, Duration::from_secs(30))
+        .map_err(|e| format!("topic list: {e}"))?;
+    let names: Vec<String> = metadata
+        .topics()
+        .iter()
+        .map(|topic| topic.name().to_owned())
+        .filter(|name| name.starts_with(prefix))
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(60)));
+    for chunk in names.chunks(200) {
+        let chunk: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        admin
+            .delete_topics(&chunk, &options)
+            .await
+            .map_err(|e| format!("delete topics: {e}"))?;
+    }
+    println!("deleted {} topics starting with {prefix:?}", names.len());
     Ok(())
 }
 
