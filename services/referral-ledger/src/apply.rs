@@ -355,9 +355,13 @@ async fn apply_purchase(
     purchase: &Purchase,
     recorded_at: DateTime<Utc>,
 ) -> Result<(), LedgerError> {
+    // The purchase (once, whichever key's copy comes first) and this key's index row, in one
+    // statement.
     sqlx::query(
-        "INSERT INTO purchases (purchase_id, merchant_id, transaction_id, amount_minor, currency, purchased_at) \
-         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (purchase_id) DO NOTHING",
+        "WITH purchase AS (INSERT INTO purchases (purchase_id, merchant_id, transaction_id, amount_minor, currency, purchased_at) \
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (purchase_id) DO NOTHING) \
+         INSERT INTO purchase_keys (customer_key, merchant_id, purchase_id, purchased_at) VALUES ($7, $2, $1, $6) \
+         ON CONFLICT DO NOTHING",
     )
     .bind(purchase.purchase_id.as_str())
     .bind(purchase.merchant.as_str())
@@ -365,16 +369,7 @@ async fn apply_purchase(
     .bind(purchase.amount.amount_minor)
     .bind(purchase.amount.currency.as_str())
     .bind(purchase.purchased_at)
-    .execute(&mut *connection)
-    .await?;
-    sqlx::query(
-        "INSERT INTO purchase_keys (customer_key, merchant_id, purchase_id, purchased_at) VALUES ($1, $2, $3, $4) \
-         ON CONFLICT DO NOTHING",
-    )
     .bind(purchase.customer_key.as_str())
-    .bind(purchase.merchant.as_str())
-    .bind(purchase.purchase_id.as_str())
-    .bind(purchase.purchased_at)
     .execute(&mut *connection)
     .await?;
     refer_automatically(connection, books, purchase).await?;
@@ -450,23 +445,17 @@ async fn attribute(
     purchase: &Purchase,
     recorded_at: DateTime<Utc>,
 ) -> Result<(), LedgerError> {
-    let already: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM attributed_purchases WHERE purchase_id = $1)",
-    )
-    .bind(purchase.purchase_id.as_str())
-    .fetch_one(&mut *connection)
-    .await?;
-    if already {
-        return Ok(());
-    }
+    // The candidates, none when the purchase was already attributed (another key's copy).
     let rows: Vec<CandidateRow> = sqlx::query_as(
         "SELECT k.referral_id, k.referred_at, k.attribution_ends_at, r.cancelled_at, r.partnership_id \
          FROM referral_keys k JOIN referrals r ON r.referral_id = k.referral_id \
-         WHERE k.customer_key = $1 AND k.acceptor_merchant_id = $2 AND k.referred_at <= $3 AND k.attribution_ends_at > $3",
+         WHERE k.customer_key = $1 AND k.acceptor_merchant_id = $2 AND k.referred_at <= $3 AND k.attribution_ends_at > $3 \
+         AND NOT EXISTS (SELECT 1 FROM attributed_purchases a WHERE a.purchase_id = $4)",
     )
     .bind(purchase.customer_key.as_str())
     .bind(purchase.merchant.as_str())
     .bind(purchase.purchased_at)
+    .bind(purchase.purchase_id.as_str())
     .fetch_all(&mut *connection)
     .await?;
     if rows.is_empty() {
@@ -520,9 +509,11 @@ async fn attribute(
     if claimed.rows_affected() == 0 {
         return Ok(());
     }
-    let (previous_purchase_at, referrer_reference): (Option<DateTime<Utc>>, String) = sqlx::query_as(
-        "SELECT (SELECT max(purchased_at) FROM purchase_keys WHERE customer_key = $1 AND merchant_id = $2 AND purchased_at < $3), \
-         (SELECT referrer_reference FROM referrals WHERE referral_id = $4)",
+    // The referral converts; its reference and the customer's latest purchase at the acceptor
+    // before the referral (for new-customer terms) come back in the same statement.
+    let (referrer_reference, previous_purchase_at): (String, Option<DateTime<Utc>>) = sqlx::query_as(
+        "UPDATE referrals SET converted = true WHERE referral_id = $4 RETURNING referrer_reference, \
+         (SELECT max(purchased_at) FROM purchase_keys WHERE customer_key = $1 AND merchant_id = $2 AND purchased_at < $3)",
     )
     .bind(purchase.customer_key.as_str())
     .bind(purchase.merchant.as_str())
@@ -530,10 +521,6 @@ async fn attribute(
     .bind(winner.referral_id.as_str())
     .fetch_one(&mut *connection)
     .await?;
-    sqlx::query("UPDATE referrals SET converted = true WHERE referral_id = $1")
-        .bind(winner.referral_id.as_str())
-        .execute(&mut *connection)
-        .await?;
 
     // Refunds that reached the ledger before their purchase go first: the partnership parks
     // them, then applies them right after the purchase, cut down to what is left of it.
