@@ -525,7 +525,8 @@ async fn write_purchase(
         purchased_at: Some(timestamp(command.purchased_at)),
     };
     idempotency::store(connection, &scope, &response).await?;
-    tracing::info!(%event_id, %purchase_id, "purchase recorded");
+    // Debug, not info: one line per purchase is the hot path's; traces carry it.
+    tracing::debug!(%event_id, %purchase_id, "purchase recorded");
     Ok(bulk::Written {
         response,
         fresh: true,

@@ -422,7 +422,7 @@ async fn refer_automatically(
             ),
         };
         insert_referral(connection, &referral, true).await?;
-        tracing::info!(referral_id = %referral.referral_id, %partnership_id, "automatic referral recorded");
+        tracing::debug!(referral_id = %referral.referral_id, %partnership_id, "automatic referral recorded");
     }
     Ok(())
 }
@@ -566,7 +566,8 @@ async fn attribute(
             ),
         }),
     );
-    tracing::info!(purchase_id = %purchase.purchase_id, referral_id = %winner.referral_id, %partnership_id, "purchase attributed; handed to the partnership");
+    // Debug, not info: one line per attributed purchase is the hot path's; traces carry it.
+    tracing::debug!(purchase_id = %purchase.purchase_id, referral_id = %winner.referral_id, %partnership_id, "purchase attributed; handed to the partnership");
     Ok(())
 }
 
