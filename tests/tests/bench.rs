@@ -32,6 +32,7 @@ async fn the_harness_short_form_reports_every_figure() {
         },
         processes: vec![("test process".into(), std::process::id())],
         open_loop_seconds: 2.0,
+        history_purchases: 200,
         timeout: Duration::from_secs(120),
     };
     let report = measure(&settings).await.expect("the harness runs");
@@ -63,6 +64,11 @@ async fn the_harness_short_form_reports_every_figure() {
     assert!(open.purchases_sent > 0 && open.rate_per_second > 0.0);
     assert_eq!(open.purchases_announced, open.purchases_sent, "{open:?}");
     assert!(open.latency.p99_ms >= open.latency.p50_ms && open.latency.p50_ms > 0.0);
+    let history = report.history.as_ref().expect("the history run");
+    assert_eq!(history.purchases, 200);
+    assert_eq!(history.first_tenth.count, 20);
+    assert_eq!(history.last_tenth.count, 20);
+    assert!(history.ratio > 0.0);
     assert!(report.ratios.single_over_slowest_ceiling > 0.0);
     assert!(report.ratios.bulk_over_lower_of_kafka_and_postgres > 0.0);
     assert_eq!(report.processes.len(), 1);

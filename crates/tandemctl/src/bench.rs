@@ -20,6 +20,8 @@ use serde::Serialize;
 use tandem_bus::BusConfig;
 use tandem_proto::v1 as pb;
 
+use tandem_proto::v1::merchant_gateway_client::MerchantGatewayClient;
+
 use crate::call;
 use crate::ceilings::{self, CeilingSettings, Ceilings, Rate};
 use crate::client::{authorised, GatewayArgs};
@@ -46,6 +48,11 @@ pub struct BenchArgs {
     /// Items per RecordPurchases call in the bulk workload, 1 to 500.
     #[arg(long, default_value_t = 100)]
     bulk: usize,
+    /// Purchases of the history run: one partnership, bulk calls; the end-to-end rate over the
+    /// last tenth divided by the rate over the first (the long form is 1000000). 0 skips
+    /// it.
+    #[arg(long, default_value_t = 0)]
+    history: usize,
     /// Seconds-scale counts everywhere (what CI runs): the figures are there, their values mean
     /// little.
     #[arg(long)]
@@ -77,6 +84,8 @@ pub struct Settings {
     pub processes: Vec<(String, u32)>,
     /// How long the open-loop latency run sends, at half the single-call end-to-end rate.
     pub open_loop_seconds: f64,
+    /// Purchases of the history run (one partnership, bulk calls); 0 skips it.
+    pub history_purchases: usize,
     pub timeout: Duration,
 }
 
@@ -124,6 +133,8 @@ pub struct Report {
     pub bulk: Workload,
     /// Latency from the POS call to the ledger's event, at half the sustained single-call rate.
     pub open_loop: OpenLoop,
+    /// How cost grows with a partnership's history (absent when not run).
+    pub history: Option<History>,
     pub ratios: Ratios,
     /// Peak RSS and total CPU of each measured process at the end of the run.
     pub processes: Vec<ProcessUsage>,
@@ -153,6 +164,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
         },
         processes: process::from_pid_files(&args.pids_dir),
         open_loop_seconds: if short { 2.0 } else { 10.0 },
+        history_purchases: if short { 500 } else { args.history },
         timeout: Duration::from_secs(args.timeout_secs),
     };
     let report = measure(&settings).await?;
@@ -169,6 +181,9 @@ pub async fn measure(settings: &Settings) -> Result<Report, String> {
     if !(1..=500).contains(&settings.bulk) {
         return Err("the bulk workload takes 1 to 500 items a call".into());
     }
+    if (1..10).contains(&settings.history_purchases) {
+        return Err("the history run needs at least 10 purchases (or 0 to skip it)".into());
+    }
     let started_at = chrono::Utc::now().to_rfc3339();
     let ceilings =
         ceilings::measure(&settings.bus, &settings.database_url, &settings.ceilings).await?;
@@ -180,6 +195,10 @@ pub async fn measure(settings: &Settings) -> Result<Report, String> {
         settings.open_loop_seconds,
     )
     .await?;
+    let history = match settings.history_purchases {
+        0 => None,
+        purchases => Some(history(settings, purchases).await?),
+    };
     let slowest = ceilings
         .kafka_produce
         .per_second
@@ -200,6 +219,7 @@ pub async fn measure(settings: &Settings) -> Result<Report, String> {
         single,
         bulk,
         open_loop,
+        history,
         ratios,
         processes: settings
             .processes
@@ -212,57 +232,12 @@ pub async fn measure(settings: &Settings) -> Result<Report, String> {
 /// One workload on fresh merchants: a partnership, `customers` referrals, then `purchases`
 /// purchases of those customers at the acceptor, in single calls or bulk calls of `bulk` items.
 async fn workload(settings: &Settings, bulk: Option<usize>) -> Result<Workload, String> {
-    let args = GatewayArgs {
-        gateway: settings.gateway.clone(),
-        operator_token: settings.operator_token.clone(),
-    };
-    let (mut operator, mut pos) = args.clients().await?;
-    let token = settings.operator_token.as_str();
-    let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
-    let merchant = |name: &str| pb::CreateMerchantRequest {
-        display_name: format!("bench {name} {tag}"),
-        settlement_currency: "EUR".into(),
-        time_zone: "Europe/Paris".into(),
-        ..Default::default()
-    };
-    let acceptor = call!(
-        "create acceptor",
-        operator.create_merchant(authorised(merchant("acceptor"), token)?)
-    )?;
-    let referrer = call!(
-        "create referrer",
-        operator.create_merchant(authorised(merchant("referrer"), token)?)
-    )?;
-    let partnership = call!(
-        "create partnership",
-        operator.create_partnership(authorised(
-            pb::CreatePartnershipRequest {
-                referrer_merchant_id: referrer.merchant_id.clone(),
-                acceptor_merchant_id: acceptor.merchant_id.clone(),
-                commission_rate_bps: 500,
-                attribution_window_days: 30,
-                effective_from: None,
-            },
-            token,
-        )?)
-    )?;
-    for customer in 0..settings.customers {
-        call!(
-            "create referral",
-            pos.create_referral(authorised(
-                pb::CreateReferralRequest {
-                    idempotency_key: format!("bench-{tag}-r{customer}"),
-                    acceptor_merchant_id: acceptor.merchant_id.clone(),
-                    customer: Some(pb::CustomerIdentifiers {
-                        phone: phone_of(customer),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                },
-                &referrer.api_key,
-            )?)
-        )?;
-    }
+    let Setup {
+        tag,
+        acceptor,
+        partnership_id,
+        mut pos,
+    } = setup(settings).await?;
     let cpu_before = cpu_of(&settings.processes);
     let started = Instant::now();
     let mut workers = Vec::new();
@@ -335,7 +310,7 @@ async fn workload(settings: &Settings, bulk: Option<usize>) -> Result<Workload, 
             pos.get_commission_totals(authorised(
                 pb::GetCommissionTotalsRequest {
                     role: pb::PartnershipRole::Acceptor as i32,
-                    partnership_id: partnership.partnership_id.clone(),
+                    partnership_id: partnership_id.clone(),
                     ..Default::default()
                 },
                 &acceptor.api_key,
@@ -372,6 +347,201 @@ async fn workload(settings: &Settings, bulk: Option<usize>) -> Result<Workload, 
             .zip(cpu_before)
             .map(|((name, after), (_, before))| (name, after - before))
             .collect(),
+    })
+}
+
+/// How cost grows with history: one partnership takes `purchases` purchases in bulk calls; the
+/// end-to-end rate over the last tenth divided by the rate over the first tenth (target ≥ 0.9).
+#[derive(Debug, Clone, Serialize)]
+pub struct History {
+    pub purchases: u64,
+    pub first_tenth: Rate,
+    pub last_tenth: Rate,
+    pub ratio: f64,
+}
+
+async fn history(settings: &Settings, purchases: usize) -> Result<History, String> {
+    let Setup {
+        tag,
+        acceptor,
+        partnership_id,
+        pos,
+    } = setup(settings).await?;
+    let tenth = (purchases / 10).max(1);
+    let timed = |range: std::ops::Range<usize>| {
+        let (pos, tag, api_key, partnership_id) = (
+            pos.clone(),
+            tag.clone(),
+            acceptor.api_key.clone(),
+            partnership_id.clone(),
+        );
+        async move {
+            let started = Instant::now();
+            let count = range.len() as u64;
+            let end = range.end as u64;
+            send_bulk(settings, &pos, &api_key, &tag, range).await?;
+            wait_attributed(settings, &pos, &api_key, &partnership_id, end).await?;
+            Ok::<_, String>(Rate::of(count, started.elapsed()))
+        }
+    };
+    let first_tenth = timed(0..tenth).await?;
+    timed(tenth..purchases - tenth).await?;
+    let last_tenth = timed(purchases - tenth..purchases).await?;
+    Ok(History {
+        purchases: purchases as u64,
+        ratio: last_tenth.per_second / first_tenth.per_second,
+        first_tenth,
+        last_tenth,
+    })
+}
+
+/// Records the purchases `range` in bulk calls, `concurrency` calls in flight.
+async fn send_bulk(
+    settings: &Settings,
+    pos: &MerchantGatewayClient<tonic::transport::Channel>,
+    api_key: &str,
+    tag: &str,
+    range: std::ops::Range<usize>,
+) -> Result<(), String> {
+    let indices: Vec<usize> = range.collect();
+    let chunks: Vec<Vec<usize>> = indices
+        .chunks(settings.bulk)
+        .map(<[usize]>::to_vec)
+        .collect();
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let chunks = std::sync::Arc::new(chunks);
+    let mut workers = Vec::new();
+    for _ in 0..settings.concurrency {
+        let (mut pos, next, chunks) = (pos.clone(), next.clone(), chunks.clone());
+        let (api_key, tag, customers) = (api_key.to_owned(), tag.to_owned(), settings.customers);
+        workers.push(tokio::spawn(async move {
+            loop {
+                let taken = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(chunk) = chunks.get(taken) else {
+                    return Ok::<_, String>(());
+                };
+                let request = pb::RecordPurchasesRequest {
+                    purchases: chunk
+                        .iter()
+                        .map(|&index| purchase_request(&tag, index, customers))
+                        .collect(),
+                };
+                call!(
+                    "record purchases",
+                    pos.record_purchases(authorised(request.clone(), &api_key)?)
+                )?;
+            }
+        }));
+    }
+    for worker in workers {
+        worker.await.map_err(|e| e.to_string())??;
+    }
+    Ok(())
+}
+
+/// Waits until the partnership has `target` attributed purchases.
+async fn wait_attributed(
+    settings: &Settings,
+    pos: &MerchantGatewayClient<tonic::transport::Channel>,
+    api_key: &str,
+    partnership_id: &str,
+    target: u64,
+) -> Result<(), String> {
+    let mut pos = pos.clone();
+    let deadline = Instant::now() + settings.timeout;
+    loop {
+        let totals = call!(
+            "commission totals",
+            pos.get_commission_totals(authorised(
+                pb::GetCommissionTotalsRequest {
+                    role: pb::PartnershipRole::Acceptor as i32,
+                    partnership_id: partnership_id.to_owned(),
+                    ..Default::default()
+                },
+                api_key,
+            )?)
+        )?
+        .totals;
+        let attributed: u64 = totals.iter().map(|t| u64::from(t.purchases)).sum();
+        if attributed >= target {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "history run: only {attributed} of {target} attributed after {:?}",
+                settings.timeout
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// What every measured run starts from: two new merchants, a partnership from one to the other,
+/// and `customers` referrals of phone-number customers.
+struct Setup {
+    tag: String,
+    acceptor: pb::CreateMerchantResponse,
+    partnership_id: String,
+    pos: MerchantGatewayClient<tonic::transport::Channel>,
+}
+
+async fn setup(settings: &Settings) -> Result<Setup, String> {
+    let args = GatewayArgs {
+        gateway: settings.gateway.clone(),
+        operator_token: settings.operator_token.clone(),
+    };
+    let (mut operator, mut pos) = args.clients().await?;
+    let token = settings.operator_token.as_str();
+    let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let merchant = |name: &str| pb::CreateMerchantRequest {
+        display_name: format!("bench {name} {tag}"),
+        settlement_currency: "EUR".into(),
+        time_zone: "Europe/Paris".into(),
+        ..Default::default()
+    };
+    let acceptor = call!(
+        "create acceptor",
+        operator.create_merchant(authorised(merchant("acceptor"), token)?)
+    )?;
+    let referrer = call!(
+        "create referrer",
+        operator.create_merchant(authorised(merchant("referrer"), token)?)
+    )?;
+    let partnership = call!(
+        "create partnership",
+        operator.create_partnership(authorised(
+            pb::CreatePartnershipRequest {
+                referrer_merchant_id: referrer.merchant_id.clone(),
+                acceptor_merchant_id: acceptor.merchant_id.clone(),
+                commission_rate_bps: 500,
+                attribution_window_days: 30,
+                effective_from: None,
+            },
+            token,
+        )?)
+    )?;
+    for customer in 0..settings.customers {
+        call!(
+            "create referral",
+            pos.create_referral(authorised(
+                pb::CreateReferralRequest {
+                    idempotency_key: format!("bench-{tag}-r{customer}"),
+                    acceptor_merchant_id: acceptor.merchant_id.clone(),
+                    customer: Some(pb::CustomerIdentifiers {
+                        phone: phone_of(customer),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                &referrer.api_key,
+            )?)
+        )?;
+    }
+    Ok(Setup {
+        tag,
+        acceptor,
+        partnership_id: partnership.partnership_id,
+        pos,
     })
 }
 
@@ -470,6 +640,16 @@ fn print_report(report: &Report) {
         open.latency.p99_ms,
         open.latency.p999_ms
     );
+    if let Some(history) = &report.history {
+        println!();
+        println!(
+            "history: {} purchases on one partnership; first tenth {:.0}/s, last tenth {:.0}/s: ratio {:.2} (target 0.90)",
+            history.purchases,
+            history.first_tenth.per_second,
+            history.last_tenth.per_second,
+            history.ratio
+        );
+    }
     println!();
     println!(
         "ratios: single calls / slowest ceiling {:.2} (target 0.40); bulk / lower of Kafka and Postgres {:.2} (target 0.50)",
@@ -499,57 +679,9 @@ pub struct OpenLoop {
 async fn open_loop(settings: &Settings, rate: f64, seconds: f64) -> Result<OpenLoop, String> {
     let rate = rate.max(1.0);
     let count = ((rate * seconds).ceil() as usize).max(1);
-    let args = GatewayArgs {
-        gateway: settings.gateway.clone(),
-        operator_token: settings.operator_token.clone(),
-    };
-    let (mut operator, mut pos) = args.clients().await?;
-    let token = settings.operator_token.as_str();
-    let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
-    let merchant = |name: &str| pb::CreateMerchantRequest {
-        display_name: format!("bench {name} {tag}"),
-        settlement_currency: "EUR".into(),
-        time_zone: "Europe/Paris".into(),
-        ..Default::default()
-    };
-    let acceptor = call!(
-        "create acceptor",
-        operator.create_merchant(authorised(merchant("acceptor"), token)?)
-    )?;
-    let referrer = call!(
-        "create referrer",
-        operator.create_merchant(authorised(merchant("referrer"), token)?)
-    )?;
-    call!(
-        "create partnership",
-        operator.create_partnership(authorised(
-            pb::CreatePartnershipRequest {
-                referrer_merchant_id: referrer.merchant_id.clone(),
-                acceptor_merchant_id: acceptor.merchant_id.clone(),
-                commission_rate_bps: 500,
-                attribution_window_days: 30,
-                effective_from: None,
-            },
-            token,
-        )?)
-    )?;
-    for customer in 0..settings.customers {
-        call!(
-            "create referral",
-            pos.create_referral(authorised(
-                pb::CreateReferralRequest {
-                    idempotency_key: format!("bench-{tag}-r{customer}"),
-                    acceptor_merchant_id: acceptor.merchant_id.clone(),
-                    customer: Some(pb::CustomerIdentifiers {
-                        phone: phone_of(customer),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                },
-                &referrer.api_key,
-            )?)
-        )?;
-    }
+    let Setup {
+        tag, acceptor, pos, ..
+    } = setup(settings).await?;
     // Read the ledger topic from its current end, before the first purchase is sent, and while
     // the purchases are sent: each event is timed when it is read.
     let reader = LedgerReader::from_end(&settings.bus)?;
