@@ -11,16 +11,6 @@ use tonic::Code;
 
 const PHONE: &str = "+44 20 7946 0958";
 
-fn assert_status<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: Code, mentions: &str) {
-    let status = result.expect_err("request should have been rejected");
-    assert_eq!(status.code(), code, "unexpected status: {status:?}");
-    assert!(
-        status.message().contains(mentions),
-        "message {:?} should mention {mentions:?}",
-        status.message()
-    );
-}
-
 async fn count(pool: &sqlx::PgPool, table: &str) -> i64 {
     sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
         .fetch_one(pool)

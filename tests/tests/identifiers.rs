@@ -15,39 +15,6 @@ use tonic::Code;
 const PAR: &str = "V0010013018276458729101214380";
 const SHARED_TOKEN: &str = "tok_8ad0f3c2b1e94d7a";
 
-async fn activity(stack: &Stack, key: &str) -> Vec<pb::AttributedPurchase> {
-    stack
-        .pos()
-        .await
-        .list_referral_activity(with_bearer(
-            pb::ListReferralActivityRequest {
-                page_size: 100,
-                page_token: String::new(),
-            },
-            key,
-        ))
-        .await
-        .expect("list activity")
-        .into_inner()
-        .purchases
-}
-
-async fn wait_for_activity(
-    stack: &Stack,
-    key: &str,
-    expected: usize,
-) -> Vec<pb::AttributedPurchase> {
-    tandem_testkit::eventually(
-        &format!("{expected} attributed purchases"),
-        Duration::from_secs(60),
-        || async {
-            let purchases = activity(stack, key).await;
-            (purchases.len() >= expected).then_some(purchases)
-        },
-    )
-    .await
-}
-
 /// Waits until the ledger has applied every copy of `purchase_id` (one per customer key), so
 /// that an attribution that did not happen is known not to be pending.
 async fn wait_applied(stack: &Stack, purchase_id: &str, copies: i64) {
@@ -416,79 +383,61 @@ async fn partners_sharing_no_identifier_and_undeclared_identifiers_are_refused_p
     let mut pos = stack.pos().await;
     let refuse = |customer: pb::CustomerIdentifiers| purchase("k", "t", customer, 100);
     // An e-mail from a till whose merchant declared only phones.
-    let status = pos
-        .record_purchase(with_bearer(
+    assert_status(
+        pos.record_purchase(with_bearer(
             refuse(customer("", "", "a@b.example")),
             &phone_only_key,
         ))
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::FailedPrecondition);
-    assert!(
-        status.message().starts_with("customer.email"),
-        "{}",
-        status.message()
+        .await,
+        Code::FailedPrecondition,
+        "customer.email: your merchant has not declared",
     );
     // A fingerprint of a processor the merchant did not declare.
-    let status = pos
-        .record_purchase(with_bearer(
+    assert_status(
+        pos.record_purchase(with_bearer(
             refuse(customer_with(|c| {
                 c.card_fingerprint = "tok_1234567890".into();
                 c.card_processor = "stripe".into();
             })),
             &adyen_key,
         ))
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::FailedPrecondition);
-    assert!(
-        status.message().contains("customer.card_processor"),
-        "{}",
-        status.message()
+        .await,
+        Code::FailedPrecondition,
+        "customer.card_processor",
     );
     // A card number where the PAR goes.
-    let status = pos
-        .record_purchase(with_bearer(
+    assert_status(
+        pos.record_purchase(with_bearer(
             refuse(customer_with(|c| {
                 c.payment_account_reference = "4111 1111 1111 1111".into()
             })),
             &adyen_key,
         ))
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::InvalidArgument);
-    assert!(
-        status.message().contains("card number"),
-        "{}",
-        status.message()
+        .await,
+        Code::InvalidArgument,
+        "card number",
     );
 
-    // Declaring a programme nobody registered is refused; a declaration round-trips.
-    let status = pos
-        .declare_identifier_capture(with_bearer(
-            pb::DeclareIdentifierCaptureRequest {
-                captures: vec![capture("member:unknown")],
-            },
-            &adyen_key,
-        ))
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::FailedPrecondition);
-    let status = pos
-        .declare_identifier_capture(with_bearer(
-            pb::DeclareIdentifierCaptureRequest {
-                captures: vec![capture("card")],
-            },
-            &adyen_key,
-        ))
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::InvalidArgument);
+    // Declaring a programme nobody registered is refused; so is a card capture without its
+    // processor; a declaration round-trips.
+    let declare = |tags: &[&str]| pb::DeclareIdentifierCaptureRequest {
+        captures: tags.iter().map(|tag| capture(tag)).collect(),
+    };
+    assert_status(
+        pos.declare_identifier_capture(with_bearer(declare(&["member:unknown"]), &adyen_key))
+            .await,
+        Code::FailedPrecondition,
+        "is not registered",
+    );
+    assert_status(
+        pos.declare_identifier_capture(with_bearer(declare(&["card"]), &adyen_key))
+            .await,
+        Code::InvalidArgument,
+        "processor",
+    );
     let declared = pos
         .declare_identifier_capture(with_bearer(
-            pb::DeclareIdentifierCaptureRequest {
-                captures: vec![capture("card:Adyen"), capture("par"), capture("par")],
-            },
+            declare(&["card:Adyen", "par", "par"]),
             &adyen_key,
         ))
         .await

@@ -25,7 +25,7 @@ use tandem_proto::v1::merchant_gateway_client::MerchantGatewayClient;
 use crate::call;
 use crate::ceilings::{self, CeilingSettings, Ceilings, Rate};
 use crate::client::{authorised, GatewayArgs};
-use crate::process::{self, ProcessUsage};
+use crate::process::{self, Machine, ProcessUsage};
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -138,12 +138,6 @@ pub struct Report {
     pub ratios: Ratios,
     /// Peak RSS and total CPU of each measured process at the end of the run.
     pub processes: Vec<ProcessUsage>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Machine {
-    pub cores: usize,
-    pub memory_gib: f64,
 }
 
 pub async fn run(args: BenchArgs) -> Result<(), String> {

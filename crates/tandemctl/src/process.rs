@@ -55,8 +55,14 @@ pub fn from_pid_files(dir: &Path) -> Vec<(String, u32)> {
     processes
 }
 
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    pub cores: usize,
+    pub memory_gib: f64,
+}
+
 /// Cores and memory of this machine.
-pub fn machine() -> crate::bench::Machine {
+pub fn machine() -> Machine {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let memory_kib: f64 = std::fs::read_to_string("/proc/meminfo")
         .ok()
@@ -66,7 +72,7 @@ pub fn machine() -> crate::bench::Machine {
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         })
         .unwrap_or(0.0);
-    crate::bench::Machine {
+    Machine {
         cores,
         memory_gib: memory_kib / 1024.0 / 1024.0,
     }
@@ -82,7 +88,6 @@ mod tests {
     fn reads_this_process() {
         let me = usage("me", std::process::id()).unwrap();
         assert!(me.peak_rss_mib > 1.0);
-        assert!(me.cpu_seconds >= 0.0);
         assert!(machine().cores >= 1);
     }
 }

@@ -46,16 +46,9 @@ pub async fn authenticate_merchant(
     pool: &PgPool,
     metadata: &MetadataMap,
 ) -> Result<MerchantId, GatewayError> {
-    let token = bearer_token(metadata)?;
-    let merchant_id: Option<String> =
-        sqlx::query_scalar("SELECT merchant_id FROM merchants WHERE api_key_sha256 = $1")
-            .bind(api_key_sha256(token))
-            .fetch_optional(pool)
-            .await?;
-    let merchant_id = merchant_id.ok_or(GatewayError::Unauthenticated(
-        "API key not recognised; check the key the operator issued",
-    ))?;
-    Ok(MerchantId::parse("merchant_id", &merchant_id)?)
+    Ok(crate::identifiers::authenticate_caller(pool, metadata)
+        .await?
+        .merchant)
 }
 
 /// Checks the operator token in constant time.

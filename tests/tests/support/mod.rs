@@ -426,7 +426,11 @@ pub async fn dump_tables_named(pool: &sqlx::PgPool, schema: &str, tables: &[&str
 pub async fn assert_never_stored_or_published(stack: &Stack, raw_values: &[&str]) {
     let database = stack.schema("public").await;
     let rows = dump_tables(&database, &["gateway", "ledger", "public"]).await;
-    assert!(!rows.is_empty(), "the scan must see the data");
+    assert!(
+        rows.len() > 20,
+        "the scan must see the data: {} rows",
+        rows.len()
+    );
     let mut messages: Vec<Vec<u8>> = Vec::new();
     for topic in tandem_bus::Topic::ALL {
         for message in tandem_testkit::read_topic(&stack.bus, topic) {
@@ -438,7 +442,7 @@ pub async fn assert_never_stored_or_published(stack: &Stack, raw_values: &[&str]
             }
         }
     }
-    assert!(!messages.is_empty(), "the scan must see the topics");
+    assert!(messages.len() > 10, "the scan must see the topics");
     for raw in raw_values {
         let hex: String = raw.bytes().map(|b| format!("{b:02x}")).collect();
         for row in &rows {
@@ -454,4 +458,62 @@ pub async fn assert_never_stored_or_published(stack: &Stack, raw_values: &[&str]
             );
         }
     }
+}
+
+/// Asserts that `result` was refused with `code` and a message mentioning `mentions`.
+pub fn assert_status<T: std::fmt::Debug>(
+    result: Result<T, tonic::Status>,
+    code: tonic::Code,
+    mentions: &str,
+) {
+    let status = result.expect_err("request should have been rejected");
+    assert_eq!(status.code(), code, "unexpected status: {status:?}");
+    assert!(
+        status.message().contains(mentions),
+        "message {:?} should mention {mentions:?}",
+        status.message()
+    );
+}
+
+/// Everything `key`'s merchant sees in ListReferralActivity, one item a page (so paging is
+/// exercised too).
+pub async fn activity(stack: &Stack, key: &str) -> Vec<pb::AttributedPurchase> {
+    let mut pos = stack.pos().await;
+    let mut purchases = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = pos
+            .list_referral_activity(with_bearer(
+                pb::ListReferralActivityRequest {
+                    page_size: 1,
+                    page_token,
+                },
+                key,
+            ))
+            .await
+            .expect("list activity")
+            .into_inner();
+        purchases.extend(page.purchases);
+        if page.next_page_token.is_empty() {
+            return purchases;
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+/// Waits until `key`'s merchant sees at least `expected` attributed purchases.
+pub async fn wait_for_activity(
+    stack: &Stack,
+    key: &str,
+    expected: usize,
+) -> Vec<pb::AttributedPurchase> {
+    tandem_testkit::eventually(
+        &format!("{expected} attributed purchases"),
+        Duration::from_secs(60),
+        || async {
+            let purchases = activity(stack, key).await;
+            (purchases.len() >= expected).then_some(purchases)
+        },
+    )
+    .await
 }
