@@ -7,6 +7,7 @@
 //! by replaying the topics from the start (or the partnership streams, `rebuild_projections`).
 
 mod apply;
+mod attribution;
 mod book;
 mod commissions;
 mod events;
