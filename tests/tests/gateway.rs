@@ -476,3 +476,84 @@ async fn a_retried_request_is_recorded_once_and_a_reused_key_is_refused() {
     assert_eq!(published.len(), 7);
     stack.stop().await;
 }
+
+/// Single calls share transactions (group commit): a burst of concurrent calls, some of them
+/// retries of one request and some reusing one transaction id under different keys, answers each
+/// call as if it had been alone.
+#[tokio::test]
+async fn concurrent_calls_are_committed_in_groups_and_each_is_answered_on_its_own() {
+    let stack = Stack::start(false).await;
+    let (_, key) = stack.merchant("Busy till").await;
+    let pos = stack.pos().await;
+    let retried = purchase("same-key", "txn-retried", customer("", PHONE, ""), 900);
+    let mut calls = Vec::new();
+    for i in 0..72 {
+        let request = match i % 9 {
+            // Eight tries of one request.
+            0 => retried.clone(),
+            // Eight keys for one transaction id: one is recorded.
+            1 => purchase(&format!("dup-{i}"), "txn-dup", customer("", PHONE, ""), 500),
+            _ => purchase(
+                &format!("k-{i}"),
+                &format!("txn-{i}"),
+                customer("", PHONE, ""),
+                100 + i,
+            ),
+        };
+        let mut pos = pos.clone();
+        let request = with_bearer(request, &key);
+        calls.push((
+            i,
+            tokio::spawn(async move { pos.record_purchase(request).await }),
+        ));
+    }
+    let mut retried_ids = Vec::new();
+    let mut duplicate_ok = 0;
+    let mut distinct = std::collections::HashSet::new();
+    for (i, call) in calls {
+        let answer = call.await.unwrap();
+        match i % 9 {
+            0 => retried_ids.push(
+                answer
+                    .expect("a retry is answered")
+                    .into_inner()
+                    .purchase_id,
+            ),
+            1 => match answer {
+                Ok(_) => duplicate_ok += 1,
+                Err(status) => {
+                    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+                    assert!(status.message().contains("transaction_id"), "{status:?}");
+                }
+            },
+            _ => {
+                assert!(distinct.insert(
+                    answer
+                        .expect("a new purchase is recorded")
+                        .into_inner()
+                        .purchase_id
+                ));
+            }
+        }
+    }
+    retried_ids.dedup();
+    assert_eq!(
+        retried_ids.len(),
+        1,
+        "tries of one request got different answers: {retried_ids:?}"
+    );
+    assert_eq!(
+        duplicate_ok, 1,
+        "one transaction id was recorded {duplicate_ok} times"
+    );
+    assert_eq!(distinct.len(), 56);
+    let gateway_db = stack.schema("gateway").await;
+    assert_eq!(count(&gateway_db, "purchases").await, 58);
+    assert_eq!(count(&gateway_db, "idempotency_records").await, 58);
+    let purchase_events: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'PurchaseRecorded'")
+            .fetch_one(&gateway_db)
+            .await
+            .unwrap();
+    assert_eq!(purchase_events, 58);
+}

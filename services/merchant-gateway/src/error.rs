@@ -35,6 +35,8 @@ pub enum GatewayError {
     Database(#[from] sqlx::Error),
     #[error("stored response could not be decoded")]
     CorruptResponse(#[from] prost::DecodeError),
+    #[error("invariant broken: {0}")]
+    Invariant(&'static str),
 }
 
 impl GatewayError {
@@ -54,7 +56,8 @@ impl GatewayError {
             | GatewayError::CorruptEvent(_)
             | GatewayError::Store(_)
             | GatewayError::Database(_)
-            | GatewayError::CorruptResponse(_) => false,
+            | GatewayError::CorruptResponse(_)
+            | GatewayError::Invariant(_) => false,
         }
     }
 }
@@ -71,7 +74,14 @@ impl From<GatewayError> for Status {
             GatewayError::Aborted(message) => Status::aborted(message),
             GatewayError::Unavailable(message) => Status::unavailable(message),
             GatewayError::Upstream(status) => status,
+            GatewayError::Database(error) if is_unreachable(&error) => {
+                tracing::warn!(error = %tandem_runtime::error_chain(&error), "database unreachable");
+                Status::unavailable(
+                    "the database is unreachable; nothing was recorded, so retry with the same idempotency key",
+                )
+            }
             internal @ (GatewayError::Store(_)
+            | GatewayError::Invariant(_)
             | GatewayError::Database(_)
             | GatewayError::CorruptResponse(_)
             | GatewayError::CorruptEvent(_)) => {
@@ -83,6 +93,18 @@ impl From<GatewayError> for Status {
             }
         }
     }
+}
+
+/// Whether a database error says Postgres could not be reached (a client may retry), rather than
+/// that a statement failed.
+fn is_unreachable(error: &sqlx::Error) -> bool {
+    matches!(
+        error,
+        sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+    )
 }
 
 impl From<PartnershipError> for GatewayError {

@@ -12,6 +12,7 @@ mod error;
 mod events;
 mod idempotency;
 mod identifiers;
+mod ingest;
 mod operator;
 mod partnerships;
 mod pos;
@@ -36,6 +37,7 @@ use tonic::server::NamedService;
 use tonic::service::Routes;
 
 pub use error::GatewayError;
+pub use ingest::GroupCommitSettings;
 
 /// Configuration: every setting is a flag and an environment variable.
 #[derive(Debug, Clone, clap::Parser)]
@@ -61,6 +63,8 @@ pub struct Config {
     /// Token operators present as `authorization: Bearer <token>`; at least 16 characters.
     #[arg(long, env = "TANDEM_OPERATOR_TOKEN", hide_env_values = true, value_parser = parse_operator_token)]
     pub operator_token: Secret,
+    #[command(flatten)]
+    pub group_commit: ingest::GroupCommitSettings,
     /// Key customer keys are derived with, `<version>:<secret in hex, at least 32 bytes>`.
     #[arg(long, env = "TANDEM_NETWORK_KEY", hide_env_values = true, value_parser = parse_network_key)]
     pub network_key: NetworkKey,
@@ -94,6 +98,8 @@ pub struct State {
     pub outbox_written: Arc<Notify>,
     /// Registered loyalty programmes, cached once seen.
     pub programmes: identifiers::Programmes,
+    /// Single purchase calls, written in groups.
+    pub group_commit: ingest::GroupCommit,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -126,12 +132,16 @@ pub async fn run(
         .connect_timeout(std::time::Duration::from_secs(5))
         .timeout(std::time::Duration::from_secs(10))
         .connect_lazy();
+    let outbox_written = Arc::new(Notify::new());
+    let group_commit =
+        ingest::GroupCommit::start(pool.clone(), config.group_commit, outbox_written.clone());
     let state = Arc::new(State {
         pool: pool.clone(),
         network_key: config.network_key,
         operator_token: config.operator_token,
-        outbox_written: Arc::new(Notify::new()),
+        outbox_written,
         programmes: identifiers::Programmes::default(),
+        group_commit,
     });
 
     let mut tasks = BackgroundTasks::default();

@@ -3,9 +3,8 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use sqlx::{Acquire, PgConnection};
 use tandem_domain::attribution::attribution_ends_at;
-use tandem_domain::ids::{MerchantId, PurchaseId, ReferralId};
+use tandem_domain::ids::ReferralId;
 use tandem_domain::partnership::check_not_self_referral;
 use tandem_proto::time::timestamp;
 use tandem_proto::v1::event_envelope::Payload;
@@ -20,6 +19,7 @@ use crate::commands::{parse_create_referral, parse_record_purchase};
 use crate::commands::{Parsed, RecordPurchase};
 use crate::events::record_event;
 use crate::identifiers::{self, authenticate_caller, customer_keys, Caller};
+use crate::ingest::{self, PurchaseItem};
 use crate::partnerships::{find_by_pair, load_partnership};
 use crate::{idempotency, GatewayError, State};
 use crate::{queries, refunds};
@@ -347,12 +347,15 @@ impl PosApi {
         let request = request.into_inner();
         let now = Utc::now();
         let parsed = prepare_purchase(&self.state, &caller, &request, now).await?;
-        let mut tx = self.state.pool.begin().await?;
-        let written = write_purchase(&mut tx, &caller.merchant, parsed, now).await?;
-        tx.commit().await?;
-        if written.fresh {
-            self.state.outbox_written.notify_one();
-        }
+        let written = self
+            .state
+            .group_commit
+            .submit(PurchaseItem {
+                merchant: caller.merchant.clone(),
+                parsed,
+                headers: tandem_telemetry::current_trace_headers(),
+            })
+            .await?;
         tracing::Span::current().record("purchase_id", written.response.purchase_id.as_str());
         Ok(written.response)
     }
@@ -374,21 +377,39 @@ impl PosApi {
                     .map_err(|error| bulk::within("purchases", index, error)),
             );
         }
-        let mut tx = self.state.pool.begin().await?;
-        let mut outcomes = Vec::with_capacity(items.len());
+        // The valid items in one group (one transaction, a fixed number of statements), the
+        // refused ones answered with their reason.
+        let headers = tandem_telemetry::current_trace_headers();
+        let mut valid = Vec::with_capacity(items.len());
+        let mut outcomes: Vec<Option<ingest::Outcome>> = Vec::with_capacity(items.len());
         for item in prepared {
-            let outcome = match item {
-                Err(refused) => Err(refused),
+            match item {
                 Ok(parsed) => {
-                    let mut savepoint = Acquire::begin(&mut tx).await?;
-                    let written =
-                        write_purchase(&mut savepoint, &caller.merchant, parsed, now).await;
-                    bulk::settle(savepoint, written).await?
+                    valid.push(PurchaseItem {
+                        merchant: caller.merchant.clone(),
+                        parsed,
+                        headers: headers.clone(),
+                    });
+                    outcomes.push(None);
                 }
-            };
-            outcomes.push(outcome);
+                Err(refused) => outcomes.push(Some(Err(refused))),
+            }
         }
+        let mut tx = self.state.pool.begin().await?;
+        let mut written = ingest::write_purchases(&mut tx, &valid, now)
+            .await?
+            .into_iter();
         tx.commit().await?;
+        let outcomes: Vec<ingest::Outcome> = outcomes
+            .into_iter()
+            .map(|outcome| {
+                outcome.unwrap_or_else(|| {
+                    written.next().unwrap_or_else(|| {
+                        Err(GatewayError::Invariant("a bulk item without its outcome"))
+                    })
+                })
+            })
+            .collect();
         let (results, fresh) = bulk::results(outcomes, |index, outcome| pb::RecordPurchaseResult {
             index,
             outcome: Some(match outcome {
@@ -449,86 +470,4 @@ async fn prepare_purchase(
     check_acting_as(&caller.merchant, &request.merchant_id)?;
     let keys = customer_keys(state, caller, request.customer.as_ref()).await?;
     Ok(parse_record_purchase(request, keys, now)?)
-}
-
-/// Writes one purchase in the caller's transaction: the idempotency record, the purchase, its
-/// event and one outbox row per customer key. A retry of a recorded request answers the stored
-/// response (`fresh` false).
-async fn write_purchase(
-    connection: &mut PgConnection,
-    merchant: &MerchantId,
-    parsed: Parsed<RecordPurchase>,
-    now: DateTime<Utc>,
-) -> Result<bulk::Written<pb::RecordPurchaseResponse>, GatewayError> {
-    let command = parsed.command;
-    let scope = idempotency::Scope {
-        merchant,
-        key: &parsed.idempotency_key,
-        operation: "RecordPurchase",
-        fingerprint: &parsed.fingerprint,
-    };
-    if let Some(response) = idempotency::check(connection, &scope).await? {
-        tracing::info!("idempotent retry answered from the first response");
-        return Ok(bulk::Written {
-            response,
-            fresh: false,
-        });
-    }
-    let purchase_id = PurchaseId::generate();
-    let customer_keys: Vec<String> = command
-        .customer_keys
-        .iter()
-        .map(ToString::to_string)
-        .collect();
-    // Refunds recorded before their purchase count against it from the start, up to the
-    // purchase itself (the ledger cuts them down to it too): nothing is left to refund then,
-    // never a negative amount.
-    let inserted = sqlx::query(
-        "INSERT INTO purchases (merchant_id, transaction_id, purchase_id, amount_minor, currency, customer_keys, refunded_minor) \
-         VALUES ($1, $2, $3, $4, $5, $6, least($4, (SELECT coalesce(sum(amount_minor), 0) FROM refunds WHERE merchant_id = $1 AND transaction_id = $2))) \
-         ON CONFLICT (merchant_id, transaction_id) DO NOTHING",
-    )
-    .bind(merchant.as_str())
-    .bind(&command.transaction_id)
-    .bind(purchase_id.as_str())
-    .bind(command.amount.amount_minor)
-    .bind(command.amount.currency.as_str())
-    .bind(&customer_keys)
-    .execute(&mut *connection)
-    .await?;
-    if inserted.rows_affected() == 0 {
-        return Err(GatewayError::AlreadyExists(format!(
-            "transaction_id {:?} was already recorded with another idempotency key; a transaction is recorded once",
-            command.transaction_id
-        )));
-    }
-    let event = pb::PurchaseRecorded {
-        purchase_id: purchase_id.to_string(),
-        merchant_id: merchant.to_string(),
-        transaction_id: command.transaction_id,
-        customer_keys,
-        amount: Some(pb::Money {
-            amount_minor: command.amount.amount_minor,
-            currency: command.amount.currency.to_string(),
-        }),
-        purchased_at: Some(timestamp(command.purchased_at)),
-    };
-    let event_id = record_event(
-        connection,
-        &format!("purchase-{purchase_id}"),
-        Payload::PurchaseRecorded(event),
-        now,
-    )
-    .await?;
-    let response = pb::RecordPurchaseResponse {
-        purchase_id: purchase_id.to_string(),
-        purchased_at: Some(timestamp(command.purchased_at)),
-    };
-    idempotency::store(connection, &scope, &response).await?;
-    // Debug, not info: one line per purchase is the hot path's; traces carry it.
-    tracing::debug!(%event_id, %purchase_id, "purchase recorded");
-    Ok(bulk::Written {
-        response,
-        fresh: true,
-    })
 }

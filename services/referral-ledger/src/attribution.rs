@@ -99,9 +99,11 @@ impl PurchaseColumns {
         self.merchant_id.push(purchase.merchant.to_string());
         self.transaction_id.push(purchase.transaction_id.clone());
         self.amount_minor.push(purchase.amount.amount_minor);
-        self.currency.push(purchase.amount.currency.as_str().to_owned());
+        self.currency
+            .push(purchase.amount.currency.as_str().to_owned());
         self.purchased_at.push(purchase.purchased_at);
-        self.customer_key.push(purchase.customer_key.as_str().to_owned());
+        self.customer_key
+            .push(purchase.customer_key.as_str().to_owned());
     }
 }
 
@@ -138,10 +140,7 @@ async fn refer_automatically(
             .push((partnership_id, terminated_at));
     }
     books
-        .prefetch(
-            connection,
-            of_referrer.values().flatten().map(|(id, _)| id),
-        )
+        .prefetch(connection, of_referrer.values().flatten().map(|(id, _)| id))
         .await?;
     let mut referrals = Vec::new();
     for message in run {
@@ -324,10 +323,16 @@ async fn attribute(
     if items.is_empty() {
         return Ok(());
     }
-    let keys: Vec<&str> = items.iter().map(|m| m.purchase.customer_key.as_str()).collect();
+    let keys: Vec<&str> = items
+        .iter()
+        .map(|m| m.purchase.customer_key.as_str())
+        .collect();
     let merchants: Vec<&str> = items.iter().map(|m| m.purchase.merchant.as_str()).collect();
     let times: Vec<DateTime<Utc>> = items.iter().map(|m| m.purchase.purchased_at).collect();
-    let purchases: Vec<&str> = items.iter().map(|m| m.purchase.purchase_id.as_str()).collect();
+    let purchases: Vec<&str> = items
+        .iter()
+        .map(|m| m.purchase.purchase_id.as_str())
+        .collect();
     // The candidates of every copy, none for a purchase already attributed (another key's copy,
     // in an earlier batch or on another partition).
     let rows: Vec<CandidateRow> = sqlx::query_as(
@@ -353,7 +358,9 @@ async fn attribute(
         let index = usize::try_from(row.0 - 1)
             .ok()
             .filter(|index| *index < items.len())
-            .ok_or(LedgerError::Invariant("candidate for no purchase of the run"))?;
+            .ok_or(LedgerError::Invariant(
+                "candidate for no purchase of the run",
+            ))?;
         partnerships.insert(PartnershipId::parse("partnership_id", &row.5)?);
         candidate_rows[index].push(row);
     }
@@ -415,7 +422,9 @@ async fn attribute(
     .fetch_all(&mut *connection)
     .await?;
     if converted.len() != winners.len() {
-        return Err(LedgerError::Invariant("an attributed purchase's referral is missing"));
+        return Err(LedgerError::Invariant(
+            "an attributed purchase's referral is missing",
+        ));
     }
 
     // Refunds that reached the ledger before their purchase go first: the partnership parks
@@ -443,7 +452,10 @@ async fn attribute(
         let purchase = &item.purchase;
         handoff.headers.clone_from(&item.headers);
         let mut refunds = refunds_of
-            .remove(&(purchase.merchant.to_string(), purchase.transaction_id.clone()))
+            .remove(&(
+                purchase.merchant.to_string(),
+                purchase.transaction_id.clone(),
+            ))
             .unwrap_or_default();
         refunds.sort_by(|a, b| (a.3, &a.0).cmp(&(b.3, &b.0)));
         for (refund_id, amount_minor, currency, refunded_at) in refunds {

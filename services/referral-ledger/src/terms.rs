@@ -131,7 +131,10 @@ async fn load_many(
         if let Some(at) = terminated_at {
             core = core.apply(&Event::Terminated { by: referrer, at });
         }
-        cores.insert(PartnershipId::parse("partnership_id", &partnership_id)?, core);
+        cores.insert(
+            PartnershipId::parse("partnership_id", &partnership_id)?,
+            core,
+        );
     }
     Ok(cores)
 }

@@ -127,6 +127,7 @@ impl Stack {
             ledger_url: format!("http://{}", self.ledger_address),
             operator_token: Secret::new(OPERATOR_TOKEN),
             network_key: parse_network_key(NETWORK_KEY).unwrap(),
+            group_commit: Default::default(),
         };
         let shutdown = CancellationToken::new();
         let task = tokio::spawn({
