@@ -54,6 +54,9 @@ pub trait BatchHandler: Send + Sync {
     fn handle(&self, batch: &[Delivery]) -> impl Future<Output = Result<(), Self::Error>> + Send;
 }
 
+/// A pause in arrivals this long closes a batch before its `max_wait`.
+const BATCH_GAP: Duration = Duration::from_millis(2);
+
 /// Tuning of a consumer. Every number is bounded.
 #[derive(Debug, Clone)]
 pub struct ConsumerSettings {
@@ -269,9 +272,12 @@ async fn consume<H: BatchHandler>(
                 continue;
             }
         }
+        // The batch fills while messages keep coming, up to `max_wait`; a pause of
+        // `BATCH_GAP` closes it, so a lone message is not held back for the whole wait.
         let deadline = Instant::now() + settings.max_wait;
         while batch.len() < max_batch {
-            match tokio::time::timeout_at(deadline, consumer.recv()).await {
+            let until = deadline.min(Instant::now() + BATCH_GAP);
+            match tokio::time::timeout_at(until, consumer.recv()).await {
                 Ok(Ok(message)) => push(&mut batch, &message, &by_name),
                 Ok(Err(error)) => fail_if_fatal(consumer, error, outage)?,
                 Err(_) => break,

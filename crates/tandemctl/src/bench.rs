@@ -20,11 +20,10 @@ use serde::Serialize;
 use tandem_bus::BusConfig;
 use tandem_proto::v1 as pb;
 
-use tandem_proto::v1::merchant_gateway_client::MerchantGatewayClient;
-
 use crate::call;
 use crate::ceilings::{self, CeilingSettings, Ceilings, Rate};
 use crate::client::{authorised, GatewayArgs};
+use crate::network::{in_parallel, refused, Network, NetworkSettings};
 use crate::process::{self, Machine, ProcessUsage};
 
 #[derive(Debug, clap::Args)]
@@ -36,9 +35,21 @@ pub struct BenchArgs {
     /// A Postgres server URL for the Postgres ceiling (a scratch schema is created and dropped).
     #[arg(long, env = "DATABASE_URL")]
     database_url: String,
-    /// Referred customers the purchases are spread over.
-    #[arg(long, default_value_t = 200)]
+    /// Partnerships of the benchmark's network: one acceptor and this many referrers; the first
+    /// partnership takes half the traffic.
+    #[arg(long, default_value_t = 1_000)]
+    partnerships: usize,
+    /// Referred customers the purchases are spread over (half of them the hot partnership's).
+    #[arg(long, default_value_t = 100_000)]
     customers: usize,
+    /// The ledger's consumer group prefix: the set-up waits until the ledger has read every
+    /// referring purchase.
+    #[arg(
+        long,
+        env = "TANDEM_LEDGER_CONSUMER_GROUP",
+        default_value = "referral-ledger"
+    )]
+    ledger_group: String,
     /// Purchases to record, in each of the two workloads (single calls, bulk calls).
     #[arg(long, default_value_t = 5_000)]
     purchases: usize,
@@ -75,6 +86,9 @@ pub struct Settings {
     pub operator_token: String,
     pub bus: BusConfig,
     pub database_url: String,
+    /// The ledger's consumer group prefix.
+    pub ledger_group: String,
+    pub partnerships: usize,
     pub customers: usize,
     pub purchases: usize,
     pub concurrency: usize,
@@ -147,7 +161,9 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
         operator_token: args.gateway.operator_token.clone(),
         bus: args.bus.bus_config(),
         database_url: args.database_url.clone(),
-        customers: if short { 20 } else { args.customers },
+        ledger_group: args.ledger_group.clone(),
+        partnerships: if short { 10 } else { args.partnerships },
+        customers: if short { 200 } else { args.customers },
         purchases: if short { 200 } else { args.purchases },
         concurrency: args.concurrency,
         bulk: args.bulk,
@@ -181,17 +197,29 @@ pub async fn measure(settings: &Settings) -> Result<Report, String> {
     let started_at = chrono::Utc::now().to_rfc3339();
     let ceilings =
         ceilings::measure(&settings.bus, &settings.database_url, &settings.ceilings).await?;
-    let single = workload(settings, None).await?;
-    let bulk = workload(settings, Some(settings.bulk)).await?;
+    let network = Network::build(&NetworkSettings {
+        gateway: settings.gateway.clone(),
+        operator_token: settings.operator_token.clone(),
+        bus: settings.bus.clone(),
+        ledger_group: settings.ledger_group.clone(),
+        partnerships: settings.partnerships,
+        customers: settings.customers,
+        concurrency: settings.concurrency,
+        timeout: settings.timeout,
+    })
+    .await?;
+    let single = workload(settings, &network, None).await?;
+    let bulk = workload(settings, &network, Some(settings.bulk)).await?;
     let open_loop = open_loop(
         settings,
+        &network,
         single.end_to_end.per_second / 2.0,
         settings.open_loop_seconds,
     )
     .await?;
     let history = match settings.history_purchases {
         0 => None,
-        purchases => Some(history(settings, purchases).await?),
+        purchases => Some(history(settings, &network, purchases).await?),
     };
     let slowest = ceilings
         .kafka_produce
@@ -223,38 +251,35 @@ pub async fn measure(settings: &Settings) -> Result<Report, String> {
     })
 }
 
-/// One workload on fresh merchants: a partnership, `customers` referrals, then `purchases`
-/// purchases of those customers at the acceptor, in single calls or bulk calls of `bulk` items.
-async fn workload(settings: &Settings, bulk: Option<usize>) -> Result<Workload, String> {
-    let Setup {
-        tag,
-        acceptor,
-        partnership_id,
-        mut pos,
-    } = setup(settings).await?;
+/// One workload on the network: `purchases` purchases at the acceptor (half of them the hot
+/// partnership's), in single calls or bulk calls of `bulk` items.
+async fn workload(
+    settings: &Settings,
+    network: &Network,
+    bulk: Option<usize>,
+) -> Result<Workload, String> {
+    let run = if bulk.is_some() { "bulk" } else { "single" };
+    let before = network.attributed(None).await?;
     let cpu_before = cpu_of(&settings.processes);
     let started = Instant::now();
     let mut workers = Vec::new();
     for worker in 0..settings.concurrency {
-        let mut pos = pos.clone();
-        let api_key = acceptor.api_key.clone();
-        let (tag, customers, purchases, concurrency) = (
-            tag.clone(),
-            settings.customers,
-            settings.purchases,
-            settings.concurrency,
-        );
+        let mut pos = network.pos.clone();
+        let api_key = network.acceptor.api_key.clone();
+        let mine: Vec<usize> = (worker..settings.purchases)
+            .step_by(settings.concurrency)
+            .collect();
+        let requests: Vec<pb::RecordPurchaseRequest> = mine
+            .iter()
+            .map(|&index| network.purchase(run, index))
+            .collect();
         workers.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
-            let mine: Vec<usize> = (worker..purchases).step_by(concurrency).collect();
             match bulk {
                 Some(size) => {
-                    for chunk in mine.chunks(size) {
+                    for chunk in requests.chunks(size) {
                         let request = pb::RecordPurchasesRequest {
-                            purchases: chunk
-                                .iter()
-                                .map(|&index| purchase_request(&tag, index, customers))
-                                .collect(),
+                            purchases: chunk.to_vec(),
                         };
                         let sent = Instant::now();
                         let response = call!(
@@ -262,21 +287,13 @@ async fn workload(settings: &Settings, bulk: Option<usize>) -> Result<Workload, 
                             pos.record_purchases(authorised(request.clone(), &api_key)?)
                         )?;
                         latencies.push(sent.elapsed());
-                        if let Some(refused) =
-                            response.results.iter().find_map(|r| match &r.outcome {
-                                Some(pb::record_purchase_result::Outcome::Error(error)) => {
-                                    Some(error)
-                                }
-                                _ => None,
-                            })
-                        {
-                            return Err(format!("a bulk item was refused: {}", refused.message));
+                        if let Some(refused) = refused(&response) {
+                            return Err(refused);
                         }
                     }
                 }
                 None => {
-                    for index in mine {
-                        let request = purchase_request(&tag, index, customers);
+                    for request in requests {
                         let sent = Instant::now();
                         call!(
                             "record purchase",
@@ -296,33 +313,10 @@ async fn workload(settings: &Settings, bulk: Option<usize>) -> Result<Workload, 
     let acknowledged = Rate::of(settings.purchases as u64, started.elapsed());
     latencies.sort();
     let acknowledgement_latency = latency_of(&latencies);
-
-    let deadline = Instant::now() + settings.timeout;
-    let attributed = loop {
-        let totals = call!(
-            "commission totals",
-            pos.get_commission_totals(authorised(
-                pb::GetCommissionTotalsRequest {
-                    role: pb::PartnershipRole::Acceptor as i32,
-                    partnership_id: partnership_id.clone(),
-                    ..Default::default()
-                },
-                &acceptor.api_key,
-            )?)
-        )?
-        .totals;
-        let attributed: u64 = totals.iter().map(|t| u64::from(t.purchases)).sum();
-        if attributed >= settings.purchases as u64 {
-            break attributed;
-        }
-        if Instant::now() >= deadline {
-            return Err(format!(
-                "only {attributed} of {} attributed after {:?}",
-                settings.purchases, settings.timeout
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let attributed = network
+        .wait_attributed(None, before + settings.purchases as u64, settings.timeout)
+        .await?
+        - before;
     let end_to_end = Rate::of(settings.purchases as u64, started.elapsed());
     let cpu_after = cpu_of(&settings.processes);
     Ok(Workload {
@@ -354,29 +348,21 @@ pub struct History {
     pub ratio: f64,
 }
 
-async fn history(settings: &Settings, purchases: usize) -> Result<History, String> {
-    let Setup {
-        tag,
-        acceptor,
-        partnership_id,
-        pos,
-    } = setup(settings).await?;
+async fn history(
+    settings: &Settings,
+    network: &Network,
+    purchases: usize,
+) -> Result<History, String> {
+    let hot = Some(network.hot_partnership_id.as_str());
+    let before = network.attributed(hot).await?;
     let tenth = (purchases / 10).max(1);
-    let timed = |range: std::ops::Range<usize>| {
-        let (pos, tag, api_key, partnership_id) = (
-            pos.clone(),
-            tag.clone(),
-            acceptor.api_key.clone(),
-            partnership_id.clone(),
-        );
-        async move {
-            let started = Instant::now();
-            let count = range.len() as u64;
-            let end = range.end as u64;
-            send_bulk(settings, &pos, &api_key, &tag, range).await?;
-            wait_attributed(settings, &pos, &api_key, &partnership_id, end).await?;
-            Ok::<_, String>(Rate::of(count, started.elapsed()))
-        }
+    let timed = |range: std::ops::Range<usize>| async move {
+        let started = Instant::now();
+        let count = range.len() as u64;
+        let end = before + range.end as u64;
+        send_bulk(settings, network, range).await?;
+        network.wait_attributed(hot, end, settings.timeout).await?;
+        Ok::<_, String>(Rate::of(count, started.elapsed()))
     };
     let first_tenth = timed(0..tenth).await?;
     timed(tenth..purchases - tenth).await?;
@@ -389,154 +375,36 @@ async fn history(settings: &Settings, purchases: usize) -> Result<History, Strin
     })
 }
 
-/// Records the purchases `range` in bulk calls, `concurrency` calls in flight.
+/// Records the hot partnership's purchases `range` in bulk calls, `concurrency` calls in flight.
 async fn send_bulk(
     settings: &Settings,
-    pos: &MerchantGatewayClient<tonic::transport::Channel>,
-    api_key: &str,
-    tag: &str,
+    network: &Network,
     range: std::ops::Range<usize>,
 ) -> Result<(), String> {
     let indices: Vec<usize> = range.collect();
-    let chunks: Vec<Vec<usize>> = indices
+    let calls: Vec<pb::RecordPurchasesRequest> = indices
         .chunks(settings.bulk)
-        .map(<[usize]>::to_vec)
+        .map(|chunk| pb::RecordPurchasesRequest {
+            purchases: chunk
+                .iter()
+                .map(|&index| network.hot_purchase("history", index))
+                .collect(),
+        })
         .collect();
-    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let chunks = std::sync::Arc::new(chunks);
-    let mut workers = Vec::new();
-    for _ in 0..settings.concurrency {
-        let (mut pos, next, chunks) = (pos.clone(), next.clone(), chunks.clone());
-        let (api_key, tag, customers) = (api_key.to_owned(), tag.to_owned(), settings.customers);
-        workers.push(tokio::spawn(async move {
-            loop {
-                let taken = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(chunk) = chunks.get(taken) else {
-                    return Ok::<_, String>(());
-                };
-                let request = pb::RecordPurchasesRequest {
-                    purchases: chunk
-                        .iter()
-                        .map(|&index| purchase_request(&tag, index, customers))
-                        .collect(),
-                };
-                call!(
-                    "record purchases",
-                    pos.record_purchases(authorised(request.clone(), &api_key)?)
-                )?;
-            }
-        }));
-    }
-    for worker in workers {
-        worker.await.map_err(|e| e.to_string())??;
-    }
-    Ok(())
-}
-
-/// Waits until the partnership has `target` attributed purchases.
-async fn wait_attributed(
-    settings: &Settings,
-    pos: &MerchantGatewayClient<tonic::transport::Channel>,
-    api_key: &str,
-    partnership_id: &str,
-    target: u64,
-) -> Result<(), String> {
-    let mut pos = pos.clone();
-    let deadline = Instant::now() + settings.timeout;
-    loop {
-        let totals = call!(
-            "commission totals",
-            pos.get_commission_totals(authorised(
-                pb::GetCommissionTotalsRequest {
-                    role: pb::PartnershipRole::Acceptor as i32,
-                    partnership_id: partnership_id.to_owned(),
-                    ..Default::default()
-                },
-                api_key,
-            )?)
-        )?
-        .totals;
-        let attributed: u64 = totals.iter().map(|t| u64::from(t.purchases)).sum();
-        if attributed >= target {
-            return Ok(());
+    let api_key = network.acceptor.api_key.clone();
+    in_parallel(settings.concurrency, calls, |request| {
+        let mut pos = network.pos.clone();
+        let api_key = api_key.clone();
+        async move {
+            let response = call!(
+                "record purchases",
+                pos.record_purchases(authorised(request.clone(), &api_key)?)
+            )?;
+            refused(&response).map_or(Ok(()), Err)
         }
-        if Instant::now() >= deadline {
-            return Err(format!(
-                "history run: only {attributed} of {target} attributed after {:?}",
-                settings.timeout
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// What every measured run starts from: two new merchants, a partnership from one to the other,
-/// and `customers` referrals of phone-number customers.
-struct Setup {
-    tag: String,
-    acceptor: pb::CreateMerchantResponse,
-    partnership_id: String,
-    pos: MerchantGatewayClient<tonic::transport::Channel>,
-}
-
-async fn setup(settings: &Settings) -> Result<Setup, String> {
-    let args = GatewayArgs {
-        gateway: settings.gateway.clone(),
-        operator_token: settings.operator_token.clone(),
-    };
-    let (mut operator, mut pos) = args.clients().await?;
-    let token = settings.operator_token.as_str();
-    let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
-    let merchant = |name: &str| pb::CreateMerchantRequest {
-        display_name: format!("bench {name} {tag}"),
-        settlement_currency: "EUR".into(),
-        time_zone: "Europe/Paris".into(),
-        ..Default::default()
-    };
-    let acceptor = call!(
-        "create acceptor",
-        operator.create_merchant(authorised(merchant("acceptor"), token)?)
-    )?;
-    let referrer = call!(
-        "create referrer",
-        operator.create_merchant(authorised(merchant("referrer"), token)?)
-    )?;
-    let partnership = call!(
-        "create partnership",
-        operator.create_partnership(authorised(
-            pb::CreatePartnershipRequest {
-                referrer_merchant_id: referrer.merchant_id.clone(),
-                acceptor_merchant_id: acceptor.merchant_id.clone(),
-                commission_rate_bps: 500,
-                attribution_window_days: 30,
-                effective_from: None,
-            },
-            token,
-        )?)
-    )?;
-    for customer in 0..settings.customers {
-        call!(
-            "create referral",
-            pos.create_referral(authorised(
-                pb::CreateReferralRequest {
-                    idempotency_key: format!("bench-{tag}-r{customer}"),
-                    acceptor_merchant_id: acceptor.merchant_id.clone(),
-                    customer: Some(pb::CustomerIdentifiers {
-                        phone: phone_of(customer),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                },
-                &referrer.api_key,
-            )?)
-        )?;
-    }
-    Ok(Setup {
-        tag,
-        acceptor,
-        partnership_id: partnership.partnership_id,
-        pos,
     })
+    .await?;
+    Ok(())
 }
 
 /// Percentiles of sorted durations, in milliseconds.
@@ -670,17 +538,19 @@ pub struct OpenLoop {
     pub latency: Latency,
 }
 
-async fn open_loop(settings: &Settings, rate: f64, seconds: f64) -> Result<OpenLoop, String> {
+async fn open_loop(
+    settings: &Settings,
+    network: &Network,
+    rate: f64,
+    seconds: f64,
+) -> Result<OpenLoop, String> {
     let rate = rate.max(1.0);
     let count = ((rate * seconds).ceil() as usize).max(1);
-    let Setup {
-        tag, acceptor, pos, ..
-    } = setup(settings).await?;
     // Read the ledger topic from its current end, before the first purchase is sent, and while
     // the purchases are sent: each event is timed when it is read.
     let reader = LedgerReader::from_end(&settings.bus)?;
     let read_until = tokio::time::Instant::now() + settings.timeout;
-    let ours = format!("bench-{tag}-");
+    let ours = format!("bench-{}-open-", network.tag);
     let reading = tokio::spawn(async move {
         let mut arrivals = Vec::with_capacity(count);
         while arrivals.len() < count && tokio::time::Instant::now() < read_until {
@@ -698,10 +568,10 @@ async fn open_loop(settings: &Settings, rate: f64, seconds: f64) -> Result<OpenL
     let mut calls = Vec::with_capacity(count);
     for index in 0..count {
         let at = start + interval.mul_f64(index as f64);
-        let request = purchase_request(&tag, index, settings.customers);
+        let request = network.purchase("open", index);
         intended.insert(request.transaction_id.clone(), at);
-        let mut pos = pos.clone();
-        let api_key = acceptor.api_key.clone();
+        let mut pos = network.pos.clone();
+        let api_key = network.acceptor.api_key.clone();
         calls.push(tokio::spawn(async move {
             tokio::time::sleep_until(at).await;
             call!(
@@ -791,20 +661,12 @@ impl LedgerReader {
     }
 }
 
-/// The phone number of the bench's customer `customer`.
-fn phone_of(customer: usize) -> String {
-    format!("+3361{customer:07}")
-}
-
-/// The bench's purchase number `index`, by one of `customers` referred customers.
-pub fn purchase_request(tag: &str, index: usize, customers: usize) -> pb::RecordPurchaseRequest {
+/// A purchase of the shape the workloads send (the tonic ceiling's payload).
+pub fn purchase_request(tag: &str, index: usize) -> pb::RecordPurchaseRequest {
     pb::RecordPurchaseRequest {
         idempotency_key: format!("bench-{tag}-p{index}"),
         transaction_id: format!("bench-{tag}-{index}"),
-        customer: Some(pb::CustomerIdentifiers {
-            phone: phone_of(index % customers.max(1)),
-            ..Default::default()
-        }),
+        customer: Some(crate::network::customer(index)),
         amount: Some(pb::Money {
             amount_minor: 1_000 + (index as i64 % 9_000),
             currency: "EUR".into(),

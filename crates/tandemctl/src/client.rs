@@ -33,17 +33,25 @@ impl GatewayArgs {
         ),
         String,
     > {
-        // Lazy: a gateway that is not up yet (or restarting) answers UNAVAILABLE on the first
-        // call, which `call!` retries, rather than failing here.
-        let channel = tonic::transport::Endpoint::from_shared(self.gateway.clone())
-            .map_err(|e| format!("invalid gateway URL {}: {e}", self.gateway))?
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(30))
-            .connect_lazy();
+        let channel = self.channel()?;
         Ok((
             OperatorServiceClient::new(channel.clone()),
             MerchantGatewayClient::new(channel),
         ))
+    }
+}
+
+impl GatewayArgs {
+    /// A connection to the gateway. Lazy: a gateway that is not up yet (or restarting) answers
+    /// UNAVAILABLE on the first call, which `call!` retries, rather than failing here.
+    pub fn channel(&self) -> Result<Channel, String> {
+        Ok(
+            tonic::transport::Endpoint::from_shared(self.gateway.clone())
+                .map_err(|e| format!("invalid gateway URL {}: {e}", self.gateway))?
+                .connect_timeout(Duration::from_secs(5))
+                .timeout(Duration::from_secs(30))
+                .connect_lazy(),
+        )
     }
 }
 

@@ -6,4 +6,5 @@ pub mod ceilings;
 pub mod client;
 pub mod demo;
 pub mod import;
+pub mod network;
 pub mod process;

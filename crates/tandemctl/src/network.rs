@@ -1,0 +1,425 @@
+//! The benchmark's merchant network: one acceptor, `partnerships` referrers each in partnership
+//! with it on terms that refer every customer of the referrer automatically, and `customers`
+//! customers, each referred by one referrer through a purchase there. The first referrer's
+//! partnership is the hot one: half of the customers are its, so half of the traffic at the
+//! acceptor is attributed to it; the other half is spread over the other partnerships.
+//!
+//! Referring through purchases (bulk calls at the referrers) rather than `CreateReferral` calls
+//! makes 100 000 referred customers a minute's set-up instead of many.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::TopicPartitionList;
+use tandem_bus::{BusConfig, Topic};
+use tandem_proto::v1 as pb;
+use tandem_proto::v1::merchant_gateway_client::MerchantGatewayClient;
+use tandem_proto::v1::partnership_service_client::PartnershipServiceClient;
+use tonic::transport::Channel;
+
+use crate::call;
+use crate::client::{authorised, GatewayArgs};
+
+/// A merchant of the network.
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub merchant_id: String,
+    pub api_key: String,
+}
+
+pub struct Network {
+    pub tag: String,
+    pub acceptor: Member,
+    pub referrers: Vec<Member>,
+    /// The hot partnership (the first referrer's).
+    pub hot_partnership_id: String,
+    pub customers: usize,
+    pub pos: MerchantGatewayClient<Channel>,
+}
+
+/// What the network is built of.
+#[derive(Debug, Clone)]
+pub struct NetworkSettings {
+    pub gateway: String,
+    pub operator_token: String,
+    pub bus: BusConfig,
+    /// The ledger's consumer group prefix (`TANDEM_LEDGER_CONSUMER_GROUP`): the set-up waits
+    /// until its attribution stage has read every referring purchase.
+    pub ledger_group: String,
+    pub partnerships: usize,
+    pub customers: usize,
+    pub concurrency: usize,
+    pub timeout: Duration,
+}
+
+impl Network {
+    /// Builds the network; returns once the ledger has recorded every customer's referral.
+    pub async fn build(settings: &NetworkSettings) -> Result<Self, String> {
+        if settings.partnerships < 2 || settings.customers < 2 * settings.partnerships {
+            return Err(
+                "the network needs at least 2 partnerships and 2 customers a partnership".into(),
+            );
+        }
+        let args = GatewayArgs {
+            gateway: settings.gateway.clone(),
+            operator_token: settings.operator_token.clone(),
+        };
+        let (operator, pos) = args.clients().await?;
+        let agreements = PartnershipServiceClient::new(args.channel()?);
+        let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+        let token = settings.operator_token.clone();
+        let started = Instant::now();
+
+        let create = |name: String| {
+            let mut operator = operator.clone();
+            let token = token.clone();
+            async move {
+                let created = call!(
+                    "create merchant",
+                    operator.create_merchant(authorised(
+                        pb::CreateMerchantRequest {
+                            display_name: name.clone(),
+                            settlement_currency: "EUR".into(),
+                            time_zone: "Europe/Paris".into(),
+                            ..Default::default()
+                        },
+                        &token,
+                    )?)
+                )?;
+                Ok::<_, String>(Member {
+                    merchant_id: created.merchant_id,
+                    api_key: created.api_key,
+                })
+            }
+        };
+        let acceptor = create(format!("bench acceptor {tag}")).await?;
+        let names: Vec<String> = (0..settings.partnerships)
+            .map(|i| format!("bench referrer {i} {tag}"))
+            .collect();
+        let referrers = in_parallel(settings.concurrency, names, create).await?;
+
+        // Each partnership: the acceptor proposes automatic referrals at 5 %, the referrer accepts.
+        let partnership = |(index, referrer): (usize, Member)| {
+            let mut agreements = agreements.clone();
+            let (acceptor, tag) = (acceptor.clone(), tag.clone());
+            async move {
+                let proposed = call!(
+                    "propose terms",
+                    agreements.propose_terms(authorised(
+                        pb::ProposeTermsRequest {
+                            idempotency_key: format!("bench-{tag}-terms-{index}"),
+                            counterparty_merchant_id: referrer.merchant_id.clone(),
+                            caller_role: pb::PartnershipRole::Acceptor as i32,
+                            terms: Some(pb::Terms {
+                                currency: "EUR".into(),
+                                auto_refer: true,
+                                attribution_window_days: 30,
+                                rule: Some(pb::terms::Rule::PercentageBps(500)),
+                                holding_period_days: 14,
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        },
+                        &acceptor.api_key,
+                    )?)
+                )?;
+                call!(
+                    "accept terms",
+                    agreements.accept_terms(authorised(
+                        pb::AcceptTermsRequest {
+                            idempotency_key: format!("bench-{tag}-accept-{index}"),
+                            partnership_id: proposed.partnership_id.clone(),
+                            version: proposed.version,
+                        },
+                        &referrer.api_key,
+                    )?)
+                )?;
+                Ok::<_, String>(proposed.partnership_id)
+            }
+        };
+        let partnership_ids = in_parallel(
+            settings.concurrency,
+            referrers.iter().cloned().enumerate().collect(),
+            partnership,
+        )
+        .await?;
+        let partnerships_done = started.elapsed();
+
+        // Every customer buys once at its referrer: the partnership refers it to the acceptor.
+        let network = Network {
+            tag: tag.clone(),
+            acceptor,
+            referrers,
+            hot_partnership_id: partnership_ids[0].clone(),
+            customers: settings.customers,
+            pos,
+        };
+        let mut calls = Vec::new();
+        for (index, referrer) in network.referrers.iter().enumerate() {
+            let customers: Vec<usize> = (0..settings.customers)
+                .filter(|&c| network.referrer_of(c) == index)
+                .collect();
+            for chunk in customers.chunks(500) {
+                calls.push((referrer.api_key.clone(), chunk.to_vec()));
+            }
+        }
+        let referring = |(api_key, customers): (String, Vec<usize>)| {
+            let mut pos = network.pos.clone();
+            let tag = tag.clone();
+            async move {
+                let request = pb::RecordPurchasesRequest {
+                    purchases: customers
+                        .iter()
+                        .map(|&c| pb::RecordPurchaseRequest {
+                            idempotency_key: format!("bench-{tag}-ref-{c}"),
+                            transaction_id: format!("bench-{tag}-ref-{c}"),
+                            customer: Some(customer(c)),
+                            amount: Some(pb::Money {
+                                amount_minor: 500,
+                                currency: "EUR".into(),
+                            }),
+                            ..Default::default()
+                        })
+                        .collect(),
+                };
+                let response = call!(
+                    "record referring purchases",
+                    pos.record_purchases(authorised(request.clone(), &api_key)?)
+                )?;
+                refused(&response).map_or(Ok(()), Err)
+            }
+        };
+        in_parallel(settings.concurrency, calls, referring).await?;
+        wait_for_ledger(settings).await?;
+        eprintln!(
+            "network: {} partnerships in {:.1} s, {} referred customers in {:.1} s more",
+            settings.partnerships,
+            partnerships_done.as_secs_f64(),
+            settings.customers,
+            (started.elapsed() - partnerships_done).as_secs_f64()
+        );
+        Ok(network)
+    }
+
+    /// The referrer (index) of customer `c`: the first for the first half of the customers, the
+    /// others in turn for the second half.
+    pub fn referrer_of(&self, c: usize) -> usize {
+        let half = self.customers / 2;
+        if c < half {
+            0
+        } else {
+            1 + (c - half) % (self.referrers.len() - 1)
+        }
+    }
+
+    /// The customer of purchase `index` at the acceptor: even purchases by the hot
+    /// partnership's customers, odd ones by the others'.
+    pub fn customer_of(&self, index: usize) -> usize {
+        let half = self.customers / 2;
+        if index.is_multiple_of(2) {
+            (index / 2) % half
+        } else {
+            half + (index / 2) % (self.customers - half)
+        }
+    }
+
+    /// Purchase `index` of run `run` at the acceptor.
+    pub fn purchase(&self, run: &str, index: usize) -> pb::RecordPurchaseRequest {
+        self.purchase_by(run, index, self.customer_of(index))
+    }
+
+    /// Purchase `index` of run `run` at the acceptor by one of the hot partnership's customers.
+    pub fn hot_purchase(&self, run: &str, index: usize) -> pb::RecordPurchaseRequest {
+        self.purchase_by(run, index, index % (self.customers / 2))
+    }
+
+    fn purchase_by(&self, run: &str, index: usize, c: usize) -> pb::RecordPurchaseRequest {
+        pb::RecordPurchaseRequest {
+            idempotency_key: format!("bench-{}-{run}-p{index}", self.tag),
+            transaction_id: format!("bench-{}-{run}-{index}", self.tag),
+            customer: Some(customer(c)),
+            amount: Some(pb::Money {
+                amount_minor: 1_000 + (index as i64 % 9_000),
+                currency: "EUR".into(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// Purchases attributed at the acceptor so far: over every partnership, or one.
+    pub async fn attributed(&self, partnership_id: Option<&str>) -> Result<u64, String> {
+        let mut pos = self.pos.clone();
+        let mut total = 0u64;
+        let mut page_token = String::new();
+        loop {
+            let page = call!(
+                "commission totals",
+                pos.get_commission_totals(authorised(
+                    pb::GetCommissionTotalsRequest {
+                        role: pb::PartnershipRole::Acceptor as i32,
+                        partnership_id: partnership_id.unwrap_or_default().to_owned(),
+                        page_size: 500,
+                        page_token: page_token.clone(),
+                    },
+                    &self.acceptor.api_key,
+                )?)
+            )?;
+            total += page
+                .totals
+                .iter()
+                .map(|t| u64::from(t.purchases))
+                .sum::<u64>();
+            if page.next_page_token.is_empty() {
+                return Ok(total);
+            }
+            page_token = page.next_page_token;
+        }
+    }
+
+    /// Waits until `target` purchases are attributed (see [`Network::attributed`]).
+    pub async fn wait_attributed(
+        &self,
+        partnership_id: Option<&str>,
+        target: u64,
+        timeout: Duration,
+    ) -> Result<u64, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let attributed = self.attributed(partnership_id).await?;
+            if attributed >= target {
+                return Ok(attributed);
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "only {attributed} of {target} purchases attributed after {timeout:?}"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// The bench's customer `c`: a phone number.
+pub fn customer(c: usize) -> pb::CustomerIdentifiers {
+    pb::CustomerIdentifiers {
+        phone: format!("+3361{c:07}"),
+        ..Default::default()
+    }
+}
+
+/// The first refused item of a bulk answer, as an error.
+pub fn refused(response: &pb::RecordPurchasesResponse) -> Option<String> {
+    response.results.iter().find_map(|r| match &r.outcome {
+        Some(pb::record_purchase_result::Outcome::Error(error)) => {
+            Some(format!("a bulk item was refused: {}", error.message))
+        }
+        _ => None,
+    })
+}
+
+/// Runs `work` over `items`, `concurrency` at a time; the results in the items' order.
+pub async fn in_parallel<I, T, F, Fut>(
+    concurrency: usize,
+    items: Vec<I>,
+    work: F,
+) -> Result<Vec<T>, String>
+where
+    I: Send + 'static,
+    T: Send + 'static,
+    F: Fn(I) -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>> + Send + 'static,
+{
+    let total = items.len();
+    let queue = Arc::new(std::sync::Mutex::new(
+        items.into_iter().map(&work).enumerate().collect::<Vec<_>>(),
+    ));
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..concurrency.max(1) {
+        let (queue, next) = (queue.clone(), next.clone());
+        workers.push(tokio::spawn(async move {
+            let mut done = Vec::new();
+            loop {
+                if next.fetch_add(1, Ordering::Relaxed) >= total {
+                    return Ok::<_, String>(done);
+                }
+                let taken = queue
+                    .lock()
+                    .map_err(|_| "work queue poisoned".to_owned())?
+                    .pop();
+                let Some((index, future)) = taken else {
+                    return Ok(done);
+                };
+                done.push((index, future.await?));
+            }
+        }));
+    }
+    let mut results = Vec::with_capacity(total);
+    for worker in workers {
+        results.extend(worker.await.map_err(|e| e.to_string())??);
+    }
+    results.sort_by_key(|(index, _)| *index);
+    Ok(results.into_iter().map(|(_, result)| result).collect())
+}
+
+/// Waits until the ledger's attribution stage has read the customer-activity topic to its end
+/// (as it was when the wait began): its committed offsets reach the high watermarks.
+async fn wait_for_ledger(settings: &NetworkSettings) -> Result<(), String> {
+    let topic = Topic::CustomerActivity.name(&settings.bus);
+    let group = format!("{}.activity", settings.ledger_group);
+    let consumer: BaseConsumer = settings
+        .bus
+        .client_config()
+        .set("group.id", &group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(|e| format!("offset reader: {e}"))?;
+    let metadata = consumer
+        .fetch_metadata(Some(&topic), Duration::from_secs(10))
+        .map_err(|e| format!("metadata of {topic}: {e}"))?;
+    let mut ends = Vec::new();
+    for partition in metadata
+        .topics()
+        .first()
+        .map(|t| t.partitions())
+        .unwrap_or_default()
+    {
+        let (_, high) = consumer
+            .fetch_watermarks(&topic, partition.id(), Duration::from_secs(10))
+            .map_err(|e| format!("watermarks of {topic}: {e}"))?;
+        ends.push((partition.id(), high));
+    }
+    let deadline = Instant::now() + settings.timeout;
+    loop {
+        let mut wanted = TopicPartitionList::new();
+        for (partition, _) in &ends {
+            wanted.add_partition(&topic, *partition);
+        }
+        let committed = consumer
+            .committed_offsets(wanted, Duration::from_secs(10))
+            .map_err(|e| format!("committed offsets of {group}: {e}"))?;
+        let behind: i64 = ends
+            .iter()
+            .map(|(partition, high)| {
+                let at = committed
+                    .find_partition(&topic, *partition)
+                    .and_then(|p| p.offset().to_raw())
+                    .unwrap_or(0)
+                    .max(0);
+                (high - at).max(0)
+            })
+            .sum();
+        if behind == 0 {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "the ledger ({group}) is still {behind} messages behind after {:?}",
+                settings.timeout
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
