@@ -424,8 +424,10 @@ fn latency_of(sorted: &[Duration]) -> Latency {
     }
 }
 
+/// CPU seconds so far of every measured process, of the Postgres server (all its processes) and
+/// of this load generator: the machine's cores are shared by all of them.
 fn cpu_of(processes: &[(String, u32)]) -> Vec<(String, f64)> {
-    processes
+    let mut cpu: Vec<(String, f64)> = processes
         .iter()
         .map(|(name, pid)| {
             (
@@ -433,7 +435,14 @@ fn cpu_of(processes: &[(String, u32)]) -> Vec<(String, f64)> {
                 process::usage(name, *pid).map_or(0.0, |u| u.cpu_seconds),
             )
         })
-        .collect()
+        .collect();
+    if let Some(seconds) = process::postgres_cpu_seconds() {
+        cpu.push(("postgres (all processes)".into(), seconds));
+    }
+    if let Some(usage) = process::usage("load generator", std::process::id()) {
+        cpu.push(("load generator (this harness)".into(), usage.cpu_seconds));
+    }
+    cpu
 }
 
 fn print_report(report: &Report) {

@@ -37,6 +37,53 @@ pub fn usage(name: &str, pid: u32) -> Option<ProcessUsage> {
     })
 }
 
+/// CPU seconds the local Postgres server has spent: every live `postgres` process (the
+/// postmaster, its backends and helpers) plus what the postmaster's exited children spent.
+/// `None` when no Postgres runs on this machine (or this is not Linux).
+pub fn postgres_cpu_seconds() -> Option<f64> {
+    let mut total = 0.0;
+    let mut found = false;
+    for entry in std::fs::read_dir("/proc").ok()?.filter_map(Result::ok) {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        if !head.ends_with("(postgres") {
+            continue;
+        }
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |index: usize| {
+            fields
+                .get(index)
+                .and_then(|f| f.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        found = true;
+        // utime and stime; for the postmaster (whose parent is not a postgres), also cutime and
+        // cstime: the backends that already exited.
+        total += ticks(11) + ticks(12);
+        let parent = fields
+            .get(1)
+            .and_then(|f| f.parse::<u32>().ok())
+            .unwrap_or(0);
+        let parent_is_postgres = std::fs::read_to_string(format!("/proc/{parent}/stat"))
+            .is_ok_and(|s| s.contains("(postgres)"));
+        if !parent_is_postgres {
+            total += ticks(13) + ticks(14);
+        }
+    }
+    found.then_some(total / 100.0)
+}
+
 /// Every `<name>.pid` in `dir` whose process is alive (the local scripts write them).
 pub fn from_pid_files(dir: &Path) -> Vec<(String, u32)> {
     let Ok(entries) = std::fs::read_dir(dir) else {
