@@ -7,7 +7,7 @@
 //! deduplicate by message id.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -41,6 +41,8 @@ impl Default for RelaySettings {
 /// relays of two services sharing a database (one schema each) do not exclude each other.
 const RELAY_LOCK_ID: i32 = 0x7464_0001;
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How often a relay round reads the outbox from the start (see `run_outbox_relay`).
+const FULL_SCAN_EVERY: Duration = Duration::from_millis(250);
 
 /// Runs until `shutdown` is cancelled. `wake` is notified by writers after they commit to the
 /// outbox, so a message is published at once rather than at the next poll.
@@ -67,12 +69,23 @@ pub async fn run_outbox_relay(
         }
     };
     tracing::info!("outbox relay started");
+    // Rounds read past the highest id published so far (`cursor`), except one every
+    // `FULL_SCAN_EVERY`, which reads from the start: a transaction that took its ids before a
+    // later one but committed after it leaves rows below the cursor, and that round finds them.
+    let mut cursor: i64 = 0;
+    let mut last_full_scan: Option<Instant> = None;
     loop {
         if shutdown.is_cancelled() {
             break;
         }
-        match publish_batch(&pool, &producer, &config, batch_size).await {
-            Ok(0) => {
+        let after = if last_full_scan.is_none_or(|at| at.elapsed() >= FULL_SCAN_EVERY) {
+            last_full_scan = Some(Instant::now());
+            0
+        } else {
+            cursor
+        };
+        match publish_batch(&pool, &producer, &config, after, batch_size).await {
+            Ok((0, _)) => {
                 backoff = Duration::from_millis(100);
                 tokio::select! {
                     () = shutdown.cancelled() => break,
@@ -80,7 +93,8 @@ pub async fn run_outbox_relay(
                     () = tokio::time::sleep(settings.idle_poll) => {}
                 }
             }
-            Ok(published) => {
+            Ok((published, highest)) => {
+                cursor = cursor.max(highest);
                 backoff = Duration::from_millis(100);
                 tracing::debug!(published, "outbox batch published");
             }
@@ -113,17 +127,19 @@ async fn try_take_lock(
     Ok(locked.then_some(connection))
 }
 
-/// Publishes the oldest batch; returns how many messages it published.
+/// Publishes the oldest batch above id `after`; returns how many messages it published and the
+/// highest id among them.
 async fn publish_batch(
     pool: &PgPool,
     producer: &FutureProducer,
     config: &BusConfig,
+    after: i64,
     batch_size: i64,
-) -> Result<usize, BusError> {
-    let rows = tandem_store::fetch_outbox(pool, batch_size).await?;
-    if rows.is_empty() {
-        return Ok(0);
-    }
+) -> Result<(usize, i64), BusError> {
+    let rows = tandem_store::fetch_outbox(pool, after, batch_size).await?;
+    let Some(highest) = rows.last().map(|row| row.id) else {
+        return Ok((0, after));
+    };
     let mut topic_names = Vec::with_capacity(rows.len());
     for row in &rows {
         let topic = Topic::from_logical_name(&row.topic)
@@ -149,5 +165,5 @@ async fn publish_batch(
     }
     let ids: Vec<i64> = rows.iter().map(|row| row.id).collect();
     tandem_store::delete_outbox(pool, &ids).await?;
-    Ok(rows.len())
+    Ok((rows.len(), highest))
 }

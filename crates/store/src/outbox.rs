@@ -55,12 +55,20 @@ pub async fn enqueue_outbox(
     Ok(())
 }
 
-/// The oldest `limit` messages, in the order they were enqueued.
-pub async fn fetch_outbox(pool: &PgPool, limit: i64) -> Result<Vec<OutboxRow>, StoreError> {
+/// The oldest `limit` messages with an id above `after`, in the order they were enqueued.
+/// `after = 0` reads from the start; a larger `after` lets the index scan begin past the rows
+/// already published and deleted, whose dead index entries a scan from the start would walk
+/// through until vacuum removes them.
+pub async fn fetch_outbox(
+    pool: &PgPool,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<OutboxRow>, StoreError> {
     Ok(sqlx::query_as::<_, OutboxRow>(
         "SELECT id, topic, partition_key, payload, header_names, header_values \
-         FROM outbox ORDER BY id LIMIT $1",
+         FROM outbox WHERE id > $1 ORDER BY id LIMIT $2",
     )
+    .bind(after)
     .bind(limit)
     .fetch_all(pool)
     .await?)
@@ -68,8 +76,18 @@ pub async fn fetch_outbox(pool: &PgPool, limit: i64) -> Result<Vec<OutboxRow>, S
 
 /// Removes published messages.
 pub async fn delete_outbox(pool: &PgPool, ids: &[i64]) -> Result<(), StoreError> {
-    sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
+    let (Some(lowest), Some(highest)) = (ids.iter().min(), ids.iter().max()) else {
+        return Ok(());
+    };
+    // Planned afresh each time (not a cached prepared statement) and bounded by the ids'
+    // range: a generic plan made while the table was nearly empty kept scanning it sequentially
+    // once it had grown and churned (dead rows wait for vacuum), 7 % of the machine's CPU in a
+    // profile of the benchmark.
+    sqlx::query("DELETE FROM outbox WHERE id >= $2 AND id <= $3 AND id = ANY($1)")
+        .persistent(false)
         .bind(ids)
+        .bind(lowest)
+        .bind(highest)
         .execute(pool)
         .await?;
     Ok(())

@@ -364,8 +364,10 @@ where
     Ok(results.into_iter().map(|(_, result)| result).collect())
 }
 
-/// Waits until the ledger's attribution stage has read the customer-activity topic to its end
-/// (as it was when the wait began): its committed offsets reach the high watermarks.
+/// Waits until the ledger's attribution stage has read the customer-activity topic to its end:
+/// its committed offsets reach the high watermarks, and the watermarks have not moved for a
+/// second (the gateway's relay publishes after the calls were answered, so the end is only known
+/// once it stops moving).
 async fn wait_for_ledger(settings: &NetworkSettings) -> Result<(), String> {
     let topic = Topic::CustomerActivity.name(&settings.bus);
     let group = format!("{}.activity", settings.ledger_group);
@@ -379,29 +381,30 @@ async fn wait_for_ledger(settings: &NetworkSettings) -> Result<(), String> {
     let metadata = consumer
         .fetch_metadata(Some(&topic), Duration::from_secs(10))
         .map_err(|e| format!("metadata of {topic}: {e}"))?;
-    let mut ends = Vec::new();
-    for partition in metadata
+    let partitions: Vec<i32> = metadata
         .topics()
         .first()
-        .map(|t| t.partitions())
-        .unwrap_or_default()
-    {
-        let (_, high) = consumer
-            .fetch_watermarks(&topic, partition.id(), Duration::from_secs(10))
-            .map_err(|e| format!("watermarks of {topic}: {e}"))?;
-        ends.push((partition.id(), high));
-    }
+        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
+        .unwrap_or_default();
     let deadline = Instant::now() + settings.timeout;
+    let mut previous_ends: Option<Vec<i64>> = None;
+    let mut stable_since = Instant::now();
     loop {
+        let mut ends = Vec::with_capacity(partitions.len());
         let mut wanted = TopicPartitionList::new();
-        for (partition, _) in &ends {
+        for partition in &partitions {
+            let (_, high) = consumer
+                .fetch_watermarks(&topic, *partition, Duration::from_secs(10))
+                .map_err(|e| format!("watermarks of {topic}: {e}"))?;
+            ends.push(high);
             wanted.add_partition(&topic, *partition);
         }
         let committed = consumer
             .committed_offsets(wanted, Duration::from_secs(10))
             .map_err(|e| format!("committed offsets of {group}: {e}"))?;
-        let behind: i64 = ends
+        let behind: i64 = partitions
             .iter()
+            .zip(&ends)
             .map(|(partition, high)| {
                 let at = committed
                     .find_partition(&topic, *partition)
@@ -411,7 +414,11 @@ async fn wait_for_ledger(settings: &NetworkSettings) -> Result<(), String> {
                 (high - at).max(0)
             })
             .sum();
-        if behind == 0 {
+        if previous_ends.as_ref() != Some(&ends) {
+            stable_since = Instant::now();
+            previous_ends = Some(ends);
+        }
+        if behind == 0 && stable_since.elapsed() >= Duration::from_secs(1) {
             return Ok(());
         }
         if Instant::now() >= deadline {

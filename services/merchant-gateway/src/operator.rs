@@ -181,24 +181,12 @@ impl OperatorApi {
     }
 }
 
-/// An IANA zone name such as `Europe/Paris`, or `UTC`. Only the shape is checked here.
+/// An IANA zone name such as `Europe/Paris`, or `UTC`, known to the time-zone database (the
+/// acceptor's settlement cycles cut off at its local midnight).
 fn parse_time_zone(value: &str) -> Result<String, ValidationError> {
-    let value = value.trim();
-    let well_formed = value == "UTC"
-        || (value.len() <= 64
-            && value.split('/').count() >= 2
-            && value.split('/').all(|part| {
-                !part.is_empty()
-                    && part
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'+'))
-            }));
-    if well_formed {
-        Ok(value.to_owned())
-    } else {
-        Err(ValidationError::new(
-            "time_zone",
-            format!("must be an IANA time zone such as Europe/Paris or UTC, got {value:?}"),
-        ))
-    }
+    Ok(
+        tandem_domain::settlement::parse_time_zone("time_zone", value)?
+            .name()
+            .to_owned(),
+    )
 }
