@@ -69,23 +69,26 @@ pub async fn run_outbox_relay(
         }
     };
     tracing::info!("outbox relay started");
-    // Rounds read past the highest id published so far (`cursor`), except one every
-    // `FULL_SCAN_EVERY`, which reads from the start: a transaction that took its ids before a
-    // later one but committed after it leaves rows below the cursor, and that round finds them.
-    let mut cursor: i64 = 0;
+    // A round reads rows above `floor`: the id just below the oldest row that the full scan
+    // before the last one found (a scan from the start, every `FULL_SCAN_EVERY`). Published rows
+    // are deleted, but their index entries stay until vacuum, and a scan from the start walks
+    // all of them; from `floor` it walks at most what was published in the last two intervals.
+    // A row below `floor` is one whose transaction took its id before that scan and had still
+    // not committed an interval later; the next full scan finds it.
+    let mut floor: i64 = 0;
+    let mut next_floor: i64 = 0;
     let mut last_full_scan: Option<Instant> = None;
     loop {
         if shutdown.is_cancelled() {
             break;
         }
-        let after = if last_full_scan.is_none_or(|at| at.elapsed() >= FULL_SCAN_EVERY) {
+        let full_scan = last_full_scan.is_none_or(|at| at.elapsed() >= FULL_SCAN_EVERY);
+        if full_scan {
             last_full_scan = Some(Instant::now());
-            0
-        } else {
-            cursor
-        };
+        }
+        let after = if full_scan { 0 } else { floor };
         match publish_batch(&pool, &producer, &config, after, batch_size).await {
-            Ok((0, _)) => {
+            Ok((0, _, _)) => {
                 backoff = Duration::from_millis(100);
                 tokio::select! {
                     () = shutdown.cancelled() => break,
@@ -93,8 +96,11 @@ pub async fn run_outbox_relay(
                     () = tokio::time::sleep(settings.idle_poll) => {}
                 }
             }
-            Ok((published, highest)) => {
-                cursor = cursor.max(highest);
+            Ok((published, lowest, _)) => {
+                if full_scan {
+                    floor = next_floor;
+                    next_floor = lowest - 1;
+                }
                 backoff = Duration::from_millis(100);
                 tracing::debug!(published, "outbox batch published");
             }
@@ -128,17 +134,18 @@ async fn try_take_lock(
 }
 
 /// Publishes the oldest batch above id `after`; returns how many messages it published and the
-/// highest id among them.
+/// lowest and highest ids among them.
 async fn publish_batch(
     pool: &PgPool,
     producer: &FutureProducer,
     config: &BusConfig,
     after: i64,
     batch_size: i64,
-) -> Result<(usize, i64), BusError> {
+) -> Result<(usize, i64, i64), BusError> {
     let rows = tandem_store::fetch_outbox(pool, after, batch_size).await?;
-    let Some(highest) = rows.last().map(|row| row.id) else {
-        return Ok((0, after));
+    let (Some(lowest), Some(highest)) = (rows.first().map(|r| r.id), rows.last().map(|r| r.id))
+    else {
+        return Ok((0, after, after));
     };
     let mut topic_names = Vec::with_capacity(rows.len());
     for row in &rows {
@@ -165,5 +172,5 @@ async fn publish_batch(
     }
     let ids: Vec<i64> = rows.iter().map(|row| row.id).collect();
     tandem_store::delete_outbox(pool, &ids).await?;
-    Ok((rows.len(), highest))
+    Ok((rows.len(), lowest, highest))
 }
