@@ -244,7 +244,7 @@ pub async fn insert_referrals(
     Ok(())
 }
 
-/// The purchases of `run` at the acceptor of `referral`, of its customer key, in its window and
+/// The purchases at the acceptor of `referral`, by its customer key, in its window and
 /// not attributed yet: a referral that arrives after purchases it covers (a till that was offline)
 /// attributes them now, each by the same rule as if the referral had come first.
 pub async fn attribute_waiting(
