@@ -11,6 +11,7 @@ pub mod ledger;
 pub mod loyalty;
 pub mod money;
 pub mod partnership;
+pub mod payout;
 pub mod settlement;
 pub mod text;
 
