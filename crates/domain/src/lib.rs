@@ -13,6 +13,7 @@ pub mod money;
 pub mod partnership;
 pub mod payout;
 pub mod settlement;
+pub mod statement;
 pub mod text;
 
 pub use error::ValidationError;
