@@ -54,9 +54,6 @@ pub trait BatchHandler: Send + Sync {
     fn handle(&self, batch: &[Delivery]) -> impl Future<Output = Result<(), Self::Error>> + Send;
 }
 
-/// A pause in arrivals this long closes a batch before its `max_wait`.
-const BATCH_GAP: Duration = Duration::from_millis(2);
-
 /// Tuning of a consumer. Every number is bounded.
 #[derive(Debug, Clone)]
 pub struct ConsumerSettings {
@@ -66,6 +63,9 @@ pub struct ConsumerSettings {
     pub max_batch: usize,
     /// Longest wait to fill a batch once its first message arrived.
     pub max_wait: Duration,
+    /// A pause in arrivals this long closes a batch before `max_wait`; zero: no such pause,
+    /// every batch waits `max_wait` (or fills).
+    pub batch_gap: Duration,
     /// How many parts of a batch are applied at once, 1 to 16: the batch is split by partition
     /// (partition modulo lanes), each part applied in its own transaction, concurrently; a
     /// partition's messages stay in one part, in order. Offsets are committed once every part is
@@ -136,8 +136,14 @@ pub async fn run_consumer<H: BatchHandler>(
         )
         // librdkafka prefetches up to 64 MiB a consumer by default, which a service with three
         // consumers holds as resident memory under load (the ledger peaked at 311 MiB over a
-        // million purchases). 8 MiB is still twenty full batches of Tandem's messages.
-        .set("queued.max.messages.kbytes", "8192");
+        // million purchases); 16 MiB is still forty full batches of Tandem's messages. A fetch
+        // response is capped by that, and filled partition by partition (up to
+        // `max.partition.fetch.bytes` each, 1 MiB by default) in the same order every time: with
+        // an 8 MiB cap and a backlog, partitions 8 to 11 of 12 got nothing for a minute and the
+        // stall watchdog ended the ledger. At 256 KiB a partition, 64 partitions fit in one
+        // response.
+        .set("queued.max.messages.kbytes", "16384")
+        .set("max.partition.fetch.bytes", "262144");
     if let Some(instance_id) = &membership.instance_id {
         client.set("group.instance.id", instance_id);
     }
@@ -277,10 +283,14 @@ async fn consume<H: BatchHandler>(
             }
         }
         // The batch fills while messages keep coming, up to `max_wait`; a pause of
-        // `BATCH_GAP` closes it, so a lone message is not held back for the whole wait.
+        // `batch_gap` closes it, so a lone message is not held back for the whole wait.
         let deadline = Instant::now() + settings.max_wait;
         while batch.len() < max_batch {
-            let until = deadline.min(Instant::now() + BATCH_GAP);
+            let until = if settings.batch_gap.is_zero() {
+                deadline
+            } else {
+                deadline.min(Instant::now() + settings.batch_gap)
+            };
             match tokio::time::timeout_at(until, consumer.recv()).await {
                 Ok(Ok(message)) => push(&mut batch, &message, &by_name),
                 Ok(Err(error)) => fail_if_fatal(consumer, error, outage)?,

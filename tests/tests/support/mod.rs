@@ -161,6 +161,7 @@ impl Stack {
             replay_rejected: None,
             max_batch: 500,
             consumer_lanes: 1,
+            batch_gap_ms: 2,
         };
         let shutdown = CancellationToken::new();
         let task = tokio::spawn({
