@@ -669,17 +669,3 @@ impl LedgerReader {
         Ok(found)
     }
 }
-
-/// A purchase of the shape the workloads send (the tonic ceiling's payload).
-pub fn purchase_request(tag: &str, index: usize) -> pb::RecordPurchaseRequest {
-    pb::RecordPurchaseRequest {
-        idempotency_key: format!("bench-{tag}-p{index}"),
-        transaction_id: format!("bench-{tag}-{index}"),
-        customer: Some(crate::network::customer(index)),
-        amount: Some(pb::Money {
-            amount_minor: 1_000 + (index as i64 % 9_000),
-            currency: "EUR".into(),
-        }),
-        ..Default::default()
-    }
-}

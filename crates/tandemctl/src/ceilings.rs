@@ -490,7 +490,8 @@ pub async fn tonic_calls(calls: u64, concurrency: usize) -> Result<Rate, String>
         async move {
             let mut index = worker;
             while index < calls {
-                let request = crate::bench::purchase_request("ceiling", index as usize);
+                let request =
+                    crate::network::purchase_request("ceiling", index as usize, index as usize);
                 client
                     .record_purchase(crate::client::authorised(request, "tdm_bench")?)
                     .await

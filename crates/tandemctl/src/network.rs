@@ -7,13 +7,10 @@
 //! Referring through purchases (bulk calls at the referrers) rather than `CreateReferral` calls
 //! makes 100 000 referred customers a minute's set-up instead of many.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::TopicPartitionList;
-use tandem_bus::{BusConfig, Topic};
+use futures::{StreamExt, TryStreamExt};
+use tandem_bus::{group_monitor, group_positions, BusConfig, Topic};
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::merchant_gateway_client::MerchantGatewayClient;
 use tandem_proto::v1::partnership_service_client::PartnershipServiceClient;
@@ -236,16 +233,7 @@ impl Network {
     }
 
     fn purchase_by(&self, run: &str, index: usize, c: usize) -> pb::RecordPurchaseRequest {
-        pb::RecordPurchaseRequest {
-            idempotency_key: format!("bench-{}-{run}-p{index}", self.tag),
-            transaction_id: format!("bench-{}-{run}-{index}", self.tag),
-            customer: Some(customer(c)),
-            amount: Some(pb::Money {
-                amount_minor: 1_000 + (index as i64 % 9_000),
-                currency: "EUR".into(),
-            }),
-            ..Default::default()
-        }
+        purchase_request(&format!("{}-{run}", self.tag), index, c)
     }
 
     /// Purchases attributed at the acceptor so far: over every partnership, or one.
@@ -306,6 +294,21 @@ impl Network {
     }
 }
 
+/// Purchase `index` of the run tagged `tag`, by customer `c`: the shape every workload sends
+/// (and the tonic ceiling's payload).
+pub fn purchase_request(tag: &str, index: usize, c: usize) -> pb::RecordPurchaseRequest {
+    pb::RecordPurchaseRequest {
+        idempotency_key: format!("bench-{tag}-p{index}"),
+        transaction_id: format!("bench-{tag}-{index}"),
+        customer: Some(customer(c)),
+        amount: Some(pb::Money {
+            amount_minor: 1_000 + (index as i64 % 9_000),
+            currency: "EUR".into(),
+        }),
+        ..Default::default()
+    }
+}
+
 /// The bench's customer `c`: a phone number.
 pub fn customer(c: usize) -> pb::CustomerIdentifiers {
     pb::CustomerIdentifiers {
@@ -331,94 +334,31 @@ pub async fn in_parallel<I, T, F, Fut>(
     work: F,
 ) -> Result<Vec<T>, String>
 where
-    I: Send + 'static,
-    T: Send + 'static,
     F: Fn(I) -> Fut,
-    Fut: std::future::Future<Output = Result<T, String>> + Send + 'static,
+    Fut: std::future::Future<Output = Result<T, String>>,
 {
-    let total = items.len();
-    let queue = Arc::new(std::sync::Mutex::new(
-        items.into_iter().map(&work).enumerate().collect::<Vec<_>>(),
-    ));
-    let next = Arc::new(AtomicUsize::new(0));
-    let mut workers = Vec::new();
-    for _ in 0..concurrency.max(1) {
-        let (queue, next) = (queue.clone(), next.clone());
-        workers.push(tokio::spawn(async move {
-            let mut done = Vec::new();
-            loop {
-                if next.fetch_add(1, Ordering::Relaxed) >= total {
-                    return Ok::<_, String>(done);
-                }
-                let taken = queue
-                    .lock()
-                    .map_err(|_| "work queue poisoned".to_owned())?
-                    .pop();
-                let Some((index, future)) = taken else {
-                    return Ok(done);
-                };
-                done.push((index, future.await?));
-            }
-        }));
-    }
-    let mut results = Vec::with_capacity(total);
-    for worker in workers {
-        results.extend(worker.await.map_err(|e| e.to_string())??);
-    }
-    results.sort_by_key(|(index, _)| *index);
-    Ok(results.into_iter().map(|(_, result)| result).collect())
+    futures::stream::iter(items.into_iter().map(work))
+        .buffered(concurrency.max(1))
+        .try_collect()
+        .await
 }
 
 /// Waits until the ledger's attribution stage has read the customer-activity topic to its end:
-/// its committed offsets reach the high watermarks, and the watermarks have not moved for a
-/// second (the gateway's relay publishes after the calls were answered, so the end is only known
-/// once it stops moving).
+/// its lag is zero on every partition, and the partitions' ends have not moved for a second (the
+/// gateway's relay publishes after the calls were answered, so the end is only known once it
+/// stops moving).
 async fn wait_for_ledger(settings: &NetworkSettings) -> Result<(), String> {
-    let topic = Topic::CustomerActivity.name(&settings.bus);
+    let topics = [Topic::CustomerActivity.name(&settings.bus)];
     let group = format!("{}.activity", settings.ledger_group);
-    let consumer: BaseConsumer = settings
-        .bus
-        .client_config()
-        .set("group.id", &group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .map_err(|e| format!("offset reader: {e}"))?;
-    let metadata = consumer
-        .fetch_metadata(Some(&topic), Duration::from_secs(10))
-        .map_err(|e| format!("metadata of {topic}: {e}"))?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .first()
-        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
-        .unwrap_or_default();
+    let monitor = group_monitor(&settings.bus, &group).map_err(|e| e.to_string())?;
     let deadline = Instant::now() + settings.timeout;
     let mut previous_ends: Option<Vec<i64>> = None;
     let mut stable_since = Instant::now();
     loop {
-        let mut ends = Vec::with_capacity(partitions.len());
-        let mut wanted = TopicPartitionList::new();
-        for partition in &partitions {
-            let (_, high) = consumer
-                .fetch_watermarks(&topic, *partition, Duration::from_secs(10))
-                .map_err(|e| format!("watermarks of {topic}: {e}"))?;
-            ends.push(high);
-            wanted.add_partition(&topic, *partition);
-        }
-        let committed = consumer
-            .committed_offsets(wanted, Duration::from_secs(10))
-            .map_err(|e| format!("committed offsets of {group}: {e}"))?;
-        let behind: i64 = partitions
-            .iter()
-            .zip(&ends)
-            .map(|(partition, high)| {
-                let at = committed
-                    .find_partition(&topic, *partition)
-                    .and_then(|p| p.offset().to_raw())
-                    .unwrap_or(0)
-                    .max(0);
-                (high - at).max(0)
-            })
-            .sum();
+        let positions = group_positions(&monitor, &topics, Duration::from_secs(10))
+            .map_err(|e| format!("position of {group}: {e}"))?;
+        let behind: i64 = positions.iter().map(|p| p.lag).sum();
+        let ends: Vec<i64> = positions.iter().map(|p| p.committed + p.lag).collect();
         if previous_ends.as_ref() != Some(&ends) {
             stable_since = Instant::now();
             previous_ends = Some(ends);

@@ -425,7 +425,9 @@ async fn write_group(pool: &PgPool, group: Vec<Job>, outbox_written: &Notify) {
             tracing::warn!(error = %tandem_runtime::error_chain(&error), size, "a group commit failed; writing its purchases one at a time");
             for (item, reply) in items.into_iter().zip(replies) {
                 let outcome = match write_in_transaction(pool, std::slice::from_ref(&item)).await {
-                    Ok(mut outcomes) => outcomes.pop().unwrap_or_else(|| Err(stopped())),
+                    Ok(mut outcomes) => outcomes.pop().unwrap_or(Err(GatewayError::Invariant(
+                        "a group of one written without its outcome",
+                    ))),
                     Err(error) => Err(error),
                 };
                 answer(vec![outcome], vec![reply], outbox_written);

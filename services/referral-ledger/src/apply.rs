@@ -314,14 +314,11 @@ async fn apply(
                 tracing::info!(%referral_id, "cancellation waits for its referral");
             }
         }
-        LedgerEvent::PurchaseRecorded(purchase) => {
-            // The batch loop applies purchases in runs; one on its own is a run of one.
-            let run = [attribution::PurchaseMessage {
-                purchase,
-                recorded_at,
-                headers: handoff.headers.clone(),
-            }];
-            attribution::apply_purchases(connection, books, handoff, &run).await?
+        LedgerEvent::PurchaseRecorded(_) => {
+            // The batch loop applies every purchase in a run (`PurchaseRun`) and never here.
+            return Err(LedgerError::Invariant(
+                "a purchase reached the one-message path",
+            ));
         }
         LedgerEvent::RefundRecorded(refund) => {
             apply_refund(connection, handoff, &refund, recorded_at).await?
