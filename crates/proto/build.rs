@@ -20,6 +20,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "events",
         "ledger_events",
         "ledger_topic",
+        "settlement",
+        "settlement_topic",
     ]
     .map(|name| proto_root.join(format!("tandem/v1/{name}.proto")));
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);

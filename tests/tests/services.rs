@@ -82,10 +82,14 @@ async fn reflected_services(channel: Channel) -> (Vec<String>, Vec<String>) {
 }
 
 #[tokio::test]
-async fn gateway_and_ledger_serve_health_and_reflection() {
-    let stack = Stack::start(true).await;
+async fn gateway_ledger_and_settlement_serve_health_and_reflection() {
+    let mut stack = Stack::start(true).await;
+    stack.start_settlement(300).await;
     let gateway = channel(stack.gateway.as_ref().unwrap().address).await;
     let ledger = channel(stack.ledger.as_ref().unwrap().address).await;
+    let settlement = channel(stack.settlement_address()).await;
+    assert_serving(gateway.clone(), "tandem.v1.StatementService").await;
+    assert_serving(settlement.clone(), "tandem.v1.Settlement").await;
     assert_serving(gateway.clone(), "").await;
     assert_serving(gateway.clone(), "tandem.v1.MerchantGateway").await;
     assert_serving(gateway.clone(), "tandem.v1.OperatorService").await;
@@ -101,6 +105,7 @@ async fn gateway_and_ledger_serve_health_and_reflection() {
         "tandem.v1.MerchantGateway",
         "tandem.v1.OperatorService",
         "tandem.v1.PartnershipService",
+        "tandem.v1.StatementService",
     ]
     .into_iter()
     .chain(reflection)
@@ -113,7 +118,17 @@ async fn gateway_and_ledger_serve_health_and_reflection() {
         .map(String::from)
         .collect();
     ledger_expected.sort();
-    for (channel, expected) in [(gateway, gateway_expected), (ledger, ledger_expected)] {
+    let mut settlement_expected: Vec<String> = ["tandem.v1.Settlement"]
+        .into_iter()
+        .chain(reflection)
+        .map(String::from)
+        .collect();
+    settlement_expected.sort();
+    for (channel, expected) in [
+        (gateway, gateway_expected),
+        (ledger, ledger_expected),
+        (settlement, settlement_expected),
+    ] {
         let (mut v1_names, mut v1alpha_names) = reflected_services(channel).await;
         v1_names.sort();
         v1alpha_names.sort();
@@ -124,23 +139,16 @@ async fn gateway_and_ledger_serve_health_and_reflection() {
 }
 
 #[tokio::test]
-async fn settlement_and_notifications_serve_health_and_stop_cleanly() {
-    for service in ["settlement", "notifications"] {
+async fn notifications_serves_health_and_stops_cleanly() {
+    for service in ["notifications"] {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        let task = match service {
-            "settlement" => tokio::spawn(settlement::run(
-                settlement::Config { listen: address },
-                listener,
-                shutdown.clone(),
-            )),
-            _ => tokio::spawn(notifications::run(
-                notifications::Config { listen: address },
-                listener,
-                shutdown.clone(),
-            )),
-        };
+        let task = tokio::spawn(notifications::run(
+            notifications::Config { listen: address },
+            listener,
+            shutdown.clone(),
+        ));
         let channel = channel(address).await;
         assert_serving(channel.clone(), "").await;
         let (v1_names, _) = reflected_services(channel).await;

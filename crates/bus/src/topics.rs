@@ -24,14 +24,18 @@ pub enum Topic {
     /// What the ledger decided (referral converted, purchase attributed, commission accrued,
     /// reversed, payable); key = partnership id. Read by settlement and notifications.
     Ledger,
+    /// What settlement issued (statements, payout instructions); key = merchant id. Read by
+    /// notifications.
+    Settlement,
 }
 
 impl Topic {
-    pub const ALL: [Topic; 4] = [
+    pub const ALL: [Topic; 5] = [
         Topic::Admin,
         Topic::CustomerActivity,
         Topic::Attributions,
         Topic::Ledger,
+        Topic::Settlement,
     ];
 
     /// The name without the deployment prefix, as stored in the outbox.
@@ -41,6 +45,7 @@ impl Topic {
             Topic::CustomerActivity => "customer-activity",
             Topic::Attributions => "attributions",
             Topic::Ledger => "ledger",
+            Topic::Settlement => "settlement",
         }
     }
 
@@ -96,14 +101,14 @@ impl TopicSettings {
         match topic {
             Topic::Admin => 1,
             Topic::CustomerActivity => self.activity_partitions,
-            Topic::Attributions | Topic::Ledger => self.partnership_partitions,
+            Topic::Attributions | Topic::Ledger | Topic::Settlement => self.partnership_partitions,
         }
     }
 
     fn retention_ms(&self, topic: Topic) -> i64 {
         match topic {
             Topic::Admin => self.admin_retention_ms,
-            Topic::CustomerActivity | Topic::Attributions | Topic::Ledger => {
+            Topic::CustomerActivity | Topic::Attributions | Topic::Ledger | Topic::Settlement => {
                 self.activity_retention_ms
             }
         }

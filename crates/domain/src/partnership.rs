@@ -91,6 +91,26 @@ impl CommissionRule {
             Self::MarginalTiers { .. } => "marginal_tiers",
         }
     }
+
+    /// The rule in a few words, as statements show it: `percentage 500 bps`,
+    /// `flat_per_purchase 250`, `flat_per_first_purchase 1000`,
+    /// `marginal_tiers 0:200 bps 100000:300 bps` (tier starts in minor units).
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Percentage { rate_bps } => format!("percentage {rate_bps} bps"),
+            Self::FlatPerFirstPurchase { amount_minor }
+            | Self::FlatPerPurchase { amount_minor } => {
+                format!("{} {amount_minor}", self.name())
+            }
+            Self::MarginalTiers { tiers } => {
+                let mut text = String::from("marginal_tiers");
+                for tier in tiers {
+                    text.push_str(&format!(" {}:{} bps", tier.from_minor, tier.rate_bps));
+                }
+                text
+            }
+        }
+    }
 }
 
 /// For how long a referred customer earns commissions.

@@ -154,10 +154,11 @@ impl Statement {
         totals
     }
 
-    /// The canonical encoding: the CSV export (see the module's documentation).
-    pub fn canonical_csv(&self) -> String {
-        let mut out = String::new();
-        write_row(&mut out, COLUMNS.iter().map(|c| (*c).to_owned()));
+    /// The canonical rows: the header, the `statement` row, the `line` rows and the `total`
+    /// rows, each with the 24 fields of [`COLUMNS`] as text.
+    pub fn canonical_rows(&self) -> Vec<Vec<String>> {
+        let mut rows = Vec::with_capacity(self.lines.len() + 4);
+        rows.push(COLUMNS.iter().map(|c| (*c).to_owned()).collect());
         let number = self.number.to_string();
         let statement_columns = |record: &str| {
             let mut row = vec![String::new(); COLUMNS.len()];
@@ -171,7 +172,7 @@ impl Statement {
         head[4] = instant(self.cut_off);
         head[5] = instant(self.issued_at);
         head[6] = self.corrects.map(|n| n.to_string()).unwrap_or_default();
-        write_row(&mut out, head);
+        rows.push(head);
         for (index, line) in self.lines.iter().enumerate() {
             let mut row = statement_columns("line");
             row[7] = (index + 1).to_string();
@@ -190,16 +191,21 @@ impl Statement {
             row[20] = line.currency.as_str().to_owned();
             row[21] = line.purchase_amount_minor.to_string();
             row[22] = line.amount_minor.to_string();
-            write_row(&mut out, row);
+            rows.push(row);
         }
         for (currency, total) in self.totals() {
             let mut row = statement_columns("total");
             row[20] = currency.as_str().to_owned();
             row[22] = total.net_minor.to_string();
             row[23] = total.carried_forward_minor.to_string();
-            write_row(&mut out, row);
+            rows.push(row);
         }
-        out
+        rows
+    }
+
+    /// The canonical encoding: the CSV export (see the module's documentation).
+    pub fn canonical_csv(&self) -> String {
+        encode_rows(&self.canonical_rows())
     }
 
     /// Lower-case hex SHA-256 of the canonical encoding.
@@ -217,15 +223,25 @@ fn instant(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
-fn write_row(out: &mut String, fields: impl IntoIterator<Item = String>) {
-    for (index, field) in fields.into_iter().enumerate() {
+/// Rows written as the canonical CSV: fields separated by commas, a field quoted (RFC 4180) only
+/// when it holds a comma, a double quote or a line break, every row ending in `\n`.
+pub fn encode_rows(rows: &[Vec<String>]) -> String {
+    let mut out = String::new();
+    for row in rows {
+        write_row(&mut out, row);
+    }
+    out
+}
+
+fn write_row(out: &mut String, fields: &[String]) {
+    for (index, field) in fields.iter().enumerate() {
         if index > 0 {
             out.push(',');
         }
         if field.contains([',', '"', '\n', '\r']) {
             let _ = write!(out, "\"{}\"", field.replace('"', "\"\""));
         } else {
-            out.push_str(&field);
+            out.push_str(field);
         }
     }
     out.push('\n');

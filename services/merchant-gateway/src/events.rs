@@ -116,6 +116,11 @@ fn routing(payload: &Payload) -> (&'static str, Topic, Vec<String>) {
             Topic::Admin,
             vec![e.merchant_id.clone()],
         ),
+        Payload::PayoutAccountRegistered(e) => (
+            "PayoutAccountRegistered",
+            Topic::Admin,
+            vec![e.merchant_id.clone()],
+        ),
         Payload::PartnershipTermsProposed(e) => (
             "PartnershipTermsProposed",
             Topic::Admin,

@@ -18,6 +18,7 @@ mod partnerships;
 mod pos;
 mod queries;
 mod refunds;
+mod statements;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,6 +30,8 @@ use tandem_proto::v1::merchant_gateway_server::MerchantGatewayServer;
 use tandem_proto::v1::operator_service_server::OperatorServiceServer;
 use tandem_proto::v1::partnership_service_server::PartnershipServiceServer;
 use tandem_proto::v1::referral_ledger_client::ReferralLedgerClient;
+use tandem_proto::v1::settlement_client::SettlementClient;
+use tandem_proto::v1::statement_service_server::StatementServiceServer;
 use tandem_runtime::{BackgroundTasks, BusArgs, DatabaseArgs, Secret};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -60,6 +63,13 @@ pub struct Config {
         default_value = "http://127.0.0.1:50052"
     )]
     pub ledger_url: String,
+    /// URL of the settlement service's gRPC API.
+    #[arg(
+        long,
+        env = "TANDEM_SETTLEMENT_URL",
+        default_value = "http://127.0.0.1:50053"
+    )]
+    pub settlement_url: String,
     /// Token operators present as `authorization: Bearer <token>`; at least 16 characters.
     #[arg(long, env = "TANDEM_OPERATOR_TOKEN", hide_env_values = true, value_parser = parse_operator_token)]
     pub operator_token: Secret,
@@ -108,8 +118,8 @@ pub enum StartError {
     Store(#[from] tandem_store::StoreError),
     #[error("message bus")]
     Bus(#[from] tandem_bus::BusError),
-    #[error("invalid ledger URL {0:?}")]
-    LedgerUrl(String, #[source] tonic::transport::Error),
+    #[error("invalid backend URL {0:?}")]
+    BackendUrl(String, #[source] tonic::transport::Error),
     #[error("gRPC server")]
     Serve(#[from] tandem_runtime::ServeError),
 }
@@ -128,9 +138,15 @@ pub async fn run(
     let bus = config.bus.bus_config();
     let producer = idempotent_producer(&bus)?;
     let ledger_channel = tonic::transport::Endpoint::from_shared(config.ledger_url.clone())
-        .map_err(|error| StartError::LedgerUrl(config.ledger_url.clone(), error))?
+        .map_err(|error| StartError::BackendUrl(config.ledger_url.clone(), error))?
         .connect_timeout(std::time::Duration::from_secs(5))
         .timeout(std::time::Duration::from_secs(10))
+        .connect_lazy();
+    let settlement_channel = tonic::transport::Endpoint::from_shared(config.settlement_url.clone())
+        .map_err(|error| StartError::BackendUrl(config.settlement_url.clone(), error))?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        // Exports of long statements and cycle closures take longer than a query.
+        .timeout(std::time::Duration::from_secs(120))
         .connect_lazy();
     let outbox_written = Arc::new(Notify::new());
     let group_commit =
@@ -167,7 +183,14 @@ pub async fn run(
             state: state.clone(),
         },
     ))
-    .add_service(OperatorServiceServer::new(operator::OperatorApi { state }));
+    .add_service(StatementServiceServer::new(statements::StatementApi {
+        state: state.clone(),
+        settlement: SettlementClient::new(settlement_channel.clone()),
+    }))
+    .add_service(OperatorServiceServer::new(operator::OperatorApi {
+        state,
+        settlement: SettlementClient::new(settlement_channel),
+    }));
     let served = tandem_runtime::serve(
         listener,
         routes,
@@ -175,6 +198,7 @@ pub async fn run(
             <MerchantGatewayServer<pos::PosApi> as NamedService>::NAME,
             <OperatorServiceServer<operator::OperatorApi> as NamedService>::NAME,
             <PartnershipServiceServer<partnerships::PartnershipApi> as NamedService>::NAME,
+            <StatementServiceServer<statements::StatementApi> as NamedService>::NAME,
         ],
         tasks,
         shutdown.clone(),

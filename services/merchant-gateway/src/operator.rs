@@ -13,16 +13,20 @@ use tandem_domain::ValidationError;
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::event_envelope::Payload;
 use tandem_proto::v1::operator_service_server::OperatorService;
+use tandem_proto::v1::settlement_client::SettlementClient;
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::auth::{api_key_sha256, authenticate_operator, generate_api_key};
 use crate::events::record_event;
 use crate::identifiers;
 use crate::partnerships::{decide_and_record, register_pair};
+use crate::queries::{relay_status, traced};
 use crate::{GatewayError, State};
 
 pub struct OperatorApi {
     pub state: Arc<State>,
+    pub settlement: SettlementClient<Channel>,
 }
 
 #[tonic::async_trait]
@@ -55,6 +59,51 @@ impl OperatorService for OperatorApi {
     ) -> Result<Response<pb::CreatePartnershipResponse>, Status> {
         tandem_runtime::link_request_span(&request);
         Ok(Response::new(self.create_partnership(request).await?))
+    }
+
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, cycle = %request.get_ref().cycle))]
+    async fn close_settlement_cycle(
+        &self,
+        request: Request<pb::CloseCycleRequest>,
+    ) -> Result<Response<pb::CycleSummary>, Status> {
+        tandem_runtime::link_request_span(&request);
+        authenticate_operator(request.metadata(), self.state.operator_token.expose())?;
+        let answer = self
+            .settlement
+            .clone()
+            .close_cycle(traced(request.into_inner()))
+            .await;
+        Ok(Response::new(relay_status("settlement", answer)?))
+    }
+
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty))]
+    async fn list_settlement_cycles(
+        &self,
+        request: Request<pb::ListCyclesRequest>,
+    ) -> Result<Response<pb::ListCyclesResponse>, Status> {
+        tandem_runtime::link_request_span(&request);
+        authenticate_operator(request.metadata(), self.state.operator_token.expose())?;
+        let answer = self
+            .settlement
+            .clone()
+            .list_cycles(traced(request.into_inner()))
+            .await;
+        Ok(Response::new(relay_status("settlement", answer)?))
+    }
+
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, cycle = %request.get_ref().cycle))]
+    async fn list_payout_instructions(
+        &self,
+        request: Request<pb::ListPayoutInstructionsRequest>,
+    ) -> Result<Response<pb::ListPayoutInstructionsResponse>, Status> {
+        tandem_runtime::link_request_span(&request);
+        authenticate_operator(request.metadata(), self.state.operator_token.expose())?;
+        let answer = self
+            .settlement
+            .clone()
+            .list_payout_instructions(traced(request.into_inner()))
+            .await;
+        Ok(Response::new(relay_status("settlement", answer)?))
     }
 }
 

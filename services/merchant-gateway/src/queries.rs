@@ -1,5 +1,6 @@
-//! Queries answered by the referral ledger. The gateway authenticates the merchant and asks the
-//! ledger on its behalf; the ledger only ever answers for the merchant the gateway names.
+//! Queries answered by the referral ledger and by settlement. The gateway authenticates the
+//! merchant and asks on its behalf; those services only ever answer for the merchant the gateway
+//! names.
 
 use std::future::Future;
 
@@ -41,12 +42,27 @@ where
 {
     let merchant = authenticate_merchant(&state.pool, request.metadata()).await?;
     tracing::Span::current().record("merchant_id", merchant.as_str());
-    match call(ledger.clone(), merchant.to_string(), request.into_inner()).await {
+    relay_status(
+        "the referral ledger",
+        call(ledger.clone(), merchant.to_string(), request.into_inner()).await,
+    )
+}
+
+/// A backend's answer as the gateway's: statuses the client caused pass through (with their
+/// message); anything else becomes UNAVAILABLE, naming `backend`.
+pub fn relay_status<Resp>(
+    backend: &str,
+    answer: Result<Response<Resp>, Status>,
+) -> Result<Resp, GatewayError> {
+    match answer {
         Ok(response) => Ok(response.into_inner()),
         Err(status)
             if matches!(
                 status.code(),
-                Code::InvalidArgument | Code::NotFound | Code::PermissionDenied
+                Code::InvalidArgument
+                    | Code::NotFound
+                    | Code::PermissionDenied
+                    | Code::FailedPrecondition
             ) =>
         {
             Err(GatewayError::Upstream(Status::new(
@@ -55,10 +71,16 @@ where
             )))
         }
         Err(status) => {
-            tracing::warn!(code = ?status.code(), message = status.message(), "referral ledger call failed");
-            Err(GatewayError::Unavailable(
-                "the referral ledger is temporarily unavailable; retry shortly".to_owned(),
-            ))
+            tracing::warn!(code = ?status.code(), message = status.message(), backend, "backend call failed");
+            let message = if status.code() == Code::Unavailable && !status.message().is_empty() {
+                format!(
+                    "{backend} is temporarily unavailable ({}); retry shortly",
+                    status.message()
+                )
+            } else {
+                format!("{backend} is temporarily unavailable; retry shortly")
+            };
+            Err(GatewayError::Unavailable(message))
         }
     }
 }

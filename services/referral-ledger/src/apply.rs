@@ -266,7 +266,7 @@ async fn apply(
 ) -> Result<Result<(), String>, LedgerError> {
     let recorded_at = incoming.recorded_at;
     match incoming.event {
-        LedgerEvent::MerchantRegistered => {}
+        LedgerEvent::MerchantChanged => {}
         LedgerEvent::Partnership {
             partnership_id,
             event_id,

@@ -22,7 +22,8 @@ pub struct Incoming {
 
 #[derive(Debug, Clone)]
 pub enum LedgerEvent {
-    MerchantRegistered,
+    /// A merchant registered or changed its payout account: nothing the ledger keeps.
+    MerchantChanged,
     /// A terms event of a partnership, decided by the gateway; `event_id` is the gateway's.
     Partnership {
         partnership_id: PartnershipId,
@@ -92,8 +93,9 @@ fn parse(envelope: EventEnvelope) -> Result<Incoming, ValidationError> {
     let routing_key = envelope.customer_key;
     let (message_id, event) = match envelope.payload {
         None => return Err(ValidationError::new("payload", "is missing")),
-        Some(Payload::MerchantRegistered(_)) => {
-            (envelope.event_id, LedgerEvent::MerchantRegistered)
+        // Nothing the ledger keeps; it still advances the admin position activity waits on.
+        Some(Payload::MerchantRegistered(_) | Payload::PayoutAccountRegistered(_)) => {
+            (envelope.event_id, LedgerEvent::MerchantChanged)
         }
         Some(
             payload @ (Payload::PartnershipTermsProposed(_)

@@ -58,6 +58,10 @@ pub struct Stack {
     pub gateway: Option<Running>,
     pub ledger: Option<Running>,
     ledger_address: SocketAddr,
+    pub settlement: Option<Running>,
+    settlement_address: SocketAddr,
+    /// Kept until settlement starts, so its port stays reserved for the gateway's client.
+    settlement_listener: Option<TcpListener>,
     /// How ledgers started from now on take part in their consumer groups.
     pub consumer_args: ConsumerArgs,
 }
@@ -72,12 +76,17 @@ impl Stack {
         let database = TestDatabase::create().await;
         let ledger_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let ledger_address = ledger_listener.local_addr().unwrap();
+        let settlement_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let settlement_address = settlement_listener.local_addr().unwrap();
         let mut stack = Stack {
             database,
             bus,
             gateway: None,
             ledger: None,
             ledger_address,
+            settlement: None,
+            settlement_address,
+            settlement_listener: Some(settlement_listener),
             consumer_args: ConsumerArgs {
                 instance_id: None,
                 consumer_session_timeout_ms: 10_000,
@@ -125,6 +134,7 @@ impl Stack {
             bus: self.bus_args(),
             schema: "gateway".into(),
             ledger_url: format!("http://{}", self.ledger_address),
+            settlement_url: format!("http://{}", self.settlement_address),
             operator_token: Secret::new(OPERATOR_TOKEN),
             network_key: parse_network_key(NETWORK_KEY).unwrap(),
             group_commit: Default::default(),
@@ -179,6 +189,60 @@ impl Stack {
         }
     }
 
+    /// Starts settlement (consumer group `<prefix>-settlement`, cycles closing `grace_secs` after
+    /// their cut-off).
+    pub async fn start_settlement(&mut self, grace_secs: u32) {
+        let listener = match self.settlement_listener.take() {
+            Some(listener) => listener,
+            None => bind_again(self.settlement_address).await,
+        };
+        self.settlement = Some(self.spawn_settlement(listener, "settlement", grace_secs));
+        wait_until_serving(self.settlement_address).await;
+    }
+
+    pub fn spawn_settlement(&self, listener: TcpListener, group: &str, grace_secs: u32) -> Running {
+        let address = listener.local_addr().unwrap();
+        let config = self.settlement_config(address, group, grace_secs);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move {
+                settlement::run(config, listener, shutdown)
+                    .await
+                    .map_err(|e| tandem_runtime::error_chain(&e))
+            }
+        });
+        Running {
+            address,
+            shutdown,
+            task,
+        }
+    }
+
+    pub fn settlement_config(
+        &self,
+        address: SocketAddr,
+        group: &str,
+        grace_secs: u32,
+    ) -> settlement::Config {
+        settlement::Config {
+            listen: address,
+            database: self.database_args(),
+            bus: self.bus_args(),
+            consumer: self.consumer_args.clone(),
+            schema: "settlement".into(),
+            consumer_group: format!("{}-{group}", self.bus.topic_prefix),
+            close_grace_secs: grace_secs,
+            schedule_secs: 1,
+            max_batch: 500,
+            rebuild_projections: false,
+        }
+    }
+
+    pub fn settlement_address(&self) -> SocketAddr {
+        self.settlement_address
+    }
+
     /// Stops the ledger and starts a new one on the same database and address, in consumer
     /// group `group`. A new group reads both topics again from the start.
     pub async fn restart_ledger(&mut self, group: &str) {
@@ -196,6 +260,9 @@ impl Stack {
         }
         if let Some(ledger) = self.ledger.take() {
             ledger.stop().await;
+        }
+        if let Some(settlement) = self.settlement.take() {
+            settlement.stop().await;
         }
     }
 

@@ -1,0 +1,137 @@
+-- Settlement. Two kinds of tables:
+--
+-- * What settlement received and decided (its facts): the admin facts it needs (merchants,
+--   terms, payout accounts), the commission lines it took from the `ledger` topic (`lines`, in
+--   the order received: `seq`), and the cycles it closed (`cycle_closures`: the cycle, when it
+--   closed, and the last line it could see).
+-- * Projections of those facts: which cycle settled each line, what was carried forward,
+--   statements and payout instructions. `settlement --rebuild-projections` drops and rebuilds
+--   them, closure by closure, with the same code that closes a cycle; the statements come out
+--   byte for byte the same.
+
+CREATE TABLE merchants (
+    merchant_id          TEXT PRIMARY KEY,
+    display_name         TEXT NOT NULL,
+    settlement_currency  TEXT NOT NULL,
+    time_zone            TEXT NOT NULL
+);
+
+-- Every payout account a merchant registered; a closure uses the latest registered before it.
+CREATE TABLE payout_accounts (
+    merchant_id     TEXT        NOT NULL,
+    registered_at   TIMESTAMPTZ NOT NULL,
+    iban            TEXT        NOT NULL,
+    bic             TEXT        NOT NULL,
+    account_holder  TEXT        NOT NULL,
+    PRIMARY KEY (merchant_id, registered_at)
+);
+
+-- The settlement-relevant part of each proposed terms version (a version that is never accepted
+-- earns nothing, so no line refers to it).
+CREATE TABLE partnership_terms (
+    partnership_id        TEXT    NOT NULL,
+    terms_version         INTEGER NOT NULL,
+    referrer_merchant_id  TEXT    NOT NULL,
+    acceptor_merchant_id  TEXT    NOT NULL,
+    currency              TEXT    NOT NULL,
+    cycle_kind            TEXT    NOT NULL CHECK (cycle_kind IN ('daily', 'weekly', 'monthly')),
+    minimum_payout_minor  BIGINT  NOT NULL CHECK (minimum_payout_minor >= 0),
+    rule                  TEXT    NOT NULL,
+    PRIMARY KEY (partnership_id, terms_version)
+);
+
+-- Attributed purchases that earned a commission, and what was reversed before the commission
+-- became payable (it reduces the commission line; a reversal after it is a claw-back line).
+CREATE TABLE attributions (
+    purchase_id             TEXT    PRIMARY KEY,
+    partnership_id          TEXT    NOT NULL,
+    terms_version           INTEGER NOT NULL,
+    referral_id             TEXT    NOT NULL,
+    referrer_reference      TEXT    NOT NULL,
+    transaction_id          TEXT    NOT NULL,
+    purchase_amount_minor   BIGINT  NOT NULL,
+    currency                TEXT    NOT NULL,
+    commission_minor        BIGINT  NOT NULL CHECK (commission_minor > 0),
+    reversed_before_minor   BIGINT  NOT NULL DEFAULT 0,
+    payable                 BOOLEAN NOT NULL DEFAULT false
+);
+
+-- One line per commission that became payable and per claw-back after that; never changed
+-- except for `settled_in`, a projection. `amount_minor` is owed by the acceptor to the referrer
+-- (negative: the referrer owes it back).
+CREATE TABLE lines (
+    line_id               TEXT        PRIMARY KEY,
+    seq                   BIGSERIAL   NOT NULL UNIQUE,
+    kind                  TEXT        NOT NULL CHECK (kind IN ('commission', 'clawback')),
+    partnership_id        TEXT        NOT NULL,
+    terms_version         INTEGER     NOT NULL,
+    referrer_merchant_id  TEXT        NOT NULL,
+    acceptor_merchant_id  TEXT        NOT NULL,
+    purchase_id           TEXT        NOT NULL,
+    refund_id             TEXT,
+    base_amount_minor     BIGINT      NOT NULL,
+    amount_minor          BIGINT      NOT NULL CHECK (amount_minor <> 0),
+    currency              TEXT        NOT NULL,
+    payable_at            TIMESTAMPTZ NOT NULL,
+    settled_in            TEXT
+);
+
+CREATE INDEX lines_unsettled ON lines (payable_at) WHERE settled_in IS NULL;
+
+-- The cycles closed, in the order closed (`closure`): the facts a rebuild replays.
+CREATE TABLE cycle_closures (
+    closure         BIGINT      PRIMARY KEY,
+    cycle           TEXT        NOT NULL UNIQUE,
+    kind            TEXT        NOT NULL,
+    time_zone       TEXT        NOT NULL,
+    first_day       DATE        NOT NULL,
+    start_at        TIMESTAMPTZ NOT NULL,
+    cut_off         TIMESTAMPTZ NOT NULL,
+    closed_at       TIMESTAMPTZ NOT NULL,
+    -- The highest line `seq` the closure could see: lines received later wait for the next cycle.
+    line_watermark  BIGINT      NOT NULL
+);
+
+-- Projections of the closures.
+CREATE TABLE cycles (
+    cycle                  TEXT    PRIMARY KEY REFERENCES cycle_closures (cycle),
+    statements             INTEGER NOT NULL,
+    settled_lines          BIGINT  NOT NULL,
+    carried_forward_lines  BIGINT  NOT NULL,
+    payout_instructions    INTEGER NOT NULL
+);
+
+CREATE TABLE carried_lines (
+    cycle         TEXT NOT NULL,
+    line_id       TEXT NOT NULL,
+    -- The merchant whose net amount was below its minimum payout.
+    held_by       TEXT NOT NULL,
+    PRIMARY KEY (cycle, line_id)
+);
+
+CREATE TABLE statements (
+    merchant_id            TEXT        NOT NULL,
+    number                 INTEGER     NOT NULL CHECK (number > 0),
+    cycle                  TEXT        NOT NULL,
+    cut_off                TIMESTAMPTZ NOT NULL,
+    issued_at              TIMESTAMPTZ NOT NULL,
+    corrects_number        INTEGER,
+    content_hash           TEXT        NOT NULL,
+    line_count             INTEGER     NOT NULL,
+    -- [{currency, receivable_minor, payable_minor, net_minor, carried_forward_minor}]
+    totals                 JSONB       NOT NULL,
+    PRIMARY KEY (merchant_id, number)
+);
+
+-- One original statement per merchant and cycle; corrections reference it.
+CREATE UNIQUE INDEX statements_one_per_cycle ON statements (cycle, merchant_id) WHERE corrects_number IS NULL;
+
+CREATE TABLE payout_instructions (
+    cycle             TEXT    NOT NULL,
+    currency          TEXT    NOT NULL,
+    sequence          INTEGER NOT NULL,
+    from_merchant_id  TEXT    NOT NULL,
+    to_merchant_id    TEXT    NOT NULL,
+    amount_minor      BIGINT  NOT NULL CHECK (amount_minor > 0),
+    PRIMARY KEY (cycle, currency, sequence)
+);

@@ -1,0 +1,97 @@
+//! Payout instructions: the transfers that clear a closed cycle's net positions, with the payout
+//! accounts the two merchants had registered when the cycle closed.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use tandem_proto::time::timestamp;
+use tandem_proto::v1 as pb;
+
+use crate::SettlementError;
+
+#[derive(sqlx::FromRow)]
+struct Row {
+    cycle: String,
+    currency: String,
+    sequence: i32,
+    from_merchant_id: String,
+    to_merchant_id: String,
+    amount_minor: i64,
+    from_iban: Option<String>,
+    from_bic: Option<String>,
+    from_holder: Option<String>,
+    from_registered_at: Option<DateTime<Utc>>,
+    to_iban: Option<String>,
+    to_bic: Option<String>,
+    to_holder: Option<String>,
+    to_registered_at: Option<DateTime<Utc>>,
+}
+
+/// Instructions of one cycle (or every cycle, newest first), optionally one currency, in
+/// currency and sequence order, from `offset`.
+pub async fn list(
+    pool: &PgPool,
+    cycle: Option<&str>,
+    currency: Option<&str>,
+    offset: i64,
+    limit: i64,
+) -> Result<Vec<pb::PayoutInstruction>, SettlementError> {
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT p.cycle, p.currency, p.sequence, p.from_merchant_id, p.to_merchant_id, p.amount_minor, \
+           f.iban AS from_iban, f.bic AS from_bic, f.account_holder AS from_holder, f.registered_at AS from_registered_at, \
+           t.iban AS to_iban, t.bic AS to_bic, t.account_holder AS to_holder, t.registered_at AS to_registered_at \
+         FROM payout_instructions p JOIN cycle_closures k USING (cycle) \
+           LEFT JOIN LATERAL (SELECT * FROM payout_accounts a WHERE a.merchant_id = p.from_merchant_id \
+             AND a.registered_at <= k.closed_at ORDER BY a.registered_at DESC LIMIT 1) f ON true \
+           LEFT JOIN LATERAL (SELECT * FROM payout_accounts a WHERE a.merchant_id = p.to_merchant_id \
+             AND a.registered_at <= k.closed_at ORDER BY a.registered_at DESC LIMIT 1) t ON true \
+         WHERE ($1::text IS NULL OR p.cycle = $1) AND ($2::text IS NULL OR p.currency = $2) \
+         ORDER BY k.closure DESC, p.currency, p.sequence OFFSET $3 LIMIT $4",
+    )
+    .bind(cycle)
+    .bind(currency)
+    .bind(offset)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| {
+            let account = |merchant: &str,
+                           iban: Option<String>,
+                           bic: Option<String>,
+                           holder: Option<String>,
+                           at: Option<DateTime<Utc>>| {
+                iban.map(|iban| pb::PayoutAccount {
+                    merchant_id: merchant.to_owned(),
+                    iban,
+                    bic: bic.unwrap_or_default(),
+                    account_holder: holder.unwrap_or_default(),
+                    registered_at: at.map(timestamp),
+                })
+            };
+            pb::PayoutInstruction {
+                instruction_id: format!("{}/{}/{}", row.cycle, row.currency, row.sequence),
+                from_account: account(
+                    &row.from_merchant_id,
+                    row.from_iban,
+                    row.from_bic,
+                    row.from_holder,
+                    row.from_registered_at,
+                ),
+                to_account: account(
+                    &row.to_merchant_id,
+                    row.to_iban,
+                    row.to_bic,
+                    row.to_holder,
+                    row.to_registered_at,
+                ),
+                cycle: row.cycle,
+                currency: row.currency,
+                sequence: u32::try_from(row.sequence).unwrap_or(0),
+                from_merchant_id: row.from_merchant_id,
+                to_merchant_id: row.to_merchant_id,
+                amount_minor: row.amount_minor,
+            }
+        })
+        .collect())
+}
