@@ -6,7 +6,7 @@
 
 use std::sync::atomic::{AtomicI64, Ordering};
 
-use chrono::{DateTime, Duration, TimeZone, Utc};
+use chrono::{DateTime, Duration, Utc};
 use prost::Message;
 use settlement::close::CloseRefused;
 use settlement::{close_cycle, parse_cycle, rebuild_projections, Intake};
