@@ -282,6 +282,25 @@ ensure_nextest() {
     || { tail -n 30 "$TANDEM_HOME/logs/nextest-install.log" >&2; die "installing cargo-nextest failed"; }
 }
 
+# Independent checkers the tests use on settlement's files: poppler's pdftotext (the PDF's text)
+# and, in a virtualenv under $TANDEM_CACHE_DIR, lxml with the ISO 20022 schemas the sepaxml
+# package ships (the pain.001 payout files). Exports TANDEM_TOOLS_PYTHON.
+SEPAXML_VERSION="2.7.0"
+LXML_VERSION="6.1.3"
+ensure_checkers() {
+  command -v pdftotext >/dev/null || apt_install poppler-utils
+  local venv="$TANDEM_CACHE_DIR/checkers-sepaxml-$SEPAXML_VERSION-lxml-$LXML_VERSION"
+  if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c 'import lxml, sepaxml' 2>/dev/null; then
+    python3 -m venv --help >/dev/null 2>&1 || apt_install python3-venv
+    log "installing sepaxml $SEPAXML_VERSION and lxml $LXML_VERSION from PyPI (once)"
+    rm -rf "$venv"
+    python3 -m venv "$venv" || { apt_install python3-venv; python3 -m venv "$venv"; }
+    "$venv/bin/pip" install -q "sepaxml==$SEPAXML_VERSION" "lxml==$LXML_VERSION" \
+      || die "installing the pain.001 schema checker failed"
+  fi
+  export TANDEM_TOOLS_PYTHON="$venv/bin/python"
+}
+
 # stop_pidfile NAME [SECONDS]: stop a process these scripts started, politely (SIGTERM) then,
 # after SECONDS (default 10), firmly.
 stop_pidfile() {

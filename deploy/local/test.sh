@@ -8,6 +8,7 @@ ensure_postgres
 ensure_broker
 ensure_build_deps
 ensure_nextest
+ensure_checkers
 cd "$REPO_ROOT"
 # Every test creates its own topics (prefix test-<uuid>); a reused broker would pile up thousands
 # of partitions run after run and slow down. Earlier runs' topics go first.

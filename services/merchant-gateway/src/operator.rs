@@ -105,6 +105,21 @@ impl OperatorService for OperatorApi {
             .await;
         Ok(Response::new(relay_status("settlement", answer)?))
     }
+
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, cycle = %request.get_ref().cycle))]
+    async fn get_payout_file(
+        &self,
+        request: Request<pb::GetPayoutFileRequest>,
+    ) -> Result<Response<pb::PayoutFile>, Status> {
+        tandem_runtime::link_request_span(&request);
+        authenticate_operator(request.metadata(), self.state.operator_token.expose())?;
+        let answer = self
+            .settlement
+            .clone()
+            .get_payout_file(traced(request.into_inner()))
+            .await;
+        Ok(Response::new(relay_status("settlement", answer)?))
+    }
 }
 
 impl OperatorApi {

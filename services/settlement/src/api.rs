@@ -333,4 +333,42 @@ impl Settlement for SettlementApi {
             next_page_token,
         }))
     }
+
+    async fn get_payout_file(
+        &self,
+        request: Request<pb::GetPayoutFileRequest>,
+    ) -> Result<Response<pb::PayoutFile>, Status> {
+        let request = request.into_inner();
+        let cycle = close::parse_cycle(&request.cycle)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?
+            .key();
+        let currency = Currency::parse("currency", &request.currency)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let date = if request.requested_execution_date.is_empty() {
+            None
+        } else {
+            Some(
+                chrono::NaiveDate::parse_from_str(&request.requested_execution_date, "%Y-%m-%d")
+                    .map_err(|_| {
+                        Status::invalid_argument(
+                            "requested_execution_date: must be a date YYYY-MM-DD, or empty for the day after the cycle closed",
+                        )
+                    })?,
+            )
+        };
+        let file = crate::payouts::payout_file(&self.pool, &cycle, currency, date)
+            .await?
+            .map_err(|refused| match refused {
+                crate::payouts::FileRefused::NotClosed(_) => Status::not_found(refused.to_string()),
+                _ => Status::failed_precondition(refused.to_string()),
+            })?;
+        Ok(Response::new(pb::PayoutFile {
+            file_name: format!("pain001-{}-{currency}.xml", cycle.replace([':', '/'], "_")),
+            content_type: "application/xml".into(),
+            content: file.xml.into_bytes(),
+            number_of_transactions: file.transactions,
+            control_sum_minor: file.control_sum_minor,
+            message_id: file.message_id,
+        }))
+    }
 }

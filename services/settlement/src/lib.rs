@@ -11,8 +11,9 @@
 mod api;
 pub mod close;
 mod intake;
+pub mod pain001;
 pub mod payouts;
-mod pdf;
+pub mod pdf;
 pub mod statements;
 
 pub use close::{close_cycle, close_due_cycles, parse_cycle, rebuild_projections, ClosureSummary};

@@ -95,3 +95,49 @@ pub async fn list(
         })
         .collect())
 }
+
+/// Why a payout file cannot be written.
+#[derive(Debug, thiserror::Error)]
+pub enum FileRefused {
+    #[error("cycle {0} is not closed; ListSettlementCycles shows the closed ones")]
+    NotClosed(String),
+    #[error("cycle {cycle} has no payout instruction in {currency}")]
+    Nothing { cycle: String, currency: String },
+    #[error("these merchants have not registered a payout account, so the bank file cannot name their accounts: {}; they register one with RegisterPayoutAccount", .0.join(", "))]
+    MissingAccounts(Vec<String>),
+}
+
+/// The pain.001 file of a closed cycle's instructions in `currency`, to be executed on
+/// `execution_date` (default: the day after the cycle closed, UTC).
+pub async fn payout_file(
+    pool: &PgPool,
+    cycle: &str,
+    currency: tandem_domain::money::Currency,
+    execution_date: Option<chrono::NaiveDate>,
+) -> Result<Result<crate::pain001::PayoutFile, FileRefused>, SettlementError> {
+    let closed_at: Option<DateTime<Utc>> =
+        sqlx::query_scalar("SELECT closed_at FROM cycle_closures WHERE cycle = $1")
+            .bind(cycle)
+            .fetch_optional(pool)
+            .await?;
+    let Some(closed_at) = closed_at else {
+        return Ok(Err(FileRefused::NotClosed(cycle.to_owned())));
+    };
+    let instructions = list(pool, Some(cycle), Some(currency.as_str()), 0, i64::MAX).await?;
+    if instructions.is_empty() {
+        return Ok(Err(FileRefused::Nothing {
+            cycle: cycle.to_owned(),
+            currency: currency.to_string(),
+        }));
+    }
+    let date = execution_date.unwrap_or_else(|| {
+        closed_at
+            .date_naive()
+            .succ_opt()
+            .unwrap_or(closed_at.date_naive())
+    });
+    Ok(
+        crate::pain001::write(cycle, currency, closed_at, date, &instructions)
+            .map_err(|missing| FileRefused::MissingAccounts(missing.0)),
+    )
+}

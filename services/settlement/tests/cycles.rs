@@ -625,3 +625,167 @@ async fn projections_rebuilt_from_the_closures_give_byte_identical_statements() 
         .all(|l| l.status == LineStatus::CarriedForward));
     assert_eq!(net(&c_statements[1]), 1_250);
 }
+
+/// The Python with lxml and sepaxml's schemas that `deploy/local/test.sh` prepares.
+fn checker_python() -> String {
+    std::env::var("TANDEM_TOOLS_PYTHON").unwrap_or_else(|_| {
+        let home = std::env::var("HOME").unwrap_or_default();
+        format!("{home}/.cache/tandem/checkers-sepaxml-2.7.0-lxml-6.1.3/bin/python")
+    })
+}
+
+fn run(program: &str, args: &[&str]) -> String {
+    let output = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("{program} could not run ({e}); deploy/local/test.sh installs it")
+        });
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn payout_files_validate_against_the_iso_20022_schema_and_exports_carry_the_statement() {
+    let world = World::new().await;
+    let a = world.merchant("Europe/Paris").await;
+    let b = world.merchant("Europe/Paris").await;
+    let c = world.merchant("Europe/Paris").await;
+    for (merchant, iban, bic, holder) in [
+        (
+            &a,
+            "FR76 3000 6000 0112 3456 7890 189",
+            "BNPAFRPPXXX",
+            "Boulangerie A & Fils",
+        ),
+        (&b, "DE89370400440532013000", "COBADEFFXXX", "Café B <GmbH>"),
+        (&c, "NL91ABNA0417164300", "ABNANL2A", "C \"Fietsen\" B.V."),
+    ] {
+        world
+            .admin(
+                merchant,
+                pb::event_envelope::Payload::PayoutAccountRegistered(pb::PayoutAccountRegistered {
+                    merchant_id: merchant.clone(),
+                    iban: iban.replace(' ', ""),
+                    bic: bic.into(),
+                    account_holder: holder.into(),
+                    registered_at: Some(timestamp(at("2026-01-01T00:00:00Z"))),
+                }),
+            )
+            .await;
+    }
+    let ab = world
+        .partnership(&a, &b, pb::SettlementCycle::Monthly, 0)
+        .await;
+    let ba = world
+        .partnership(&b, &a, pb::SettlementCycle::Monthly, 0)
+        .await;
+    let cb = world
+        .partnership(&c, &b, pb::SettlementCycle::Monthly, 0)
+        .await;
+    let month = parse_cycle("monthly:Europe/Paris:2026-02-01").unwrap();
+    world
+        .commission(&ab, 100_000, 5_000, at("2026-02-03T10:00:00Z"))
+        .await;
+    world
+        .commission(&ba, 40_000, 2_000, at("2026-02-04T10:00:00Z"))
+        .await;
+    world
+        .commission(&cb, 25_050, 1_253, at("2026-02-05T10:00:00Z"))
+        .await;
+    let summary = world.close(&month).await;
+    // A is owed 5000 - 2000 by B, C 1253 by B: B pays both, two transfers.
+    assert_eq!(summary.payout_instructions, 2);
+    let eur = tandem_domain::money::Currency::parse("c", "EUR").unwrap();
+    let file = settlement::payouts::payout_file(&world.pool, &month.key(), eur, None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((file.transactions, file.control_sum_minor), (2, 4_253));
+    let directory =
+        std::env::temp_dir().join(format!("tandem-settlement-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&directory).unwrap();
+    let xml_path = directory.join("pain001.xml");
+    std::fs::write(&xml_path, &file.xml).unwrap();
+    let checker = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/checkers/validate_pain001.py"
+    );
+    let verdict = run(&checker_python(), &[checker, xml_path.to_str().unwrap()]);
+    assert!(verdict.contains("valid pain.001.001.09"), "{verdict}");
+    assert!(
+        file.xml.contains("<InstdAmt Ccy=\"EUR\">30.00</InstdAmt>"),
+        "{}",
+        file.xml
+    );
+    assert!(file.xml.contains("<InstdAmt Ccy=\"EUR\">12.53</InstdAmt>"));
+    assert!(file.xml.contains("Boulangerie A &amp; Fils"));
+    // The same request gives the same bytes.
+    let again = settlement::payouts::payout_file(&world.pool, &month.key(), eur, None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.xml, file.xml);
+
+    // B's statement: its exports carry the same lines and totals, and the JSON gives back the
+    // CSV's bytes, so either verifies the hash.
+    let statement = world.statements(&b).await.pop().unwrap();
+    let hash = statement.content_hash();
+    let json = settlement::statements::to_json(&statement).unwrap();
+    let canonical = settlement::statements::canonical_from_json(&json).unwrap();
+    assert_eq!(canonical, statement.canonical_csv());
+    let pdf_path = directory.join("statement.pdf");
+    std::fs::write(&pdf_path, settlement::pdf::render(&statement, &hash)).unwrap();
+    let text = run("pdftotext", &["-layout", pdf_path.to_str().unwrap(), "-"]);
+    let total = statement.totals().into_values().next().unwrap();
+    assert_eq!(
+        (total.receivable_minor, total.payable_minor, total.net_minor),
+        (2_000, -6_253, -4_253)
+    );
+    for expected in [
+        hash.as_str(),
+        "-4253",
+        "-6253",
+        "2000",
+        "monthly:Europe/Paris:2026-02-01",
+        statement.merchant_id.as_str(),
+    ] {
+        assert!(
+            text.contains(expected),
+            "{expected:?} missing from the PDF text:\n{text}"
+        );
+    }
+    for line in &statement.lines {
+        assert!(
+            text.contains(&line.purchase_id),
+            "{} missing",
+            line.purchase_id
+        );
+        assert!(text.contains(&line.amount_minor.to_string()));
+    }
+    std::fs::remove_dir_all(&directory).ok();
+    // Without an account, no file: the operator is told who must register one.
+    let d = world.merchant("Europe/Paris").await;
+    let db = world
+        .partnership(&d, &b, pb::SettlementCycle::Monthly, 0)
+        .await;
+    world
+        .commission(&db, 1_000, 50, at("2026-03-02T10:00:00Z"))
+        .await;
+    let march = month.next();
+    world.close(&march).await;
+    match settlement::payouts::payout_file(&world.pool, &march.key(), eur, None)
+        .await
+        .unwrap()
+    {
+        Err(settlement::payouts::FileRefused::MissingAccounts(merchants)) => {
+            assert_eq!(merchants, [d])
+        }
+        other => panic!("expected MissingAccounts, got {:?}", other.map(|f| f.xml)),
+    }
+}
