@@ -318,6 +318,7 @@ async fn invalid_requests_get_precise_statuses_and_publish_nothing() {
         commission_rate_bps: rate,
         attribution_window_days: days,
         effective_from: None,
+        ..Default::default()
     };
     assert_status(
         operator

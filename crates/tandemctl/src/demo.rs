@@ -77,6 +77,7 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
                 commission_rate_bps: 750,
                 attribution_window_days: 30,
                 effective_from: None,
+                ..Default::default()
             },
             token,
         )?)

@@ -1,5 +1,6 @@
 //! Payout instructions: the transfers that clear a closed cycle's net positions, with the payout
-//! accounts the two merchants had registered when the cycle closed.
+//! accounts the two merchants have registered (the latest registration: a merchant that changes
+//! banks before it is paid is paid to the new account).
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
@@ -41,9 +42,9 @@ pub async fn list(
            t.iban AS to_iban, t.bic AS to_bic, t.account_holder AS to_holder, t.registered_at AS to_registered_at \
          FROM payout_instructions p JOIN cycle_closures k USING (cycle) \
            LEFT JOIN LATERAL (SELECT * FROM payout_accounts a WHERE a.merchant_id = p.from_merchant_id \
-             AND a.registered_at <= k.closed_at ORDER BY a.registered_at DESC LIMIT 1) f ON true \
+             ORDER BY a.registered_at DESC LIMIT 1) f ON true \
            LEFT JOIN LATERAL (SELECT * FROM payout_accounts a WHERE a.merchant_id = p.to_merchant_id \
-             AND a.registered_at <= k.closed_at ORDER BY a.registered_at DESC LIMIT 1) t ON true \
+             ORDER BY a.registered_at DESC LIMIT 1) t ON true \
          WHERE ($1::text IS NULL OR p.cycle = $1) AND ($2::text IS NULL OR p.currency = $2) \
          ORDER BY k.closure DESC, p.currency, p.sequence OFFSET $3 LIMIT $4",
     )

@@ -339,6 +339,7 @@ impl Stack {
                 commission_rate_bps: rate_bps,
                 attribution_window_days: window_days,
                 effective_from: effective_from.map(tandem_proto::time::timestamp),
+                ..Default::default()
             }))
             .await
             .expect("create partnership")
