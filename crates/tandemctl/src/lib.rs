@@ -8,3 +8,4 @@ pub mod demo;
 pub mod import;
 pub mod network;
 pub mod process;
+pub mod statements;

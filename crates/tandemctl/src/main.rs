@@ -1,7 +1,7 @@
 //! `tandemctl`: the operator's command line. Creates topics, waits for services to report
 //! healthy, and runs the end-to-end demo against a running stack.
 
-use tandemctl::{bench, demo, import};
+use tandemctl::{bench, demo, import, statements};
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -68,6 +68,10 @@ enum Command {
     /// Imports a merchant's purchases from a CSV file through the bulk call RecordPurchases, with
     /// a progress bar. Safe to run again: each row has its idempotency key.
     Import(import::ImportArgs),
+    /// Settlement statements and payouts: list, show, export and verify a merchant's
+    /// statements, register its payout account; close cycles and write payout files
+    /// (operator).
+    Statements(statements::StatementsArgs),
 }
 
 #[tokio::main]
@@ -99,6 +103,7 @@ async fn main() -> ExitCode {
         Command::Demo(args) => demo::run(args).await,
         Command::Bench(args) => bench::run(args).await,
         Command::Import(args) => import::run(args).await,
+        Command::Statements(args) => statements::run(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
