@@ -246,18 +246,18 @@ pub fn net<L: Line>(
 pub fn positions_of<'a, L: Line + 'a>(
     lines: impl IntoIterator<Item = &'a L>,
 ) -> BTreeMap<(Currency, MerchantId), i128> {
-    let mut positions: BTreeMap<(Currency, MerchantId), i128> = BTreeMap::new();
+    // Keyed by reference while summing (no id is copied per line), then owned.
+    let mut sums: std::collections::HashMap<(Currency, &MerchantId), i128> =
+        std::collections::HashMap::new();
     for line in lines {
         let amount = i128::from(line.amount_minor());
-        *positions
-            .entry((line.currency(), line.payee().clone()))
-            .or_default() += amount;
-        *positions
-            .entry((line.currency(), line.payer().clone()))
-            .or_default() -= amount;
+        *sums.entry((line.currency(), line.payee())).or_default() += amount;
+        *sums.entry((line.currency(), line.payer())).or_default() -= amount;
     }
-    positions.retain(|_, position| *position != 0);
-    positions
+    sums.into_iter()
+        .filter(|(_, position)| *position != 0)
+        .map(|((currency, merchant), position)| ((currency, merchant.clone()), position))
+        .collect()
 }
 
 /// Transfers clearing `positions`: per currency, the largest debtor pays the largest creditor as

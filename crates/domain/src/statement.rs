@@ -11,8 +11,8 @@
 //! hex SHA-256 of those bytes, so a partner verifies a statement from its CSV alone
 //! (`sha256sum statement.csv`), and from the JSON export by writing its rows back in this form.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use sha2::{Digest, Sha256};
@@ -154,69 +154,89 @@ impl Statement {
         totals
     }
 
-    /// The canonical rows: the header, the `statement` row, the `line` rows and the `total`
-    /// rows, each with the 24 fields of [`COLUMNS`] as text.
-    pub fn canonical_rows(&self) -> Vec<Vec<String>> {
-        let mut rows = Vec::with_capacity(self.lines.len() + 4);
-        rows.push(COLUMNS.iter().map(|c| (*c).to_owned()).collect());
+    /// Calls `row` with each canonical row in order: the header, the `statement` row, the
+    /// `line` rows and the `total` rows, each with the 24 fields of [`COLUMNS`] as text.
+    pub fn for_each_row(&self, mut row: impl FnMut(&[Cow<'_, str>; 24])) {
+        row(&COLUMNS.map(Cow::Borrowed));
         let number = self.number.to_string();
-        let statement_columns = |record: &str| {
-            let mut row = vec![String::new(); COLUMNS.len()];
-            row[0] = record.to_owned();
-            row[1] = self.merchant_id.to_string();
-            row[2].clone_from(&number);
-            row
+        let merchant = self.merchant_id.as_str();
+        let base = |record: &'static str| -> [Cow<'_, str>; 24] {
+            let mut fields: [Cow<'_, str>; 24] = Default::default();
+            fields[0] = Cow::Borrowed(record);
+            fields[1] = Cow::Borrowed(merchant);
+            fields[2] = Cow::Owned(number.clone());
+            fields
         };
-        let mut head = statement_columns("statement");
-        head[3].clone_from(&self.cycle);
-        head[4] = instant(self.cut_off);
-        head[5] = instant(self.issued_at);
-        head[6] = self.corrects.map(|n| n.to_string()).unwrap_or_default();
-        rows.push(head);
+        let mut head = base("statement");
+        head[3] = Cow::Borrowed(&self.cycle);
+        head[4] = Cow::Owned(instant(self.cut_off));
+        head[5] = Cow::Owned(instant(self.issued_at));
+        head[6] = Cow::Owned(self.corrects.map(|n| n.to_string()).unwrap_or_default());
+        row(&head);
         for (index, line) in self.lines.iter().enumerate() {
-            let mut row = statement_columns("line");
-            row[7] = (index + 1).to_string();
-            row[8] = line.kind.as_str().to_owned();
-            row[9] = line.status.as_str().to_owned();
-            row[10] = line.counterparty.to_string();
-            row[11] = line.partnership_id.to_string();
-            row[12] = line.terms_version.to_string();
-            row[13].clone_from(&line.rule);
-            row[14].clone_from(&line.purchase_id);
-            row[15] = line.refund_id.clone().unwrap_or_default();
-            row[16].clone_from(&line.transaction_id);
-            row[17].clone_from(&line.referral_id);
-            row[18].clone_from(&line.referrer_reference);
-            row[19] = instant(line.payable_at);
-            row[20] = line.currency.as_str().to_owned();
-            row[21] = line.purchase_amount_minor.to_string();
-            row[22] = line.amount_minor.to_string();
-            rows.push(row);
+            let mut fields = base("line");
+            fields[7] = Cow::Owned((index + 1).to_string());
+            fields[8] = Cow::Borrowed(line.kind.as_str());
+            fields[9] = Cow::Borrowed(line.status.as_str());
+            fields[10] = Cow::Borrowed(line.counterparty.as_str());
+            fields[11] = Cow::Borrowed(line.partnership_id.as_str());
+            fields[12] = Cow::Owned(line.terms_version.to_string());
+            fields[13] = Cow::Borrowed(&line.rule);
+            fields[14] = Cow::Borrowed(&line.purchase_id);
+            fields[15] = Cow::Borrowed(line.refund_id.as_deref().unwrap_or(""));
+            fields[16] = Cow::Borrowed(&line.transaction_id);
+            fields[17] = Cow::Borrowed(&line.referral_id);
+            fields[18] = Cow::Borrowed(&line.referrer_reference);
+            fields[19] = Cow::Owned(instant(line.payable_at));
+            fields[20] = Cow::Borrowed(line.currency.as_str());
+            fields[21] = Cow::Owned(line.purchase_amount_minor.to_string());
+            fields[22] = Cow::Owned(line.amount_minor.to_string());
+            row(&fields);
         }
         for (currency, total) in self.totals() {
-            let mut row = statement_columns("total");
-            row[20] = currency.as_str().to_owned();
-            row[22] = total.net_minor.to_string();
-            row[23] = total.carried_forward_minor.to_string();
-            rows.push(row);
+            let mut fields = base("total");
+            fields[20] = Cow::Owned(currency.as_str().to_owned());
+            fields[22] = Cow::Owned(total.net_minor.to_string());
+            fields[23] = Cow::Owned(total.carried_forward_minor.to_string());
+            row(&fields);
         }
+    }
+
+    /// The canonical rows as owned text (for the JSON export).
+    pub fn canonical_rows(&self) -> Vec<Vec<String>> {
+        let mut rows = Vec::with_capacity(self.lines.len() + 4);
+        self.for_each_row(|fields| rows.push(fields.iter().map(|f| f.to_string()).collect()));
         rows
     }
 
     /// The canonical encoding: the CSV export (see the module's documentation).
     pub fn canonical_csv(&self) -> String {
-        encode_rows(&self.canonical_rows())
+        let mut out = String::new();
+        self.for_each_row(|fields| write_row(&mut out, fields));
+        out
     }
 
-    /// Lower-case hex SHA-256 of the canonical encoding.
+    /// Lower-case hex SHA-256 of the canonical encoding, computed as it is written.
     pub fn content_hash(&self) -> String {
-        content_hash(self.canonical_csv().as_bytes())
+        let mut hasher = Hashing(Sha256::new());
+        self.for_each_row(|fields| write_row(&mut hasher, fields));
+        hex::encode(hasher.0.finalize())
     }
 }
 
 /// Lower-case hex SHA-256 of a statement's canonical bytes (its CSV export).
 pub fn content_hash(canonical: &[u8]) -> String {
     hex::encode(Sha256::digest(canonical))
+}
+
+/// Text written straight into a SHA-256.
+struct Hashing(Sha256);
+
+impl std::fmt::Write for Hashing {
+    fn write_str(&mut self, text: &str) -> std::fmt::Result {
+        self.0.update(text.as_bytes());
+        Ok(())
+    }
 }
 
 fn instant(at: DateTime<Utc>) -> String {
@@ -233,18 +253,19 @@ pub fn encode_rows(rows: &[Vec<String>]) -> String {
     out
 }
 
-fn write_row(out: &mut String, fields: &[String]) {
+fn write_row<S: AsRef<str>>(out: &mut impl std::fmt::Write, fields: &[S]) {
     for (index, field) in fields.iter().enumerate() {
+        let field = field.as_ref();
         if index > 0 {
-            out.push(',');
+            let _ = out.write_char(',');
         }
         if field.contains([',', '"', '\n', '\r']) {
             let _ = write!(out, "\"{}\"", field.replace('"', "\"\""));
         } else {
-            out.push_str(field);
+            let _ = out.write_str(field);
         }
     }
-    out.push('\n');
+    let _ = out.write_char('\n');
 }
 
 #[cfg(test)]

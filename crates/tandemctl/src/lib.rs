@@ -8,4 +8,5 @@ pub mod demo;
 pub mod import;
 pub mod network;
 pub mod process;
+pub mod settlement_bench;
 pub mod statements;

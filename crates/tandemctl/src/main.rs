@@ -1,7 +1,7 @@
 //! `tandemctl`: the operator's command line. Creates topics, waits for services to report
 //! healthy, and runs the end-to-end demo against a running stack.
 
-use tandemctl::{bench, demo, import, statements};
+use tandemctl::{bench, demo, import, settlement_bench, statements};
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -72,6 +72,9 @@ enum Command {
     /// statements, register its payout account; close cycles and write payout files
     /// (operator).
     Statements(statements::StatementsArgs),
+    /// Measures closing one monthly cycle over many commission lines (default a million across
+    /// 1,000 merchants), on a database of its own. A benchmark, not a test.
+    SettlementBench(settlement_bench::SettlementBenchArgs),
 }
 
 #[tokio::main]
@@ -104,6 +107,7 @@ async fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args).await,
         Command::Import(args) => import::run(args).await,
         Command::Statements(args) => statements::run(args).await,
+        Command::SettlementBench(args) => settlement_bench::run(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

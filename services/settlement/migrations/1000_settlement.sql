@@ -4,8 +4,11 @@
 --   terms, payout accounts), the commission lines it took from the `ledger` topic (`lines`, in
 --   the order received: `seq`), and the cycles it closed (`cycle_closures`: the cycle, when it
 --   closed, and the last line it could see).
--- * Projections of those facts: which cycle settled each line, what was carried forward,
---   statements and payout instructions. `settlement --rebuild-projections` drops and rebuilds
+-- * Projections of those facts: what each closure carried forward, statements and payout
+--   instructions. Which closure settled a line is not stored on the line: a closure of a cycle
+--   kind and zone covers the lines of that kind and zone payable before its cut-off and numbered
+--   up to its watermark; a line belongs to the first closure that covers it and does not carry
+--   it forward. `settlement --rebuild-projections` drops and rebuilds
 --   them, closure by closure, with the same code that closes a cycle; the statements come out
 --   byte for byte the same.
 
@@ -56,9 +59,8 @@ CREATE TABLE attributions (
     payable                 BOOLEAN NOT NULL DEFAULT false
 );
 
--- One line per commission that became payable and per claw-back after that; never changed
--- except for `settled_in`, a projection. `amount_minor` is owed by the acceptor to the referrer
--- (negative: the referrer owes it back).
+-- One line per commission that became payable and per claw-back after that; never changed.
+-- `amount_minor` is owed by the acceptor to the referrer (negative: the referrer owes it back).
 CREATE TABLE lines (
     line_id               TEXT        PRIMARY KEY,
     seq                   BIGSERIAL   NOT NULL UNIQUE,
@@ -69,14 +71,19 @@ CREATE TABLE lines (
     acceptor_merchant_id  TEXT        NOT NULL,
     purchase_id           TEXT        NOT NULL,
     refund_id             TEXT,
+    -- Copied from the attribution: what the statement line shows.
+    transaction_id        TEXT        NOT NULL,
+    referral_id           TEXT        NOT NULL,
+    referrer_reference    TEXT        NOT NULL,
     base_amount_minor     BIGINT      NOT NULL,
     amount_minor          BIGINT      NOT NULL CHECK (amount_minor <> 0),
     currency              TEXT        NOT NULL,
-    payable_at            TIMESTAMPTZ NOT NULL,
-    settled_in            TEXT
+    payable_at            TIMESTAMPTZ NOT NULL
 );
 
-CREATE INDEX lines_unsettled ON lines (payable_at) WHERE settled_in IS NULL;
+CREATE INDEX lines_payable_at ON lines (payable_at);
+CREATE INDEX lines_referrer ON lines (referrer_merchant_id, payable_at);
+CREATE INDEX lines_acceptor ON lines (acceptor_merchant_id, payable_at);
 
 -- The cycles closed, in the order closed (`closure`): the facts a rebuild replays.
 CREATE TABLE cycle_closures (
@@ -89,7 +96,12 @@ CREATE TABLE cycle_closures (
     cut_off         TIMESTAMPTZ NOT NULL,
     closed_at       TIMESTAMPTZ NOT NULL,
     -- The highest line `seq` the closure could see: lines received later wait for the next cycle.
-    line_watermark  BIGINT      NOT NULL
+    line_watermark  BIGINT      NOT NULL,
+    -- The closure of the same kind and zone before it, if any: the lines it covered are not
+    -- this one's, except those it carried forward.
+    previous_cycle       TEXT,
+    previous_cut_off     TIMESTAMPTZ,
+    previous_watermark   BIGINT
 );
 
 -- Projections of the closures.

@@ -2,32 +2,36 @@
 //!
 //! A closure is one transaction. It takes the intake lock exclusively (so every line numbered
 //! up to its watermark is committed and visible), records the closure (the cycle, the instant,
-//! the highest line number it can see), and projects it: the cycle's lines are the unsettled
-//! lines of its kind and zone that became payable before the cut-off and are numbered up to the
-//! watermark; they are netted (`tandem_domain::settlement::net`), each merchant taking part gets
-//! the next statement number, and the transfers become payout instructions. A crash before the
-//! commit leaves nothing; closing a closed cycle answers what the closure did. A line that
-//! arrives after its cycle closed is settled by the next cycle of its kind and zone.
+//! the highest line number it can see, and the previous closure of the same kind and zone), and
+//! projects it. Its lines are those of its kind and zone payable before its cut-off and numbered
+//! up to its watermark that the previous closure did not cover, plus those that closure carried
+//! forward (`lines`); nothing is written on the lines themselves. They are netted
+//! (`tandem_domain::settlement::net`), each merchant taking part gets the next statement number,
+//! and the transfers become payout instructions. A crash before the commit leaves nothing;
+//! closing a closed cycle answers what the closure did. Cycles of one kind and zone close in
+//! order; a line that arrives after its cycle closed is settled by the next one.
 //!
 //! `rebuild_projections` drops every projection and projects the recorded closures again, in
 //! order, with the same code: the statements come out byte for byte the same.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
+use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use prost::Message;
 use sha2::{Digest, Sha256};
 use sqlx::{PgConnection, PgPool, Postgres, QueryBuilder};
-use tandem_domain::ids::{MerchantId, PartnershipId};
+use tandem_domain::ids::MerchantId;
 use tandem_domain::money::Currency;
 use tandem_domain::settlement::{net, Cycle, CycleKind, Line, Tz};
-use tandem_domain::statement::{LineKind, LineStatus, Statement, StatementLine};
+use tandem_domain::statement::{LineStatus, Statement};
 use tandem_proto::time::timestamp;
 use tandem_proto::v1 as pb;
 use tandem_store::OutboxMessage;
 use uuid::Uuid;
 
 use crate::intake::INTAKE_LOCK;
+use crate::lines;
 use crate::SettlementError;
 
 /// What a closure did.
@@ -59,6 +63,8 @@ pub enum CloseRefused {
         "cycle {earlier} comes before {cycle} and holds unsettled lines: close {earlier} first"
     )]
     EarlierOpen { cycle: String, earlier: String },
+    #[error("cycle {cycle} is not after {latest}, the latest closed cycle of its kind and zone: cycles close in order, and a line that arrives after its cycle closed is settled by the next open one")]
+    NotAfterLatest { cycle: String, latest: String },
     #[error("settlement has not yet received the admin events of partnership {partnership_id} terms version {terms_version} (or of its acceptor); it is catching up, try again shortly")]
     AwaitingAdmin {
         partnership_id: String,
@@ -78,6 +84,40 @@ pub(crate) struct Closure {
     pub cut_off: DateTime<Utc>,
     pub closed_at: DateTime<Utc>,
     pub line_watermark: i64,
+    pub previous_cycle: Option<String>,
+    pub previous_cut_off: Option<DateTime<Utc>>,
+    pub previous_watermark: Option<i64>,
+}
+
+/// The latest closure of a kind in a zone.
+pub(crate) async fn latest_closure(
+    connection: &mut PgConnection,
+    kind: &str,
+    zone: &str,
+) -> Result<Option<Closure>, SettlementError> {
+    Ok(sqlx::query_as(
+        "SELECT * FROM cycle_closures WHERE kind = $1 AND time_zone = $2 ORDER BY closure DESC LIMIT 1",
+    )
+    .bind(kind)
+    .bind(zone)
+    .fetch_optional(&mut *connection)
+    .await?)
+}
+
+/// Line ids `cycle`'s closure carried forward.
+pub(crate) async fn carried_in(
+    connection: &mut PgConnection,
+    cycle: Option<&str>,
+) -> Result<Vec<String>, SettlementError> {
+    let Some(cycle) = cycle else {
+        return Ok(Vec::new());
+    };
+    Ok(
+        sqlx::query_scalar("SELECT line_id FROM carried_lines WHERE cycle = $1 ORDER BY line_id")
+            .bind(cycle)
+            .fetch_all(&mut *connection)
+            .await?,
+    )
 }
 
 /// Parses a cycle name `<kind>:<zone>:<first day>` and checks that the day starts a period.
@@ -150,7 +190,16 @@ pub async fn close_cycle(
             ))?;
         return Ok(Ok(summary));
     }
-    if let Some(missing) = missing_admin(&mut tx, cycle.end).await? {
+    let previous = latest_closure(&mut tx, cycle.kind.as_str(), cycle.time_zone.name()).await?;
+    if let Some(previous) = &previous {
+        if previous.first_day >= cycle.first_day {
+            return Ok(Err(CloseRefused::NotAfterLatest {
+                cycle: key,
+                latest: previous.cycle.clone(),
+            }));
+        }
+    }
+    if let Some(missing) = missing_admin(&mut tx, cycle.end, previous.as_ref()).await? {
         return Ok(Err(missing));
     }
     if let Some(earlier) = first_open_cycle(&mut tx, cycle.kind, cycle.time_zone).await? {
@@ -178,10 +227,14 @@ pub async fn close_cycle(
         cut_off: cycle.end,
         closed_at: tandem_proto::time::truncate_to_micros(now),
         line_watermark: watermark,
+        previous_cycle: previous.as_ref().map(|p| p.cycle.clone()),
+        previous_cut_off: previous.as_ref().map(|p| p.cut_off),
+        previous_watermark: previous.as_ref().map(|p| p.line_watermark),
     };
     sqlx::query(
-        "INSERT INTO cycle_closures (closure, cycle, kind, time_zone, first_day, start_at, cut_off, closed_at, line_watermark) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        "INSERT INTO cycle_closures (closure, cycle, kind, time_zone, first_day, start_at, cut_off, closed_at, line_watermark, \
+           previous_cycle, previous_cut_off, previous_watermark) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
     )
     .bind(closure.closure)
     .bind(&closure.cycle)
@@ -192,10 +245,13 @@ pub async fn close_cycle(
     .bind(closure.cut_off)
     .bind(closure.closed_at)
     .bind(closure.line_watermark)
+    .bind(&closure.previous_cycle)
+    .bind(closure.previous_cut_off)
+    .bind(closure.previous_watermark)
     .execute(&mut *tx)
     .await?;
     let started = std::time::Instant::now();
-    let summary = project(&mut tx, &closure, true).await?;
+    let summary = project(pool, &mut tx, &closure, true).await?;
     tx.commit().await?;
     outbox_written.notify_one();
     tracing::info!(
@@ -221,14 +277,11 @@ pub async fn rebuild_projections(pool: &PgPool) -> Result<usize, SettlementError
     sqlx::query("TRUNCATE cycles, carried_lines, statements, payout_instructions")
         .execute(&mut *tx)
         .await?;
-    sqlx::query("UPDATE lines SET settled_in = NULL WHERE settled_in IS NOT NULL")
-        .execute(&mut *tx)
-        .await?;
     let closures: Vec<Closure> = sqlx::query_as("SELECT * FROM cycle_closures ORDER BY closure")
         .fetch_all(&mut *tx)
         .await?;
     for closure in &closures {
-        project(&mut tx, closure, false).await?;
+        project(pool, &mut tx, closure, false).await?;
     }
     tx.commit().await?;
     Ok(closures.len())
@@ -278,21 +331,24 @@ pub(crate) fn summary_from_row(
     }
 }
 
-/// An unsettled line payable before `cut_off` whose terms or acceptor settlement has not
-/// received yet: its cycle is unknown, so no cycle may close before the admin consumer catches
-/// up.
+/// A line payable before `cut_off` that the previous closure did not cover, whose terms or
+/// acceptor settlement has not received yet: its cycle is unknown, so no cycle may close past it
+/// before the admin consumer catches up.
 async fn missing_admin(
     tx: &mut PgConnection,
     cut_off: DateTime<Utc>,
+    previous: Option<&Closure>,
 ) -> Result<Option<CloseRefused>, SettlementError> {
     let row: Option<(String, i32)> = sqlx::query_as(
         "SELECT l.partnership_id, l.terms_version FROM lines l \
            LEFT JOIN partnership_terms t USING (partnership_id, terms_version) \
            LEFT JOIN merchants m ON m.merchant_id = l.acceptor_merchant_id \
-         WHERE l.settled_in IS NULL AND l.payable_at < $1 \
+         WHERE l.payable_at < $1 AND ($2::timestamptz IS NULL OR l.payable_at >= $2 OR l.seq > $3) \
            AND (t.partnership_id IS NULL OR m.merchant_id IS NULL) LIMIT 1",
     )
     .bind(cut_off)
+    .bind(previous.map(|p| p.cut_off))
+    .bind(previous.map_or(0, |p| p.line_watermark))
     .fetch_optional(&mut *tx)
     .await?;
     Ok(row.map(
@@ -303,131 +359,67 @@ async fn missing_admin(
     ))
 }
 
-const GROUP_JOIN: &str = "FROM lines l \
-    JOIN partnership_terms t USING (partnership_id, terms_version) \
-    JOIN merchants m ON m.merchant_id = l.acceptor_merchant_id";
-
 /// The earliest cycle of `kind` in `zone` that is not closed and holds an unsettled line (one
-/// payable in it, or carried forward into it), if any.
+/// the latest closure did not cover, or carried forward), if any.
 pub(crate) async fn first_open_cycle(
     tx: &mut PgConnection,
     kind: CycleKind,
     zone: Tz,
 ) -> Result<Option<Cycle>, SettlementError> {
-    let earliest: Option<DateTime<Utc>> = sqlx::query_scalar(&format!(
-        "SELECT min(l.payable_at) {GROUP_JOIN} \
-         WHERE l.settled_in IS NULL AND t.cycle_kind = $1 AND m.time_zone = $2"
-    ))
+    let latest = latest_closure(tx, kind.as_str(), zone.name()).await?;
+    let earliest: Option<DateTime<Utc>> = sqlx::query_scalar(
+        "WITH terms AS (SELECT t.partnership_id, t.terms_version FROM partnership_terms t \
+           JOIN merchants m ON m.merchant_id = t.acceptor_merchant_id WHERE t.cycle_kind = $1 AND m.time_zone = $2) \
+         SELECT min(payable_at) FROM ( \
+           SELECT min(l.payable_at) AS payable_at FROM lines l JOIN terms USING (partnership_id, terms_version) \
+             WHERE $3::timestamptz IS NULL OR l.payable_at >= $3 \
+           UNION ALL SELECT min(l.payable_at) FROM lines l JOIN terms USING (partnership_id, terms_version) \
+             WHERE $3::timestamptz IS NOT NULL AND l.seq > $4 \
+           UNION ALL SELECT min(l.payable_at) FROM lines l JOIN carried_lines c ON c.line_id = l.line_id AND c.cycle = $5 \
+         ) unsettled",
+    )
     .bind(kind.as_str())
     .bind(zone.name())
+    .bind(latest.as_ref().map(|c| c.cut_off))
+    .bind(latest.as_ref().map_or(0, |c| c.line_watermark))
+    .bind(latest.as_ref().map(|c| c.cycle.clone()))
     .fetch_one(&mut *tx)
     .await?;
     let Some(earliest) = earliest else {
         return Ok(None);
     };
-    let closed: std::collections::HashSet<String> = sqlx::query_scalar(
-        "SELECT cycle FROM cycle_closures WHERE kind = $1 AND time_zone = $2 AND cut_off > $3",
-    )
-    .bind(kind.as_str())
-    .bind(zone.name())
-    .bind(earliest)
-    .fetch_all(&mut *tx)
-    .await?
-    .into_iter()
-    .collect();
     let mut cycle = Cycle::containing(kind, zone, earliest);
-    while closed.contains(&cycle.key()) {
-        cycle = cycle.next();
+    if let Some(latest) = latest {
+        // Cycles close in order: nothing before the latest closed one opens again.
+        while cycle.first_day <= latest.first_day {
+            cycle = cycle.next();
+        }
     }
     Ok(Some(cycle))
 }
 
-/// One line of a cycle, with what its statements show.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub(crate) struct CycleLine {
-    pub line_id: String,
-    pub kind: String,
-    pub partnership_id: String,
-    pub terms_version: i32,
-    pub rule: String,
-    pub minimum_payout_minor: i64,
-    pub referrer_merchant_id: String,
-    pub acceptor_merchant_id: String,
-    pub purchase_id: String,
-    pub refund_id: Option<String>,
-    pub transaction_id: Option<String>,
-    pub referral_id: Option<String>,
-    pub referrer_reference: Option<String>,
-    pub payable_at: DateTime<Utc>,
-    pub currency: String,
-    pub base_amount_minor: i64,
-    pub amount_minor: i64,
-}
-
-/// A cycle line parsed for netting.
-struct Netted {
-    line: CycleLine,
-    referrer: MerchantId,
-    acceptor: MerchantId,
+/// A closure's line as netting sees it: indices into the closure's merchant table.
+struct Netted<'a> {
+    row: u32,
+    payee: &'a MerchantId,
+    payer: &'a MerchantId,
     currency: Currency,
+    amount_minor: i64,
 }
 
-impl Line for Netted {
+impl Line for Netted<'_> {
     fn payer(&self) -> &MerchantId {
-        &self.acceptor
+        self.payer
     }
     fn payee(&self) -> &MerchantId {
-        &self.referrer
+        self.payee
     }
     fn currency(&self) -> Currency {
         self.currency
     }
     fn amount_minor(&self) -> i64 {
-        self.line.amount_minor
+        self.amount_minor
     }
-}
-
-pub(crate) const LINE_COLUMNS: &str = "l.line_id, l.kind, l.partnership_id, l.terms_version, t.rule, t.minimum_payout_minor, \
-    l.referrer_merchant_id, l.acceptor_merchant_id, l.purchase_id, l.refund_id, a.transaction_id, a.referral_id, \
-    a.referrer_reference, l.payable_at, l.currency, l.base_amount_minor, l.amount_minor";
-
-/// Statement lines of `merchant` from `line`: positive is owed to the merchant.
-pub(crate) fn statement_line(
-    line: &CycleLine,
-    merchant: &str,
-    status: LineStatus,
-) -> Result<StatementLine, SettlementError> {
-    let as_referrer = line.referrer_merchant_id == merchant;
-    let counterparty = if as_referrer {
-        &line.acceptor_merchant_id
-    } else {
-        &line.referrer_merchant_id
-    };
-    Ok(StatementLine {
-        kind: if line.kind == "clawback" {
-            LineKind::Clawback
-        } else {
-            LineKind::Commission
-        },
-        status,
-        counterparty: MerchantId::parse("counterparty", counterparty)?,
-        partnership_id: PartnershipId::parse("partnership_id", &line.partnership_id)?,
-        terms_version: u32::try_from(line.terms_version).unwrap_or(0),
-        rule: line.rule.clone(),
-        purchase_id: line.purchase_id.clone(),
-        refund_id: line.refund_id.clone(),
-        transaction_id: line.transaction_id.clone().unwrap_or_default(),
-        referral_id: line.referral_id.clone().unwrap_or_default(),
-        referrer_reference: line.referrer_reference.clone().unwrap_or_default(),
-        payable_at: line.payable_at,
-        currency: Currency::parse("currency", &line.currency)?,
-        purchase_amount_minor: line.base_amount_minor,
-        amount_minor: if as_referrer {
-            line.amount_minor
-        } else {
-            -line.amount_minor
-        },
-    })
 }
 
 /// A stable id for one announcement of one closure.
@@ -456,104 +448,193 @@ pub(crate) fn saturate(value: i128) -> i64 {
     i64::try_from(value).unwrap_or(if value < 0 { i64::MIN } else { i64::MAX })
 }
 
+/// How many queries read a closure's lines at once.
+const READ_PARTS: u32 = 2;
+
+/// One statement of a closure, hashed.
+struct Issued {
+    merchant: u32,
+    number: i32,
+    hash: String,
+    line_count: i32,
+    totals: Vec<pb::StatementTotal>,
+}
+
 /// Projects `closure`: nets its lines, issues the statements, records the payout instructions
 /// and, when `announce`, enqueues the settlement events.
 async fn project(
+    pool: &PgPool,
     tx: &mut PgConnection,
     closure: &Closure,
     announce: bool,
 ) -> Result<ClosureSummary, SettlementError> {
-    let lines: Vec<CycleLine> = sqlx::query_as(&format!(
-        "SELECT {LINE_COLUMNS} {GROUP_JOIN} LEFT JOIN attributions a ON a.purchase_id = l.purchase_id \
-         WHERE l.settled_in IS NULL AND l.payable_at < $1 AND l.seq <= $2 AND t.cycle_kind = $3 AND m.time_zone = $4 \
-         ORDER BY l.payable_at, l.line_id"
-    ))
-    .bind(closure.cut_off)
-    .bind(closure.line_watermark)
-    .bind(&closure.kind)
-    .bind(&closure.time_zone)
-    .fetch_all(&mut *tx)
+    let phase = std::time::Instant::now();
+    let terms = lines::group_terms(tx, &closure.kind, &closure.time_zone).await?;
+    let carried_before = carried_in(tx, closure.previous_cycle.as_deref()).await?;
+    let data = lines::read(
+        pool,
+        terms,
+        &lines::Selection {
+            closure,
+            carried_before: &carried_before,
+            merchant: None,
+        },
+        READ_PARTS,
+    )
     .await?;
-    let mut minimum: HashMap<(MerchantId, Currency), i64> = HashMap::new();
-    let mut netted = Vec::with_capacity(lines.len());
-    for line in lines {
-        let referrer = MerchantId::parse("referrer_merchant_id", &line.referrer_merchant_id)?;
-        let acceptor = MerchantId::parse("acceptor_merchant_id", &line.acceptor_merchant_id)?;
-        let currency = Currency::parse("currency", &line.currency)?;
-        let entry = minimum.entry((referrer.clone(), currency)).or_default();
-        *entry = (*entry).max(line.minimum_payout_minor);
-        netted.push(Netted {
-            line,
-            referrer,
-            acceptor,
-            currency,
-        });
+    let read_ms = phase.elapsed().as_millis() as u64;
+
+    // Netting: a merchant's minimum payout in a currency is the highest of the terms under
+    // which it earns in this closure.
+    let mut minimum: HashMap<(u32, Currency), i64> = HashMap::new();
+    let mut index_of: HashMap<&MerchantId, u32> = HashMap::new();
+    for (index, merchant) in data.merchants.iter().enumerate() {
+        index_of.insert(merchant, u32::try_from(index).unwrap_or(u32::MAX));
     }
+    let netted: Vec<Netted<'_>> = data
+        .rows
+        .iter()
+        .enumerate()
+        .map(|(index, row)| {
+            let entry = minimum.entry((row.referrer, row.currency)).or_default();
+            *entry = (*entry).max(data.terms[row.terms as usize].minimum_payout_minor);
+            Netted {
+                row: u32::try_from(index).unwrap_or(u32::MAX),
+                payee: &data.merchants[row.referrer as usize],
+                payer: &data.merchants[row.acceptor as usize],
+                currency: row.currency,
+                amount_minor: row.amount_minor,
+            }
+        })
+        .collect();
     let netting = net(netted, |merchant, currency| {
-        minimum
-            .get(&(merchant.clone(), currency))
+        index_of
+            .get(merchant)
+            .and_then(|index| minimum.get(&(*index, currency)))
             .copied()
             .unwrap_or(0)
     });
-
-    // Each merchant's lines, in the cycle's order (payable_at, then line id): settled and
-    // carried forward interleaved as they were.
-    let mut order: Vec<(&CycleLine, Option<&MerchantId>)> = netting
-        .settled
-        .iter()
-        .map(|n| (&n.line, None))
-        .chain(
-            netting
-                .carried
-                .iter()
-                .map(|(n, holder)| (&n.line, Some(holder))),
-        )
-        .collect();
-    order.sort_by(|a, b| {
-        a.0.payable_at
-            .cmp(&b.0.payable_at)
-            .then_with(|| a.0.line_id.cmp(&b.0.line_id))
-    });
-    let mut per_merchant: BTreeMap<&str, Vec<StatementLine>> = BTreeMap::new();
-    for (line, held) in &order {
-        let status = if held.is_some() {
-            LineStatus::CarriedForward
-        } else {
-            LineStatus::Settled
-        };
-        for merchant in [&line.referrer_merchant_id, &line.acceptor_merchant_id] {
-            per_merchant
-                .entry(merchant.as_str())
-                .or_default()
-                .push(statement_line(line, merchant, status)?);
-        }
+    // Carried-forward lines, by row, with the merchant that held each back.
+    let mut held: Vec<Option<u32>> = vec![None; data.rows.len()];
+    for (line, holder) in &netting.carried {
+        held[line.row as usize] = index_of.get(holder).copied();
     }
-    let merchants: Vec<&str> = per_merchant.keys().copied().collect();
+    let settled_lines = netting.settled.len() as u64;
+    let carried_lines: Vec<(String, String)> = netting
+        .carried
+        .iter()
+        .map(|(line, holder)| {
+            (
+                data.rows[line.row as usize].line_id.to_string(),
+                holder.to_string(),
+            )
+        })
+        .collect();
+    let transfers = netting.transfers;
+    let net_ms = phase.elapsed().as_millis() as u64 - read_ms;
+
+    // Each merchant's rows, in the closure's order.
+    let mut per_merchant: Vec<Vec<u32>> = vec![Vec::new(); data.merchants.len()];
+    for (index, row) in data.rows.iter().enumerate() {
+        let index = u32::try_from(index).unwrap_or(u32::MAX);
+        per_merchant[row.referrer as usize].push(index);
+        per_merchant[row.acceptor as usize].push(index);
+    }
+    let ids: Vec<&str> = data.merchants.iter().map(MerchantId::as_str).collect();
     let numbers: HashMap<String, i32> = sqlx::query_as::<_, (String, i32)>(
         "SELECT merchant_id, max(number) FROM statements WHERE merchant_id = ANY($1) GROUP BY merchant_id",
     )
-    .bind(&merchants)
+    .bind(&ids)
     .fetch_all(&mut *tx)
     .await?
     .into_iter()
     .collect();
+    let next_numbers: Vec<i32> = data
+        .merchants
+        .iter()
+        .map(|m| numbers.get(m.as_str()).copied().unwrap_or(0) + 1)
+        .collect();
 
-    let mut statement_rows = Vec::with_capacity(per_merchant.len());
+    // Hash every statement, on blocking threads (one per core), never holding more than one
+    // statement's lines per thread.
+    let shared = Arc::new((data, held, per_merchant, next_numbers, closure.clone()));
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(1, 8);
+    let mut handles = Vec::with_capacity(threads);
+    for thread in 0..threads {
+        let shared = shared.clone();
+        handles.push(tokio::task::spawn_blocking(move || {
+            let (data, held, per_merchant, numbers, closure) = &*shared;
+            let mut issued = Vec::new();
+            for merchant in (thread..per_merchant.len()).step_by(threads) {
+                let merchant_index = u32::try_from(merchant).unwrap_or(u32::MAX);
+                let lines = per_merchant[merchant]
+                    .iter()
+                    .map(|row| {
+                        let status = if held[*row as usize].is_some() {
+                            LineStatus::CarriedForward
+                        } else {
+                            LineStatus::Settled
+                        };
+                        data.statement_line(&data.rows[*row as usize], merchant_index, status)
+                    })
+                    .collect();
+                let statement = Statement {
+                    merchant_id: data.merchants[merchant].clone(),
+                    number: u32::try_from(numbers[merchant]).unwrap_or(0),
+                    cycle: closure.cycle.clone(),
+                    cut_off: closure.cut_off,
+                    issued_at: closure.closed_at,
+                    corrects: None,
+                    lines,
+                };
+                issued.push(Issued {
+                    merchant: merchant_index,
+                    number: numbers[merchant],
+                    hash: statement.content_hash(),
+                    line_count: i32::try_from(statement.lines.len()).unwrap_or(i32::MAX),
+                    totals: totals_to_proto(&statement),
+                });
+            }
+            issued
+        }));
+    }
+    let mut issued = Vec::new();
+    for handle in handles {
+        issued.extend(
+            handle
+                .await
+                .map_err(|_| SettlementError::Invariant("a statement hashing thread failed"))?,
+        );
+    }
+    issued.sort_by_key(|i| i.merchant);
+    let (data, _, _, _, _) = &*shared;
+    let hash_ms = phase.elapsed().as_millis() as u64 - read_ms - net_ms;
+
     let mut outbox = Vec::new();
-    for (merchant, lines) in per_merchant {
-        let number = numbers.get(merchant).copied().unwrap_or(0) + 1;
-        let statement = Statement {
-            merchant_id: MerchantId::parse("merchant_id", merchant)?,
-            number: u32::try_from(number).unwrap_or(0),
-            cycle: closure.cycle.clone(),
-            cut_off: closure.cut_off,
-            issued_at: closure.closed_at,
-            corrects: None,
-            lines,
-        };
-        let hash = statement.content_hash();
-        let totals = totals_to_proto(&statement);
-        if announce {
+    for chunk in issued.chunks(1000) {
+        let mut query: QueryBuilder<Postgres> = QueryBuilder::new(
+            "INSERT INTO statements (merchant_id, number, cycle, cut_off, issued_at, corrects_number, content_hash, line_count, totals) ",
+        );
+        query.push_values(chunk, |mut row, statement| {
+            row.push_bind(data.merchants[statement.merchant as usize].as_str())
+                .push_bind(statement.number)
+                .push_bind(&closure.cycle)
+                .push_bind(closure.cut_off)
+                .push_bind(closure.closed_at)
+                .push_bind(None::<i32>)
+                .push_bind(&statement.hash)
+                .push_bind(statement.line_count)
+                .push_bind(
+                    serde_json::to_value(totals_json(&statement.totals)).unwrap_or_default(),
+                );
+        });
+        query.build().execute(&mut *tx).await?;
+    }
+    if announce {
+        for statement in &issued {
+            let merchant = data.merchants[statement.merchant as usize].as_str();
             let event = pb::SettlementEvent {
                 event_id: announcement_id(&format!("{}/statement/{merchant}", closure.cycle))
                     .to_string(),
@@ -562,58 +643,22 @@ async fn project(
                 recorded_at: Some(timestamp(closure.closed_at)),
                 event: Some(pb::settlement_event::Event::StatementIssued(
                     pb::StatementIssued {
-                        number: statement.number,
+                        number: u32::try_from(statement.number).unwrap_or(0),
                         cycle: closure.cycle.clone(),
                         cut_off: Some(timestamp(closure.cut_off)),
-                        content_hash: hash.clone(),
-                        line_count: u32::try_from(statement.lines.len()).unwrap_or(u32::MAX),
-                        totals: totals.clone(),
+                        content_hash: statement.hash.clone(),
+                        line_count: u32::try_from(statement.line_count).unwrap_or(0),
+                        totals: statement.totals.clone(),
                         corrects_statement_number: 0,
                     },
                 )),
             };
             outbox.push(settlement_message(merchant, &event));
         }
-        statement_rows.push((
-            merchant.to_owned(),
-            number,
-            hash,
-            i32::try_from(statement.lines.len()).unwrap_or(i32::MAX),
-            serde_json::to_value(totals_json(&totals)).unwrap_or_default(),
-        ));
     }
-    for chunk in statement_rows.chunks(1000) {
-        let mut query: QueryBuilder<Postgres> = QueryBuilder::new(
-            "INSERT INTO statements (merchant_id, number, cycle, cut_off, issued_at, corrects_number, content_hash, line_count, totals) ",
-        );
-        query.push_values(chunk, |mut row, (merchant, number, hash, count, totals)| {
-            row.push_bind(merchant)
-                .push_bind(number)
-                .push_bind(&closure.cycle)
-                .push_bind(closure.cut_off)
-                .push_bind(closure.closed_at)
-                .push_bind(None::<i32>)
-                .push_bind(hash)
-                .push_bind(count)
-                .push_bind(totals);
-        });
-        query.build().execute(&mut *tx).await?;
-    }
-
-    let settled_ids: Vec<&str> = netting
-        .settled
+    let (carried_ids, holders): (Vec<&str>, Vec<&str>) = carried_lines
         .iter()
-        .map(|n| n.line.line_id.as_str())
-        .collect();
-    sqlx::query("UPDATE lines SET settled_in = $1 WHERE line_id = ANY($2)")
-        .bind(&closure.cycle)
-        .bind(&settled_ids)
-        .execute(&mut *tx)
-        .await?;
-    let (carried_ids, holders): (Vec<&str>, Vec<&str>) = netting
-        .carried
-        .iter()
-        .map(|(n, holder)| (n.line.line_id.as_str(), holder.as_str()))
+        .map(|(line, holder)| (line.as_str(), holder.as_str()))
         .unzip();
     sqlx::query(
         "INSERT INTO carried_lines (cycle, line_id, held_by) SELECT $1, * FROM UNNEST($2::text[], $3::text[])",
@@ -625,8 +670,8 @@ async fn project(
     .await?;
 
     let mut sequence_of: HashMap<Currency, i32> = HashMap::new();
-    let mut instructions = Vec::with_capacity(netting.transfers.len());
-    for transfer in &netting.transfers {
+    let mut instructions = Vec::with_capacity(transfers.len());
+    for transfer in &transfers {
         let sequence = sequence_of.entry(transfer.currency).or_default();
         *sequence += 1;
         let amount = i64::try_from(transfer.amount_minor)
@@ -679,9 +724,9 @@ async fn project(
         start: closure.start_at,
         cut_off: closure.cut_off,
         closed_at: closure.closed_at,
-        statements: u32::try_from(statement_rows.len()).unwrap_or(u32::MAX),
-        settled_lines: netting.settled.len() as u64,
-        carried_forward_lines: netting.carried.len() as u64,
+        statements: u32::try_from(issued.len()).unwrap_or(u32::MAX),
+        settled_lines,
+        carried_forward_lines: carried_lines.len() as u64,
         payout_instructions: u32::try_from(instructions.len()).unwrap_or(u32::MAX),
         closed_now: true,
     };
@@ -699,6 +744,14 @@ async fn project(
     for chunk in outbox.chunks(1000) {
         tandem_store::enqueue_outbox(&mut *tx, chunk).await?;
     }
+    tracing::debug!(
+        cycle = %closure.cycle,
+        read_ms,
+        net_ms,
+        hash_ms,
+        write_ms = phase.elapsed().as_millis() as u64 - read_ms - net_ms - hash_ms,
+        "closure projected"
+    );
     Ok(summary)
 }
 
@@ -755,9 +808,10 @@ pub async fn close_due_cycles(
     grace: chrono::Duration,
     outbox_written: &tokio::sync::Notify,
 ) -> Result<usize, SettlementError> {
-    let groups: Vec<(String, String)> = sqlx::query_as(&format!(
-        "SELECT DISTINCT t.cycle_kind, m.time_zone {GROUP_JOIN} WHERE l.settled_in IS NULL"
-    ))
+    let groups: Vec<(String, String)> = sqlx::query_as(
+        "SELECT DISTINCT t.cycle_kind, m.time_zone FROM partnership_terms t \
+         JOIN merchants m ON m.merchant_id = t.acceptor_merchant_id ORDER BY 1, 2",
+    )
     .fetch_all(pool)
     .await?;
     let mut closed = 0;

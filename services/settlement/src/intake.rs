@@ -292,6 +292,21 @@ async fn apply_admin(tx: &mut sqlx::PgConnection, facts: &[Fact]) -> Result<(), 
     Ok(())
 }
 
+#[derive(sqlx::FromRow)]
+struct StoredAttribution {
+    purchase_id: String,
+    partnership_id: String,
+    terms_version: i32,
+    purchase_amount_minor: i64,
+    currency: String,
+    commission_minor: i64,
+    reversed_before_minor: i64,
+    payable: bool,
+    referral_id: String,
+    referrer_reference: String,
+    transaction_id: String,
+}
+
 /// The state of one attributed purchase, read for the batch and written back once.
 #[derive(Clone)]
 struct Attribution {
@@ -302,16 +317,10 @@ struct Attribution {
     commission_minor: i64,
     reversed_before_minor: i64,
     payable: bool,
-    /// Not stored yet (inserted with the batch).
-    new: Option<NewAttribution>,
-    changed: bool,
-}
-
-#[derive(Clone)]
-struct NewAttribution {
     referral_id: String,
     referrer_reference: String,
     transaction_id: String,
+    changed: bool,
 }
 
 struct NewLine {
@@ -323,6 +332,9 @@ struct NewLine {
     acceptor: String,
     purchase_id: String,
     refund_id: Option<String>,
+    transaction_id: String,
+    referral_id: String,
+    referrer_reference: String,
     base_amount_minor: i64,
     amount_minor: i64,
     currency: String,
@@ -342,45 +354,34 @@ async fn apply_ledger(tx: &mut sqlx::PgConnection, facts: &[Fact]) -> Result<(),
     if purchase_ids.is_empty() && !facts.iter().any(|f| matches!(f, Fact::Attributed { .. })) {
         return Ok(());
     }
-    type Row = (String, String, i32, i64, String, i64, i64, bool);
-    let rows: Vec<Row> = sqlx::query_as(
+    let mut state: HashMap<String, Attribution> = sqlx::query_as::<_, StoredAttribution>(
         "SELECT purchase_id, partnership_id, terms_version, purchase_amount_minor, currency, commission_minor, \
-           reversed_before_minor, payable \
+           reversed_before_minor, payable, referral_id, referrer_reference, transaction_id \
          FROM attributions WHERE purchase_id = ANY($1)",
     )
     .bind(&purchase_ids)
     .fetch_all(&mut *tx)
-    .await?;
-    let mut state: HashMap<String, Attribution> = rows
-        .into_iter()
-        .map(
-            |(
-                id,
-                partnership_id,
-                terms_version,
-                amount,
-                currency,
-                commission,
-                reversed,
-                payable,
-            )| {
-                (
-                    id,
-                    Attribution {
-                        partnership_id,
-                        terms_version,
-                        purchase_amount_minor: amount,
-                        currency,
-                        commission_minor: commission,
-                        reversed_before_minor: reversed,
-                        payable,
-                        new: None,
-                        changed: false,
-                    },
-                )
+    .await?
+    .into_iter()
+    .map(|row| {
+        (
+            row.purchase_id,
+            Attribution {
+                partnership_id: row.partnership_id,
+                terms_version: row.terms_version,
+                purchase_amount_minor: row.purchase_amount_minor,
+                currency: row.currency,
+                commission_minor: row.commission_minor,
+                reversed_before_minor: row.reversed_before_minor,
+                payable: row.payable,
+                referral_id: row.referral_id,
+                referrer_reference: row.referrer_reference,
+                transaction_id: row.transaction_id,
+                changed: false,
             },
         )
-        .collect();
+    })
+    .collect();
     let mut lines = Vec::new();
     for fact in facts {
         match fact {
@@ -402,11 +403,9 @@ async fn apply_ledger(tx: &mut sqlx::PgConnection, facts: &[Fact]) -> Result<(),
                     commission_minor: *commission_minor,
                     reversed_before_minor: 0,
                     payable: false,
-                    new: Some(NewAttribution {
-                        referral_id: referral_id.clone(),
-                        referrer_reference: referrer_reference.clone(),
-                        transaction_id: transaction_id.clone(),
-                    }),
+                    referral_id: referral_id.clone(),
+                    referrer_reference: referrer_reference.clone(),
+                    transaction_id: transaction_id.clone(),
                     changed: true,
                 });
             }
@@ -436,6 +435,9 @@ async fn apply_ledger(tx: &mut sqlx::PgConnection, facts: &[Fact]) -> Result<(),
                         acceptor: acceptor.clone(),
                         purchase_id: purchase_id.clone(),
                         refund_id: None,
+                        transaction_id: attribution.transaction_id.clone(),
+                        referral_id: attribution.referral_id.clone(),
+                        referrer_reference: attribution.referrer_reference.clone(),
                         base_amount_minor: attribution.purchase_amount_minor,
                         amount_minor: amount,
                         currency: attribution.currency.clone(),
@@ -466,6 +468,9 @@ async fn apply_ledger(tx: &mut sqlx::PgConnection, facts: &[Fact]) -> Result<(),
                         acceptor: acceptor.clone(),
                         purchase_id: purchase_id.clone(),
                         refund_id: Some(refund_id.clone()),
+                        transaction_id: attribution.transaction_id.clone(),
+                        referral_id: attribution.referral_id.clone(),
+                        referrer_reference: attribution.referrer_reference.clone(),
                         base_amount_minor: *refund_minor,
                         amount_minor: -reversal_minor,
                         currency: attribution.currency.clone(),
@@ -486,13 +491,12 @@ async fn apply_ledger(tx: &mut sqlx::PgConnection, facts: &[Fact]) -> Result<(),
                transaction_id, purchase_amount_minor, currency, commission_minor, reversed_before_minor, payable) ",
         );
         query.push_values(&changed, |mut row, (purchase_id, a)| {
-            let new = a.new.as_ref();
             row.push_bind(*purchase_id)
                 .push_bind(&a.partnership_id)
                 .push_bind(a.terms_version)
-                .push_bind(new.map_or("", |n| n.referral_id.as_str()))
-                .push_bind(new.map_or("", |n| n.referrer_reference.as_str()))
-                .push_bind(new.map_or("", |n| n.transaction_id.as_str()))
+                .push_bind(&a.referral_id)
+                .push_bind(&a.referrer_reference)
+                .push_bind(&a.transaction_id)
                 .push_bind(a.purchase_amount_minor)
                 .push_bind(&a.currency)
                 .push_bind(a.commission_minor)
@@ -508,7 +512,8 @@ async fn apply_ledger(tx: &mut sqlx::PgConnection, facts: &[Fact]) -> Result<(),
     if !lines.is_empty() {
         let mut query: QueryBuilder<Postgres> = QueryBuilder::new(
             "INSERT INTO lines (line_id, kind, partnership_id, terms_version, referrer_merchant_id, acceptor_merchant_id, \
-               purchase_id, refund_id, base_amount_minor, amount_minor, currency, payable_at) ",
+               purchase_id, refund_id, transaction_id, referral_id, referrer_reference, base_amount_minor, amount_minor, \
+               currency, payable_at) ",
         );
         query.push_values(&lines, |mut row, line| {
             row.push_bind(&line.line_id)
@@ -519,6 +524,9 @@ async fn apply_ledger(tx: &mut sqlx::PgConnection, facts: &[Fact]) -> Result<(),
                 .push_bind(&line.acceptor)
                 .push_bind(&line.purchase_id)
                 .push_bind(&line.refund_id)
+                .push_bind(&line.transaction_id)
+                .push_bind(&line.referral_id)
+                .push_bind(&line.referrer_reference)
                 .push_bind(line.base_amount_minor)
                 .push_bind(line.amount_minor)
                 .push_bind(&line.currency)

@@ -11,6 +11,7 @@
 mod api;
 pub mod close;
 mod intake;
+mod lines;
 pub mod pain001;
 pub mod payouts;
 pub mod pdf;

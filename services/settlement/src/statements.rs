@@ -11,7 +11,7 @@ use tandem_domain::statement::{LineStatus, Statement, COLUMNS};
 use tandem_proto::time::timestamp;
 use tandem_proto::v1 as pb;
 
-use crate::close::{statement_line, totals_from_json, CycleLine, LINE_COLUMNS};
+use crate::close::{totals_from_json, Closure};
 use crate::SettlementError;
 
 /// A statement's header as stored.
@@ -81,33 +81,53 @@ pub(crate) async fn header(
     .await?)
 }
 
-/// The issued statement, rebuilt from its lines and checked against its recorded hash.
+/// The issued statement, rebuilt from its closure's lines and checked against its recorded
+/// hash.
 pub(crate) async fn load(pool: &PgPool, header: &Header) -> Result<Statement, SettlementError> {
-    let rows: Vec<(CycleLine, bool)> = sqlx::query_as::<_, CycleLineWithStatus>(&format!(
-        "SELECT {LINE_COLUMNS}, (c.line_id IS NOT NULL) AS carried \
-         FROM lines l JOIN partnership_terms t USING (partnership_id, terms_version) \
-           LEFT JOIN attributions a ON a.purchase_id = l.purchase_id \
-           LEFT JOIN carried_lines c ON c.cycle = $2 AND c.line_id = l.line_id \
-         WHERE (l.referrer_merchant_id = $1 OR l.acceptor_merchant_id = $1) \
-           AND (l.settled_in = $2 OR c.line_id IS NOT NULL) \
-         ORDER BY l.payable_at, l.line_id"
-    ))
-    .bind(&header.merchant_id)
-    .bind(&header.cycle)
-    .fetch_all(pool)
-    .await?
-    .into_iter()
-    .map(|row| (row.line, row.carried))
-    .collect();
-    let mut lines = Vec::with_capacity(rows.len());
-    for (line, carried) in &rows {
-        let status = if *carried {
-            LineStatus::CarriedForward
-        } else {
-            LineStatus::Settled
-        };
-        lines.push(statement_line(line, &header.merchant_id, status)?);
-    }
+    let mut connection = pool.acquire().await?;
+    let closure: Closure = sqlx::query_as("SELECT * FROM cycle_closures WHERE cycle = $1")
+        .bind(&header.cycle)
+        .fetch_one(&mut *connection)
+        .await?;
+    let terms =
+        crate::lines::group_terms(&mut connection, &closure.kind, &closure.time_zone).await?;
+    let carried_before =
+        crate::close::carried_in(&mut connection, closure.previous_cycle.as_deref()).await?;
+    let carried_here: std::collections::HashSet<String> =
+        crate::close::carried_in(&mut connection, Some(&closure.cycle))
+            .await?
+            .into_iter()
+            .collect();
+    drop(connection);
+    let data = crate::lines::read(
+        pool,
+        terms,
+        &crate::lines::Selection {
+            closure: &closure,
+            carried_before: &carried_before,
+            merchant: Some(&header.merchant_id),
+        },
+        1,
+    )
+    .await?;
+    let merchant = data
+        .merchants
+        .iter()
+        .position(|m| m.as_str() == header.merchant_id)
+        .and_then(|i| u32::try_from(i).ok())
+        .unwrap_or(u32::MAX);
+    let lines = data
+        .rows
+        .iter()
+        .map(|row| {
+            let status = if carried_here.contains(&*row.line_id) {
+                LineStatus::CarriedForward
+            } else {
+                LineStatus::Settled
+            };
+            data.statement_line(row, merchant, status)
+        })
+        .collect();
     let statement = Statement {
         merchant_id: MerchantId::parse("merchant_id", &header.merchant_id)?,
         number: u32::try_from(header.number).unwrap_or(0),
@@ -131,13 +151,6 @@ pub(crate) async fn load(pool: &PgPool, header: &Header) -> Result<Statement, Se
         ));
     }
     Ok(statement)
-}
-
-#[derive(sqlx::FromRow)]
-struct CycleLineWithStatus {
-    #[sqlx(flatten)]
-    line: CycleLine,
-    carried: bool,
 }
 
 pub(crate) fn statement_to_proto(header: &Header, statement: &Statement) -> pb::Statement {

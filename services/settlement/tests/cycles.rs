@@ -302,7 +302,6 @@ async fn a_commission_one_second_before_the_cut_off_is_in_the_cycle_and_one_seco
 
 #[tokio::test]
 async fn monthly_cycles_cut_off_at_local_midnight_across_daylight_saving_changes() {
-    let world = World::new().await;
     for (zone, month, start, end) in [
         // Paris moves to summer time on 29 March 2026: 00:00 CET to 00:00 CEST.
         (
@@ -326,6 +325,8 @@ async fn monthly_cycles_cut_off_at_local_midnight_across_daylight_saving_changes
             "2026-04-01T04:00:00Z",
         ),
     ] {
+        // Each case on its own database: cycles of one kind and zone close in order.
+        let world = World::new().await;
         let referrer = world.merchant(zone).await;
         let acceptor = world.merchant(zone).await;
         let p = world
