@@ -169,7 +169,8 @@ impl World {
             pb::ledger_event::Event::PurchaseAttributed(pb::PurchaseAttributed {
                 purchase_id: purchase_id.clone(),
                 referral_id: "ref_00000000000000000000000000000001".into(),
-                referrer_reference: "receipt 42".into(),
+                // Quoting in the canonical CSV: a comma and double quotes.
+                referrer_reference: "receipt 42, \"window\"".into(),
                 transaction_id: format!("T-{amount}"),
                 amount: Some(eur(amount)),
                 purchased_at: Some(timestamp(Utc::now())),
@@ -481,6 +482,19 @@ async fn closing_is_idempotent_refuses_what_it_cannot_do_and_a_late_line_goes_in
     world.close(&day.next()).await;
     let statements = world.statements(&referrer).await;
     assert_eq!(statements[1].lines[0].purchase_id, late);
+    // Cycles close in order: one before the latest closed cycle of its kind and zone cannot.
+    match close_cycle(
+        &world.pool,
+        &daily("Europe/Paris", "2026-06-30"),
+        Utc::now(),
+        &world.wake,
+    )
+    .await
+    .unwrap()
+    {
+        Err(CloseRefused::NotAfterLatest { latest, .. }) => assert_eq!(latest, day.next().key()),
+        other => panic!("expected NotAfterLatest, got {other:?}"),
+    }
 
     // A line whose terms settlement has not received: no cycle can close past it.
     let stranger = Partnership {
@@ -740,6 +754,18 @@ async fn payout_files_validate_against_the_iso_20022_schema_and_exports_carry_th
     let json = settlement::statements::to_json(&statement).unwrap();
     let canonical = settlement::statements::canonical_from_json(&json).unwrap();
     assert_eq!(canonical, statement.canonical_csv());
+    // A partner's check of the JSON export, with Python's standard library alone.
+    let json_path = directory.join("statement.json");
+    std::fs::write(&json_path, &json).unwrap();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/checkers/verify_statement_json.py"
+    );
+    let verdict = run("python3", &[script, json_path.to_str().unwrap(), &hash]);
+    assert!(verdict.contains("matches"), "{verdict}");
+    assert!(statement
+        .canonical_csv()
+        .contains(r#""receipt 42, ""window""""#));
     let pdf_path = directory.join("statement.pdf");
     std::fs::write(&pdf_path, settlement::pdf::render(&statement, &hash)).unwrap();
     let text = run("pdftotext", &["-layout", pdf_path.to_str().unwrap(), "-"]);
