@@ -48,8 +48,9 @@ where
     )
 }
 
-/// A backend's answer as the gateway's: statuses the client caused pass through (with their
-/// message); anything else becomes UNAVAILABLE, naming `backend`.
+/// A backend's answer as the gateway's: statuses the client caused, and INTERNAL (a fault
+/// retrying will not cure), pass through with their message; anything else becomes UNAVAILABLE,
+/// naming `backend`.
 pub fn relay_status<Resp>(
     backend: &str,
     answer: Result<Response<Resp>, Status>,
@@ -63,6 +64,8 @@ pub fn relay_status<Resp>(
                     | Code::NotFound
                     | Code::PermissionDenied
                     | Code::FailedPrecondition
+                    | Code::OutOfRange
+                    | Code::Internal
             ) =>
         {
             Err(GatewayError::Upstream(Status::new(

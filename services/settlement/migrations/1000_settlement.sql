@@ -19,14 +19,28 @@ CREATE TABLE merchants (
     time_zone            TEXT NOT NULL
 );
 
--- Every payout account a merchant registered; a closure uses the latest registered before it.
+-- Every payout account a merchant registered, numbered in the order received. A payout
+-- instruction pays to and from the latest account received before its cycle closed (the closure's
+-- `account_watermark`), or, for a merchant that had none then, the first received after: once
+-- chosen, an instruction's accounts never change, so a payout file is the same every time.
 CREATE TABLE payout_accounts (
+    received        BIGSERIAL   PRIMARY KEY,
     merchant_id     TEXT        NOT NULL,
     registered_at   TIMESTAMPTZ NOT NULL,
     iban            TEXT        NOT NULL,
     bic             TEXT        NOT NULL,
-    account_holder  TEXT        NOT NULL,
-    PRIMARY KEY (merchant_id, registered_at)
+    account_holder  TEXT        NOT NULL
+);
+
+CREATE INDEX payout_accounts_merchant ON payout_accounts (merchant_id, received);
+
+-- Ledger events settlement could not place (a payable commission or a reversal of a purchase it
+-- never saw attributed: the ledger's order broken). Kept for an operator; an error is logged.
+CREATE TABLE parked_messages (
+    message_id   TEXT        PRIMARY KEY,
+    purchase_id  TEXT        NOT NULL,
+    reason       TEXT        NOT NULL,
+    parked_at    TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 
 -- The settlement-relevant part of each proposed terms version (a version that is never accepted
@@ -97,6 +111,8 @@ CREATE TABLE cycle_closures (
     closed_at       TIMESTAMPTZ NOT NULL,
     -- The highest line `seq` the closure could see: lines received later wait for the next cycle.
     line_watermark  BIGINT      NOT NULL,
+    -- The highest payout account number received when it closed.
+    account_watermark  BIGINT   NOT NULL,
     -- The closure of the same kind and zone before it, if any: the lines it covered are not
     -- this one's, except those it carried forward.
     previous_cycle       TEXT,

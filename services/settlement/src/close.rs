@@ -84,6 +84,7 @@ pub(crate) struct Closure {
     pub cut_off: DateTime<Utc>,
     pub closed_at: DateTime<Utc>,
     pub line_watermark: i64,
+    pub account_watermark: i64,
     pub previous_cycle: Option<String>,
     pub previous_cut_off: Option<DateTime<Utc>>,
     pub previous_watermark: Option<i64>,
@@ -170,6 +171,10 @@ pub async fn close_cycle(
             cut_off: cycle.end,
         }));
     }
+    // One closure at a time in this process, with its reading connections in hand before it
+    // takes the lock (intake transactions wait on the lock while holding theirs).
+    let _closing = CLOSING.lock().await;
+    let readers = lines::readers(pool, READ_PARTS).await?;
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(INTAKE_LOCK)
@@ -199,7 +204,7 @@ pub async fn close_cycle(
             }));
         }
     }
-    if let Some(missing) = missing_admin(&mut tx, cycle.end, previous.as_ref()).await? {
+    if let Some(missing) = missing_admin(&mut tx, cycle, previous.as_ref()).await? {
         return Ok(Err(missing));
     }
     if let Some(earlier) = first_open_cycle(&mut tx, cycle.kind, cycle.time_zone).await? {
@@ -213,6 +218,10 @@ pub async fn close_cycle(
     let watermark: i64 = sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM lines")
         .fetch_one(&mut *tx)
         .await?;
+    let account_watermark: i64 =
+        sqlx::query_scalar("SELECT coalesce(max(received), 0) FROM payout_accounts")
+            .fetch_one(&mut *tx)
+            .await?;
     let number: i64 =
         sqlx::query_scalar("SELECT coalesce(max(closure), 0) + 1 FROM cycle_closures")
             .fetch_one(&mut *tx)
@@ -227,14 +236,15 @@ pub async fn close_cycle(
         cut_off: cycle.end,
         closed_at: tandem_proto::time::truncate_to_micros(now),
         line_watermark: watermark,
+        account_watermark,
         previous_cycle: previous.as_ref().map(|p| p.cycle.clone()),
         previous_cut_off: previous.as_ref().map(|p| p.cut_off),
         previous_watermark: previous.as_ref().map(|p| p.line_watermark),
     };
     sqlx::query(
         "INSERT INTO cycle_closures (closure, cycle, kind, time_zone, first_day, start_at, cut_off, closed_at, line_watermark, \
-           previous_cycle, previous_cut_off, previous_watermark) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+           account_watermark, previous_cycle, previous_cut_off, previous_watermark) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
     )
     .bind(closure.closure)
     .bind(&closure.cycle)
@@ -245,13 +255,14 @@ pub async fn close_cycle(
     .bind(closure.cut_off)
     .bind(closure.closed_at)
     .bind(closure.line_watermark)
+    .bind(closure.account_watermark)
     .bind(&closure.previous_cycle)
     .bind(closure.previous_cut_off)
     .bind(closure.previous_watermark)
     .execute(&mut *tx)
     .await?;
     let started = std::time::Instant::now();
-    let summary = project(pool, &mut tx, &closure, true).await?;
+    let summary = project(readers, &mut tx, &closure, true).await?;
     tx.commit().await?;
     outbox_written.notify_one();
     tracing::info!(
@@ -269,6 +280,7 @@ pub async fn close_cycle(
 /// Drops every projection and projects the recorded closures again, in order. Returns how many
 /// closures it replayed. Publishes nothing: the events went out when the cycles closed.
 pub async fn rebuild_projections(pool: &PgPool) -> Result<usize, SettlementError> {
+    let _closing = CLOSING.lock().await;
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(INTAKE_LOCK)
@@ -281,7 +293,8 @@ pub async fn rebuild_projections(pool: &PgPool) -> Result<usize, SettlementError
         .fetch_all(&mut *tx)
         .await?;
     for closure in &closures {
-        project(pool, &mut tx, closure, false).await?;
+        let readers = lines::readers(pool, READ_PARTS).await?;
+        project(readers, &mut tx, closure, false).await?;
     }
     tx.commit().await?;
     Ok(closures.len())
@@ -336,19 +349,24 @@ pub(crate) fn summary_from_row(
 /// before the admin consumer catches up.
 async fn missing_admin(
     tx: &mut PgConnection,
-    cut_off: DateTime<Utc>,
+    cycle: &Cycle,
     previous: Option<&Closure>,
 ) -> Result<Option<CloseRefused>, SettlementError> {
+    // Only lines that could be of this cycle's kind and zone: what is known of them does not
+    // rule it out.
     let row: Option<(String, i32)> = sqlx::query_as(
         "SELECT l.partnership_id, l.terms_version FROM lines l \
            LEFT JOIN partnership_terms t USING (partnership_id, terms_version) \
            LEFT JOIN merchants m ON m.merchant_id = l.acceptor_merchant_id \
          WHERE l.payable_at < $1 AND ($2::timestamptz IS NULL OR l.payable_at >= $2 OR l.seq > $3) \
-           AND (t.partnership_id IS NULL OR m.merchant_id IS NULL) LIMIT 1",
+           AND (t.partnership_id IS NULL OR m.merchant_id IS NULL) \
+           AND (t.cycle_kind IS NULL OR t.cycle_kind = $4) AND (m.time_zone IS NULL OR m.time_zone = $5) LIMIT 1",
     )
-    .bind(cut_off)
+    .bind(cycle.end)
     .bind(previous.map(|p| p.cut_off))
     .bind(previous.map_or(0, |p| p.line_watermark))
+    .bind(cycle.kind.as_str())
+    .bind(cycle.time_zone.name())
     .fetch_optional(&mut *tx)
     .await?;
     Ok(row.map(
@@ -449,7 +467,10 @@ pub(crate) fn saturate(value: i128) -> i64 {
 }
 
 /// How many queries read a closure's lines at once.
-const READ_PARTS: u32 = 2;
+pub const READ_PARTS: u32 = 2;
+
+/// Closures in this process, one at a time.
+static CLOSING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// One statement of a closure, hashed.
 struct Issued {
@@ -463,7 +484,7 @@ struct Issued {
 /// Projects `closure`: nets its lines, issues the statements, records the payout instructions
 /// and, when `announce`, enqueues the settlement events.
 async fn project(
-    pool: &PgPool,
+    readers: Vec<sqlx::pool::PoolConnection<Postgres>>,
     tx: &mut PgConnection,
     closure: &Closure,
     announce: bool,
@@ -472,14 +493,13 @@ async fn project(
     let terms = lines::group_terms(tx, &closure.kind, &closure.time_zone).await?;
     let carried_before = carried_in(tx, closure.previous_cycle.as_deref()).await?;
     let data = lines::read(
-        pool,
+        readers,
         terms,
         &lines::Selection {
             closure,
             carried_before: &carried_before,
             merchant: None,
         },
-        READ_PARTS,
     )
     .await?;
     let read_ms = phase.elapsed().as_millis() as u64;
@@ -815,24 +835,47 @@ pub async fn close_due_cycles(
     .fetch_all(pool)
     .await?;
     let mut closed = 0;
+    // One group's failure (a zone the database does not know, a refused closure, a database
+    // error) is logged and never keeps the other groups from closing.
     for (kind, zone) in groups {
-        let kind = CycleKind::parse("cycle_kind", &kind)?;
-        let zone = tandem_domain::settlement::parse_time_zone("time_zone", &zone)?;
-        loop {
-            let mut connection = pool.acquire().await?;
-            let Some(cycle) = first_open_cycle(&mut connection, kind, zone).await? else {
+        match close_due_in_group(pool, &kind, &zone, now, grace, outbox_written).await {
+            Ok(count) => closed += count,
+            Err(error) => tracing::warn!(
+                kind = %kind,
+                zone = %zone,
+                error = %tandem_runtime::error_chain(&error),
+                "closing this kind and zone's due cycles failed; the schedule tries again"
+            ),
+        }
+    }
+    Ok(closed)
+}
+
+async fn close_due_in_group(
+    pool: &PgPool,
+    kind: &str,
+    zone: &str,
+    now: DateTime<Utc>,
+    grace: chrono::Duration,
+    outbox_written: &tokio::sync::Notify,
+) -> Result<usize, SettlementError> {
+    let kind = CycleKind::parse("cycle_kind", kind)?;
+    let zone = tandem_domain::settlement::parse_time_zone("time_zone", zone)?;
+    let mut closed = 0;
+    loop {
+        let mut connection = pool.acquire().await?;
+        let Some(cycle) = first_open_cycle(&mut connection, kind, zone).await? else {
+            break;
+        };
+        drop(connection);
+        if cycle.end + grace > now {
+            break;
+        }
+        match close_cycle(pool, &cycle, now, outbox_written).await? {
+            Ok(_) => closed += 1,
+            Err(refused) => {
+                tracing::warn!(cycle = %cycle.key(), reason = %refused, "a due cycle could not close yet; the schedule tries again");
                 break;
-            };
-            drop(connection);
-            if cycle.end + grace > now {
-                break;
-            }
-            match close_cycle(pool, &cycle, now, outbox_written).await? {
-                Ok(_) => closed += 1,
-                Err(refused) => {
-                    tracing::warn!(cycle = %cycle.key(), reason = %refused, "a due cycle could not close yet; the schedule tries again");
-                    break;
-                }
             }
         }
     }

@@ -38,7 +38,8 @@ enum Fact {
         settlement_currency: String,
         time_zone: String,
     },
-    PayoutAccount(pb::PayoutAccountRegistered),
+    /// With the instant the gateway recorded it, if the event has no `registered_at`.
+    PayoutAccount(pb::PayoutAccountRegistered, DateTime<Utc>),
     Terms {
         partnership_id: String,
         version: i32,
@@ -108,12 +109,13 @@ impl BatchHandler for Intake {
             .bind(INTAKE_LOCK)
             .execute(&mut *tx)
             .await?;
-        let fresh = tandem_store::claim_unapplied(&mut tx, &ids).await?;
-        let facts: Vec<Fact> = ids
+        let mut fresh = tandem_store::claim_unapplied(&mut tx, &ids).await?;
+        // `remove`, not `contains`: a message delivered twice in one batch (a relay that
+        // resent a batch) is applied once.
+        let facts: Vec<(String, Fact)> = ids
             .into_iter()
             .zip(facts)
-            .filter(|(id, _)| fresh.contains(id))
-            .map(|(_, fact)| fact)
+            .filter(|(id, _)| fresh.remove(id))
             .collect();
         apply_admin(&mut tx, &facts).await?;
         apply_ledger(&mut tx, &facts).await?;
@@ -134,7 +136,14 @@ fn decode(delivery: &Delivery) -> Result<(String, Fact), String> {
                     settlement_currency: event.settlement_currency,
                     time_zone: event.time_zone,
                 },
-                Some(Payload::PayoutAccountRegistered(event)) => Fact::PayoutAccount(event),
+                Some(Payload::PayoutAccountRegistered(event)) => Fact::PayoutAccount(
+                    event,
+                    envelope
+                        .recorded_at
+                        .as_ref()
+                        .and_then(tandem_proto::time::datetime)
+                        .unwrap_or_default(),
+                ),
                 Some(Payload::PartnershipTermsProposed(event)) => {
                     let terms = event
                         .terms
@@ -222,8 +231,11 @@ fn decode(delivery: &Delivery) -> Result<(String, Fact), String> {
     }
 }
 
-async fn apply_admin(tx: &mut sqlx::PgConnection, facts: &[Fact]) -> Result<(), SettlementError> {
-    for fact in facts {
+async fn apply_admin(
+    tx: &mut sqlx::PgConnection,
+    facts: &[(String, Fact)],
+) -> Result<(), SettlementError> {
+    for (_, fact) in facts {
         match fact {
             Fact::Merchant {
                 merchant_id,
@@ -242,15 +254,15 @@ async fn apply_admin(tx: &mut sqlx::PgConnection, facts: &[Fact]) -> Result<(), 
                 .execute(&mut *tx)
                 .await?;
             }
-            Fact::PayoutAccount(account) => {
+            Fact::PayoutAccount(account, recorded_at) => {
                 let registered_at = account
                     .registered_at
                     .as_ref()
                     .and_then(tandem_proto::time::datetime)
-                    .unwrap_or_default();
+                    .unwrap_or(*recorded_at);
                 sqlx::query(
                     "INSERT INTO payout_accounts (merchant_id, registered_at, iban, bic, account_holder) \
-                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                     VALUES ($1, $2, $3, $4, $5)",
                 )
                 .bind(&account.merchant_id)
                 .bind(registered_at)
@@ -341,17 +353,22 @@ struct NewLine {
     payable_at: DateTime<Utc>,
 }
 
-async fn apply_ledger(tx: &mut sqlx::PgConnection, facts: &[Fact]) -> Result<(), SettlementError> {
+async fn apply_ledger(
+    tx: &mut sqlx::PgConnection,
+    facts: &[(String, Fact)],
+) -> Result<(), SettlementError> {
+    // Every purchase the batch names, attributed ones included: an attribution announced again
+    // must find the stored state, not start afresh.
     let purchase_ids: Vec<&str> = facts
         .iter()
-        .filter_map(|fact| match fact {
-            Fact::Payable { purchase_id, .. } | Fact::Reversed { purchase_id, .. } => {
-                Some(purchase_id.as_str())
-            }
+        .filter_map(|(_, fact)| match fact {
+            Fact::Attributed { purchase_id, .. }
+            | Fact::Payable { purchase_id, .. }
+            | Fact::Reversed { purchase_id, .. } => Some(purchase_id.as_str()),
             _ => None,
         })
         .collect();
-    if purchase_ids.is_empty() && !facts.iter().any(|f| matches!(f, Fact::Attributed { .. })) {
+    if purchase_ids.is_empty() {
         return Ok(());
     }
     let mut state: HashMap<String, Attribution> = sqlx::query_as::<_, StoredAttribution>(
@@ -383,7 +400,8 @@ async fn apply_ledger(tx: &mut sqlx::PgConnection, facts: &[Fact]) -> Result<(),
     })
     .collect();
     let mut lines = Vec::new();
-    for fact in facts {
+    let mut parked: Vec<(&str, &str, &str)> = Vec::new();
+    for (message_id, fact) in facts {
         match fact {
             Fact::Attributed {
                 purchase_id,
@@ -416,7 +434,8 @@ async fn apply_ledger(tx: &mut sqlx::PgConnection, facts: &[Fact]) -> Result<(),
                 payable_at,
             } => {
                 let Some(attribution) = state.get_mut(purchase_id) else {
-                    tracing::error!(%purchase_id, "commission payable for a purchase settlement never saw attributed; skipped");
+                    tracing::error!(%purchase_id, %message_id, "commission payable for a purchase settlement never saw attributed; parked");
+                    parked.push((message_id, purchase_id, "payable before its attribution"));
                     continue;
                 };
                 if attribution.payable {
@@ -455,7 +474,8 @@ async fn apply_ledger(tx: &mut sqlx::PgConnection, facts: &[Fact]) -> Result<(),
                 recorded_at,
             } => {
                 let Some(attribution) = state.get_mut(purchase_id) else {
-                    tracing::error!(%purchase_id, %refund_id, "reversal for a purchase settlement never saw attributed; skipped");
+                    tracing::error!(%purchase_id, %refund_id, %message_id, "reversal for a purchase settlement never saw attributed; parked");
+                    parked.push((message_id, purchase_id, "reversal before its attribution"));
                     continue;
                 };
                 if attribution.payable {
@@ -508,6 +528,16 @@ async fn apply_ledger(tx: &mut sqlx::PgConnection, facts: &[Fact]) -> Result<(),
                payable = EXCLUDED.payable",
         );
         query.build().execute(&mut *tx).await?;
+    }
+    for (message_id, purchase_id, reason) in parked {
+        sqlx::query(
+            "INSERT INTO parked_messages (message_id, purchase_id, reason) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+        )
+        .bind(message_id)
+        .bind(purchase_id)
+        .bind(reason)
+        .execute(&mut *tx)
+        .await?;
     }
     if !lines.is_empty() {
         let mut query: QueryBuilder<Postgres> = QueryBuilder::new(

@@ -76,8 +76,8 @@ pub struct Config {
     /// Most messages applied in one transaction.
     #[arg(long, env = "TANDEM_SETTLEMENT_MAX_BATCH", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=5_000))]
     pub max_batch: u32,
-    /// Rebuild the projections (statements, payout instructions, settled marks) from the
-    /// recorded closures and lines, then exit instead of serving.
+    /// Rebuild the projections (statements, carried-forward lines, cycle summaries, payout
+    /// instructions) from the recorded closures and lines, then exit instead of serving.
     #[arg(long)]
     pub rebuild_projections: bool,
 }
@@ -104,6 +104,8 @@ pub enum StartError {
     Serve(#[from] tandem_runtime::ServeError),
     #[error("rebuilding the projections failed")]
     Rebuild(#[from] SettlementError),
+    #[error("{0}")]
+    Config(String),
 }
 
 /// The cycle kind of a terms version's settlement cycle.
@@ -134,6 +136,17 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
+    // Two consumers, the relay's lock and its batches, a closure and its readers, and one for the
+    // API and the schedule.
+    let needed = 2 + 2 + 1 + close::READ_PARTS + 1;
+    if config.database.db_max_connections < needed {
+        return Err(StartError::Config(format!(
+            "settlement needs at least {needed} database connections (two consumers, the outbox relay, a closure with its {} readers, the API); \
+             TANDEM_DB_MAX_CONNECTIONS is {}: raise it",
+            close::READ_PARTS,
+            config.database.db_max_connections
+        )));
+    }
     let pool = tandem_store::connect(&config.database.store_config(&config.schema)).await?;
     tandem_store::migrate(&pool, &MIGRATIONS).await?;
     if config.rebuild_projections {

@@ -12,7 +12,8 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
-use sqlx::{PgConnection, PgPool, Row as _};
+use sqlx::pool::PoolConnection;
+use sqlx::{PgConnection, PgPool, Postgres, Row as _};
 use tandem_domain::ids::{MerchantId, PartnershipId};
 use tandem_domain::money::Currency;
 use tandem_domain::statement::{LineKind, LineStatus, StatementLine};
@@ -134,12 +135,12 @@ const COLUMNS: &str = "l.line_id, l.kind, l.partnership_id, l.terms_version, l.r
     l.acceptor_merchant_id, l.purchase_id, l.refund_id, l.transaction_id, l.referral_id, l.referrer_reference, \
     l.payable_at, l.currency, l.base_amount_minor, l.amount_minor";
 
-/// The closure's lines (or one merchant's), read in `parts` queries on their own connections.
+/// The closure's lines (or one merchant's), read by one query on each of `readers` at once.
+/// Lines never change, so reading them outside the closing transaction sees what it would.
 pub(crate) async fn read(
-    pool: &PgPool,
+    readers: Vec<PoolConnection<Postgres>>,
     terms: Vec<TermsVersion>,
     selection: &Selection<'_>,
-    parts: u32,
 ) -> Result<ClosureLines, SettlementError> {
     let closure = selection.closure;
     let partnership_ids: Vec<&str> = terms.iter().map(|t| t.partnership_id.as_str()).collect();
@@ -164,83 +165,84 @@ pub(crate) async fn read(
            AND ($5::timestamptz IS NULL OR l.payable_at >= $5 OR l.seq > $6 OR l.line_id = ANY($7)) \
            AND l.seq % $10 = $8 {merchant_filter}"
     );
-    let parts = parts.max(1);
-    let reads = (0..parts).map(|part| {
-        let pool = pool.clone();
-        let sql = sql.clone();
-        let terms_index = terms_index.clone();
-        let partnership_ids: Vec<String> =
-            partnership_ids.iter().map(|s| (*s).to_owned()).collect();
-        let versions = versions.clone();
-        let carried: Vec<String> = selection.carried_before.to_vec();
-        let merchant = selection.merchant.map(str::to_owned);
-        let (cut_off, watermark) = (closure.cut_off, closure.line_watermark);
-        let (previous_cut_off, previous_watermark) = (
-            closure.previous_cut_off,
-            closure.previous_watermark.unwrap_or(0),
-        );
-        async move {
-            let mut connection = pool.acquire().await?;
-            let mut merchants: Vec<String> = Vec::new();
-            let mut merchant_index: HashMap<String, u32> = HashMap::new();
-            let mut rows = Vec::new();
-            let mut stream = sqlx::query(&sql)
-                .bind(cut_off)
-                .bind(watermark)
-                .bind(&partnership_ids)
-                .bind(&versions)
-                .bind(previous_cut_off)
-                .bind(previous_watermark)
-                .bind(&carried)
-                .bind(i64::from(part))
-                .bind(merchant.as_deref())
-                .bind(i64::from(parts))
-                .fetch(&mut *connection);
-            let mut intern = |id: &str| -> u32 {
-                if let Some(index) = merchant_index.get(id) {
-                    return *index;
+    let parts = u32::try_from(readers.len()).unwrap_or(1).max(1);
+    let reads = readers
+        .into_iter()
+        .zip(0..parts)
+        .map(|(mut connection, part)| {
+            let sql = sql.clone();
+            let terms_index = terms_index.clone();
+            let partnership_ids: Vec<String> =
+                partnership_ids.iter().map(|s| (*s).to_owned()).collect();
+            let versions = versions.clone();
+            let carried: Vec<String> = selection.carried_before.to_vec();
+            let merchant = selection.merchant.map(str::to_owned);
+            let (cut_off, watermark) = (closure.cut_off, closure.line_watermark);
+            let (previous_cut_off, previous_watermark) = (
+                closure.previous_cut_off,
+                closure.previous_watermark.unwrap_or(0),
+            );
+            async move {
+                let mut merchants: Vec<String> = Vec::new();
+                let mut merchant_index: HashMap<String, u32> = HashMap::new();
+                let mut rows = Vec::new();
+                let mut stream = sqlx::query(&sql)
+                    .bind(cut_off)
+                    .bind(watermark)
+                    .bind(&partnership_ids)
+                    .bind(&versions)
+                    .bind(previous_cut_off)
+                    .bind(previous_watermark)
+                    .bind(&carried)
+                    .bind(i64::from(part))
+                    .bind(merchant.as_deref())
+                    .bind(i64::from(parts))
+                    .fetch(&mut *connection);
+                let mut intern = |id: &str| -> u32 {
+                    if let Some(index) = merchant_index.get(id) {
+                        return *index;
+                    }
+                    let index = u32::try_from(merchants.len()).unwrap_or(u32::MAX);
+                    merchants.push(id.to_owned());
+                    merchant_index.insert(id.to_owned(), index);
+                    index
+                };
+                while let Some(row) = stream.try_next().await? {
+                    let partnership: &str = row.try_get(2)?;
+                    let version: i32 = row.try_get(3)?;
+                    let terms = terms_index
+                        .get(partnership)
+                        .and_then(|versions| versions.iter().find(|(v, _)| *v == version))
+                        .map(|(_, index)| *index)
+                        .ok_or(SettlementError::Invariant(
+                            "a line outside its closure's terms",
+                        ))?;
+                    let kind: &str = row.try_get(1)?;
+                    let currency: &str = row.try_get(12)?;
+                    rows.push(LineRow {
+                        line_id: row.try_get::<&str, _>(0)?.into(),
+                        kind: if kind == "clawback" {
+                            LineKind::Clawback
+                        } else {
+                            LineKind::Commission
+                        },
+                        terms,
+                        referrer: intern(row.try_get(4)?),
+                        acceptor: intern(row.try_get(5)?),
+                        purchase_id: row.try_get::<&str, _>(6)?.into(),
+                        refund_id: row.try_get::<Option<&str>, _>(7)?.map(Into::into),
+                        transaction_id: row.try_get::<&str, _>(8)?.into(),
+                        referral_id: row.try_get::<&str, _>(9)?.into(),
+                        referrer_reference: row.try_get::<&str, _>(10)?.into(),
+                        payable_at: row.try_get(11)?,
+                        currency: Currency::parse("currency", currency)?,
+                        base_amount_minor: row.try_get(13)?,
+                        amount_minor: row.try_get(14)?,
+                    });
                 }
-                let index = u32::try_from(merchants.len()).unwrap_or(u32::MAX);
-                merchants.push(id.to_owned());
-                merchant_index.insert(id.to_owned(), index);
-                index
-            };
-            while let Some(row) = stream.try_next().await? {
-                let partnership: &str = row.try_get(2)?;
-                let version: i32 = row.try_get(3)?;
-                let terms = terms_index
-                    .get(partnership)
-                    .and_then(|versions| versions.iter().find(|(v, _)| *v == version))
-                    .map(|(_, index)| *index)
-                    .ok_or(SettlementError::Invariant(
-                        "a line outside its closure's terms",
-                    ))?;
-                let kind: &str = row.try_get(1)?;
-                let currency: &str = row.try_get(12)?;
-                rows.push(LineRow {
-                    line_id: row.try_get::<&str, _>(0)?.into(),
-                    kind: if kind == "clawback" {
-                        LineKind::Clawback
-                    } else {
-                        LineKind::Commission
-                    },
-                    terms,
-                    referrer: intern(row.try_get(4)?),
-                    acceptor: intern(row.try_get(5)?),
-                    purchase_id: row.try_get::<&str, _>(6)?.into(),
-                    refund_id: row.try_get::<Option<&str>, _>(7)?.map(Into::into),
-                    transaction_id: row.try_get::<&str, _>(8)?.into(),
-                    referral_id: row.try_get::<&str, _>(9)?.into(),
-                    referrer_reference: row.try_get::<&str, _>(10)?.into(),
-                    payable_at: row.try_get(11)?,
-                    currency: Currency::parse("currency", currency)?,
-                    base_amount_minor: row.try_get(13)?,
-                    amount_minor: row.try_get(14)?,
-                });
+                Ok::<_, SettlementError>((merchants, rows))
             }
-            Ok::<_, SettlementError>((merchants, rows))
-        }
-    });
+        });
     let parts_read = futures::future::try_join_all(reads).await?;
 
     // One merchant table for every part, in id order (so indices compare like ids).
@@ -278,4 +280,17 @@ pub(crate) async fn read(
         merchants,
         rows: remapped,
     })
+}
+
+/// `count` connections for [`read`], taken before a closure takes the intake lock: a closure that
+/// holds the lock never waits for the pool.
+pub(crate) async fn readers(
+    pool: &PgPool,
+    count: u32,
+) -> Result<Vec<PoolConnection<Postgres>>, SettlementError> {
+    let mut readers = Vec::with_capacity(count as usize);
+    for _ in 0..count.max(1) {
+        readers.push(pool.acquire().await?);
+    }
+    Ok(readers)
 }

@@ -19,6 +19,7 @@ pub struct PayoutFile {
     pub message_id: String,
     pub xml: String,
     pub transactions: u32,
+    /// Saturates at the largest i64 (the file's own `CtrlSum` is exact).
     pub control_sum_minor: i64,
 }
 
@@ -27,14 +28,15 @@ pub struct PayoutFile {
 pub struct MissingAccounts(pub Vec<String>);
 
 /// `amount_minor` as a decimal in the currency's unit (`1234` EUR is `12.34`).
-pub fn decimal(amount_minor: i64, currency: Currency) -> String {
+pub fn decimal(amount_minor: impl Into<i128>, currency: Currency) -> String {
+    let amount_minor: i128 = amount_minor.into();
     let digits = currency.minor_unit_digits();
     let sign = if amount_minor < 0 { "-" } else { "" };
     let magnitude = amount_minor.unsigned_abs();
     if digits == 0 {
         return format!("{sign}{magnitude}");
     }
-    let scale = 10u64.pow(digits);
+    let scale = 10u128.pow(digits);
     format!(
         "{sign}{}.{:0width$}",
         magnitude / scale,
@@ -98,7 +100,10 @@ pub fn write(
             .or_default()
             .push(instruction);
     }
-    let total: i64 = instructions.iter().map(|i| i.amount_minor).sum();
+    let total: i128 = instructions
+        .iter()
+        .map(|i| i128::from(i.amount_minor))
+        .sum();
     let transactions = u32::try_from(instructions.len()).unwrap_or(u32::MAX);
     let mut xml = String::new();
     let _ = write!(
@@ -106,14 +111,14 @@ pub fn write(
         "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Document xmlns=\"{NAMESPACE}\">\n<CstmrCdtTrfInitn>\n<GrpHdr>\n\
          <MsgId>{message_id}</MsgId>\n<CreDtTm>{}</CreDtTm>\n<NbOfTxs>{transactions}</NbOfTxs>\n<CtrlSum>{}</CtrlSum>\n\
          <InitgPty><Nm>Tandem settlement</Nm></InitgPty>\n</GrpHdr>\n",
-        closed_at.format("%Y-%m-%dT%H:%M:%S"),
+        closed_at.format("%Y-%m-%dT%H:%M:%SZ"),
         decimal(total, currency)
     );
     for (payer, payments) in &by_payer {
         let Some(debtor) = payments[0].from_account.as_ref() else {
             continue;
         };
-        let sum: i64 = payments.iter().map(|i| i.amount_minor).sum();
+        let sum: i128 = payments.iter().map(|i| i128::from(i.amount_minor)).sum();
         let _ = write!(
             xml,
             "<PmtInf>\n<PmtInfId>{}</PmtInfId>\n<PmtMtd>TRF</PmtMtd>\n<NbOfTxs>{}</NbOfTxs>\n<CtrlSum>{}</CtrlSum>\n",
@@ -127,10 +132,12 @@ pub fn write(
         let _ = write!(
             xml,
             "<ReqdExctnDt><Dt>{execution_date}</Dt></ReqdExctnDt>\n<Dbtr><Nm>{}</Nm></Dbtr>\n\
-             <DbtrAcct><Id><IBAN>{}</IBAN></Id></DbtrAcct>\n<DbtrAgt><FinInstnId><BICFI>{}</BICFI></FinInstnId></DbtrAgt>\n<ChrgBr>SLEV</ChrgBr>\n",
+             <DbtrAcct><Id><IBAN>{}</IBAN></Id></DbtrAcct>\n<DbtrAgt><FinInstnId><BICFI>{}</BICFI></FinInstnId></DbtrAgt>\n<ChrgBr>{}</ChrgBr>\n",
             escape(&debtor.account_holder),
             escape(&debtor.iban),
-            escape(&debtor.bic)
+            escape(&debtor.bic),
+            // SEPA requires charges shared by service level; other transfers share them.
+            if currency.as_str() == "EUR" { "SLEV" } else { "SHAR" }
         );
         for payment in payments {
             let Some(creditor) = payment.to_account.as_ref() else {
@@ -156,7 +163,7 @@ pub fn write(
         message_id,
         xml,
         transactions,
-        control_sum_minor: total,
+        control_sum_minor: i64::try_from(total).unwrap_or(i64::MAX),
     })
 }
 

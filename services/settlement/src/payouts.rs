@@ -1,6 +1,8 @@
 //! Payout instructions: the transfers that clear a closed cycle's net positions, with the payout
-//! accounts the two merchants have registered (the latest registration: a merchant that changes
-//! banks before it is paid is paid to the new account).
+//! accounts of the two merchants: the latest each had registered when the cycle closed or, for a
+//! merchant that had none then, the first it registered after. Once chosen, an instruction's
+//! accounts never change (a later registration applies to later cycles), so its payout file is
+//! the same every time it is written.
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
@@ -42,9 +44,11 @@ pub async fn list(
            t.iban AS to_iban, t.bic AS to_bic, t.account_holder AS to_holder, t.registered_at AS to_registered_at \
          FROM payout_instructions p JOIN cycle_closures k USING (cycle) \
            LEFT JOIN LATERAL (SELECT * FROM payout_accounts a WHERE a.merchant_id = p.from_merchant_id \
-             ORDER BY a.registered_at DESC LIMIT 1) f ON true \
+             ORDER BY a.received <= k.account_watermark DESC, \
+               CASE WHEN a.received <= k.account_watermark THEN -a.received ELSE a.received END LIMIT 1) f ON true \
            LEFT JOIN LATERAL (SELECT * FROM payout_accounts a WHERE a.merchant_id = p.to_merchant_id \
-             ORDER BY a.registered_at DESC LIMIT 1) t ON true \
+             ORDER BY a.received <= k.account_watermark DESC, \
+               CASE WHEN a.received <= k.account_watermark THEN -a.received ELSE a.received END LIMIT 1) t ON true \
          WHERE ($1::text IS NULL OR p.cycle = $1) AND ($2::text IS NULL OR p.currency = $2) \
          ORDER BY k.closure DESC, p.currency, p.sequence OFFSET $3 LIMIT $4",
     )
@@ -102,7 +106,7 @@ pub async fn list(
 pub enum FileRefused {
     #[error("cycle {0} is not closed; ListSettlementCycles shows the closed ones")]
     NotClosed(String),
-    #[error("cycle {cycle} has no payout instruction in {currency}")]
+    #[error("cycle {cycle} has no payout instruction in {currency}: nobody owes anybody in it")]
     Nothing { cycle: String, currency: String },
     #[error("these merchants have not registered a payout account, so the bank file cannot name their accounts: {}; they register one with RegisterPayoutAccount", .0.join(", "))]
     MissingAccounts(Vec<String>),

@@ -98,16 +98,14 @@ pub(crate) async fn load(pool: &PgPool, header: &Header) -> Result<Statement, Se
             .await?
             .into_iter()
             .collect();
-    drop(connection);
     let data = crate::lines::read(
-        pool,
+        vec![connection],
         terms,
         &crate::lines::Selection {
             closure: &closure,
             carried_before: &carried_before,
             merchant: Some(&header.merchant_id),
         },
-        1,
     )
     .await?;
     let merchant = data

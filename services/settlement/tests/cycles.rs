@@ -66,6 +66,36 @@ impl World {
         self.intake.handle(&[delivery]).await.unwrap();
     }
 
+    /// Delivers `payloads` as one batch, as the consumer would.
+    async fn deliver_batch(&self, topic: Topic, key: &str, payloads: Vec<Vec<u8>>) {
+        let batch: Vec<Delivery> = payloads
+            .into_iter()
+            .map(|payload| Delivery {
+                topic,
+                partition: 0,
+                offset: self.offset.fetch_add(1, Ordering::SeqCst),
+                key: key.as_bytes().to_vec(),
+                payload,
+                headers: Vec::new(),
+            })
+            .collect();
+        self.intake.handle(&batch).await.unwrap();
+    }
+
+    async fn account(&self, merchant: &str, iban: &str, bic: &str, holder: &str) {
+        self.admin(
+            merchant,
+            pb::event_envelope::Payload::PayoutAccountRegistered(pb::PayoutAccountRegistered {
+                merchant_id: merchant.into(),
+                iban: iban.into(),
+                bic: bic.into(),
+                account_holder: holder.into(),
+                registered_at: Some(timestamp(Utc::now())),
+            }),
+        )
+        .await;
+    }
+
     async fn admin(&self, key: &str, payload: pb::event_envelope::Payload) {
         let envelope = pb::EventEnvelope {
             event_id: uuid::Uuid::now_v7().to_string(),
@@ -815,4 +845,108 @@ async fn payout_files_validate_against_the_iso_20022_schema_and_exports_carry_th
         }
         other => panic!("expected MissingAccounts, got {:?}", other.map(|f| f.xml)),
     }
+}
+
+#[tokio::test]
+async fn a_message_delivered_twice_in_one_batch_is_applied_once() {
+    let world = World::new().await;
+    let referrer = world.merchant("UTC").await;
+    let acceptor = world.merchant("UTC").await;
+    let p = world
+        .partnership(&referrer, &acceptor, pb::SettlementCycle::Daily, 0)
+        .await;
+    let purchase = world.attributed(&p, 10_000, 500).await;
+    // A relay that resent a batch: the same reversal twice, side by side.
+    let reversal = pb::LedgerEvent {
+        event_id: uuid::Uuid::now_v7().to_string(),
+        schema_version: 1,
+        partnership_id: p.id.clone(),
+        referrer_merchant_id: referrer.clone(),
+        acceptor_merchant_id: acceptor.clone(),
+        recorded_at: Some(timestamp(at("2026-05-04T08:00:00Z"))),
+        event: Some(pb::ledger_event::Event::CommissionReversed(
+            pb::CommissionReversed {
+                refund_id: RefundId::generate().to_string(),
+                purchase_id: purchase.clone(),
+                refund: Some(eur(2_000)),
+                reversal: Some(eur(100)),
+                refunded_at: Some(timestamp(at("2026-05-04T08:00:00Z"))),
+                within_holding_period: true,
+            },
+        )),
+    }
+    .encode_to_vec();
+    world
+        .deliver_batch(Topic::Ledger, &p.id, vec![reversal.clone(), reversal])
+        .await;
+    world
+        .payable(&p, &purchase, at("2026-05-04T10:00:00Z"))
+        .await;
+    world.close(&daily("UTC", "2026-05-04")).await;
+    let statement = world.statements(&referrer).await.pop().unwrap();
+    assert_eq!(
+        statement.lines[0].amount_minor, 400,
+        "the reversal counted once"
+    );
+}
+
+#[tokio::test]
+async fn an_instruction_keeps_the_accounts_of_its_closure_so_its_file_never_changes() {
+    let world = World::new().await;
+    let referrer = world.merchant("UTC").await;
+    let acceptor = world.merchant("UTC").await;
+    let p = world
+        .partnership(&referrer, &acceptor, pb::SettlementCycle::Daily, 0)
+        .await;
+    world
+        .account(
+            &acceptor,
+            "DE89370400440532013000",
+            "COBADEFFXXX",
+            "Acceptor GmbH",
+        )
+        .await;
+    world
+        .commission(&p, 10_000, 500, at("2026-05-04T10:00:00Z"))
+        .await;
+    let day = daily("UTC", "2026-05-04");
+    world.close(&day).await;
+    let eur = tandem_domain::money::Currency::parse("c", "EUR").unwrap();
+    // The referrer had no account when the cycle closed: no file yet, and it says who.
+    match settlement::payouts::payout_file(&world.pool, &day.key(), eur, None)
+        .await
+        .unwrap()
+    {
+        Err(settlement::payouts::FileRefused::MissingAccounts(who)) => {
+            assert_eq!(who, std::slice::from_ref(&referrer))
+        }
+        other => panic!("expected MissingAccounts, got {:?}", other.map(|f| f.xml)),
+    }
+    // It registers one: that one is used. Later registrations, by either merchant, change
+    // nothing in this cycle's file.
+    world
+        .account(
+            &referrer,
+            "FR7630006000011234567890189",
+            "BNPAFRPPXXX",
+            "Referrer SARL",
+        )
+        .await;
+    let file = settlement::payouts::payout_file(&world.pool, &day.key(), eur, None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(file.xml.contains("FR7630006000011234567890189"));
+    world
+        .account(&referrer, "NL91ABNA0417164300", "ABNANL2A", "Someone Else")
+        .await;
+    world
+        .account(&acceptor, "BE68539007547034", "GEBABEBB", "Acceptor Two")
+        .await;
+    let again = settlement::payouts::payout_file(&world.pool, &day.key(), eur, None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.xml, file.xml);
+    assert!(!again.xml.contains("NL91ABNA0417164300") && !again.xml.contains("BE68539007547034"));
 }

@@ -227,7 +227,10 @@ impl Stack {
     ) -> settlement::Config {
         settlement::Config {
             listen: address,
-            database: self.database_args(),
+            database: DatabaseArgs {
+                db_max_connections: 10,
+                ..self.database_args()
+            },
             bus: self.bus_args(),
             consumer: self.consumer_args.clone(),
             schema: "settlement".into(),
