@@ -198,9 +198,39 @@ async fn two_merchants_referring_each_other_get_one_netted_payout_and_every_stat
     let to_a = referred_purchase(&stack, "ba", (&b_key, &a), &a_key, 4_000).await;
     let from_c = referred_purchase(&stack, "cb", (&c_key, &b), &b_key, 3_000).await;
     lines_received(&stack, 3).await;
+    let cycle = yesterday().key();
+
+    // Before the close, A sees what its next statement will hold.
+    let mut statements = StatementServiceClient::new(stack.channel().await);
+    let pending = statements
+        .list_unsettled_lines(with_bearer(
+            pb::ListUnsettledLinesRequest::default(),
+            &a_key,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .lines;
+    let mut upcoming: Vec<(String, i64, String)> = pending
+        .iter()
+        .map(|p| {
+            let line = p.line.as_ref().unwrap();
+            (
+                line.purchase_id.clone(),
+                line.amount_minor,
+                p.expected_cycle.clone(),
+            )
+        })
+        .collect();
+    upcoming.sort();
+    let mut expected = vec![
+        (to_b.clone(), 500, cycle.clone()),
+        (to_a.clone(), -200, cycle.clone()),
+    ];
+    expected.sort();
+    assert_eq!(upcoming, expected);
 
     let mut operator = stack.operator().await;
-    let cycle = yesterday().key();
     let summary = operator
         .close_settlement_cycle(as_operator(pb::CloseCycleRequest {
             cycle: cycle.clone(),
@@ -267,8 +297,19 @@ async fn two_merchants_referring_each_other_get_one_netted_payout_and_every_stat
         "{xml}"
     );
 
+    // Settled: nothing is pending any more.
+    let pending = statements
+        .list_unsettled_lines(with_bearer(
+            pb::ListUnsettledLinesRequest::default(),
+            &a_key,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .lines;
+    assert!(pending.is_empty(), "{pending:?}");
+
     // Each merchant's statement reconciles line by line to its ledger lines.
-    let mut statements = StatementServiceClient::new(stack.channel().await);
     for (merchant, key, expected_net) in [(&a, &a_key, 300), (&b, &b_key, -450), (&c, &c_key, 150)]
     {
         let listed = statements

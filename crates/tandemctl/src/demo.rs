@@ -2,7 +2,9 @@
 //! B later buys at A twice, another customer buys at A once; C then sees exactly B's purchases,
 //! with amounts and commissions, and nothing about the other customer. C's tills take cards
 //! through one processor and A's through another, so their card fingerprints never match: the
-//! card's PAR, the same at every processor, is what matches B.
+//! card's PAR, the same at every processor, is what matches B. Then settlement
+//! (`demo_settlement`): two merchants that refer customers to each other are settled with one
+//! netted payout and a statement whose CSV hashes to its content hash.
 
 use std::time::Duration;
 
@@ -19,6 +21,9 @@ pub struct DemoArgs {
     /// How long to wait for the referrer to see the purchases.
     #[arg(long, default_value_t = 60)]
     timeout_secs: u64,
+    /// Where the settlement part writes the statement (CSV, PDF) and the payout file.
+    #[arg(long, default_value = ".tandem/demo")]
+    output_dir: std::path::PathBuf,
 }
 
 pub async fn run(args: DemoArgs) -> Result<(), String> {
@@ -302,7 +307,23 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
             Money::new(balance.settled_minor, currency)
         );
     }
-    Ok(())
+
+    let channel = args.gateway.channel()?;
+    let mut clients = crate::demo_settlement::Clients {
+        operator,
+        pos,
+        statements: tandem_proto::v1::statement_service_client::StatementServiceClient::new(
+            channel,
+        ),
+    };
+    crate::demo_settlement::run(
+        &mut clients,
+        token,
+        &run_tag,
+        &args.output_dir,
+        Duration::from_secs(args.timeout_secs),
+    )
+    .await
 }
 
 fn captures(kinds: &[(pb::IdentifierKind, &str)]) -> Vec<pb::IdentifierCapture> {

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod ceilings;
 pub mod client;
 pub mod demo;
+pub mod demo_settlement;
 pub mod import;
 pub mod network;
 pub mod process;

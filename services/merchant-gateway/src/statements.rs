@@ -223,6 +223,27 @@ impl StatementService for StatementApi {
     }
 
     #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id))]
+    async fn list_unsettled_lines(
+        &self,
+        request: Request<pb::ListUnsettledLinesRequest>,
+    ) -> Result<Response<pb::ListUnsettledLinesResponse>, Status> {
+        tandem_runtime::link_request_span(&request);
+        let merchant_id = self
+            .caller(&request, &request.get_ref().merchant_id)
+            .await?;
+        let message = pb::ListUnsettledLinesRequest {
+            merchant_id,
+            ..request.into_inner()
+        };
+        let answer = self
+            .settlement
+            .clone()
+            .list_unsettled_lines(traced(message))
+            .await;
+        Ok(Response::new(relay_status(SETTLEMENT, answer)?))
+    }
+
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id))]
     async fn register_payout_account(
         &self,
         request: Request<pb::RegisterPayoutAccountRequest>,

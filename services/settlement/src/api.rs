@@ -222,6 +222,26 @@ impl Settlement for SettlementApi {
         }))
     }
 
+    async fn list_unsettled_lines(
+        &self,
+        request: Request<pb::ListUnsettledLinesRequest>,
+    ) -> Result<Response<pb::ListUnsettledLinesResponse>, Status> {
+        let request = request.into_inner();
+        let merchant = merchant(&request.merchant_id)?;
+        let limit = page_size(request.page_size)?;
+        let offset = page_token(&request.page_token)?;
+        let lines = statements::unsettled(&self.pool, merchant.as_str(), offset, limit).await?;
+        let next_page_token = if lines.len() as i64 == limit {
+            format!("v1.{}", offset + limit)
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListUnsettledLinesResponse {
+            lines,
+            next_page_token,
+        }))
+    }
+
     async fn close_cycle(
         &self,
         request: Request<pb::CloseCycleRequest>,

@@ -114,38 +114,56 @@ fn layout(statement: &Statement, content_hash: &str) -> Vec<Page> {
         right("base", 11),
         right("amount", 11)
     );
-    let rows: Vec<(bool, String)> = statement
-        .lines
-        .iter()
-        .enumerate()
-        .map(|(index, line)| {
-            let source = line.refund_id.as_deref().unwrap_or(&line.purchase_id);
-            (
-                false,
-                format!(
-                    "{} {} {} {} {} {} {} {} {} {} {} {}",
-                    right(&(index + 1).to_string(), 5),
-                    fit(line.kind.as_str(), 10),
-                    fit(
-                        match line.status {
-                            LineStatus::Settled => "settled",
-                            LineStatus::CarriedForward => "carried",
-                        },
-                        8
-                    ),
-                    fit(line.counterparty.as_str(), 36),
-                    fit(source, 36),
-                    fit(&line.transaction_id, 14),
-                    fit(&line.referrer_reference, 14),
-                    fit(&instant(line.payable_at), 20),
-                    fit(&format!("v{} {}", line.terms_version, line.rule), 22),
-                    fit(line.currency.as_str(), 3),
-                    right(&line.purchase_amount_minor.to_string(), 11),
-                    right(&line.amount_minor.to_string(), 11)
+    // Each line takes two rows: the columns, then the partnership and referral and, in full,
+    // any field too long for its column (cut with `~` above), so the PDF carries every value
+    // the CSV does.
+    let mut rows: Vec<(bool, String)> = Vec::with_capacity(statement.lines.len());
+    for (index, line) in statement.lines.iter().enumerate() {
+        let source = line.refund_id.as_deref().unwrap_or(&line.purchase_id);
+        let terms = format!("v{} {}", line.terms_version, line.rule);
+        rows.push((
+            false,
+            format!(
+                "{} {} {} {} {} {} {} {} {} {} {} {}",
+                right(&(index + 1).to_string(), 5),
+                fit(line.kind.as_str(), 10),
+                fit(
+                    match line.status {
+                        LineStatus::Settled => "settled",
+                        LineStatus::CarriedForward => "carried",
+                    },
+                    8
                 ),
-            )
-        })
-        .collect();
+                fit(line.counterparty.as_str(), 36),
+                fit(source, 36),
+                fit(&line.transaction_id, 14),
+                fit(&line.referrer_reference, 14),
+                fit(&instant(line.payable_at), 20),
+                fit(&terms, 22),
+                fit(line.currency.as_str(), 3),
+                right(&line.purchase_amount_minor.to_string(), 11),
+                right(&line.amount_minor.to_string(), 11)
+            ),
+        ));
+        let mut overflow = Vec::new();
+        if line.refund_id.is_some() {
+            overflow.push(format!("purchase {}", line.purchase_id));
+        }
+        for (label, value, width) in [
+            ("transaction", line.transaction_id.as_str(), 14),
+            ("reference", line.referrer_reference.as_str(), 14),
+            ("terms", terms.as_str(), 22),
+        ] {
+            if value.chars().count() > width {
+                overflow.push(format!("{label} {value}"));
+            }
+        }
+        overflow.push(format!(
+            "partnership {}   referral {}",
+            line.partnership_id, line.referral_id
+        ));
+        rows.push((false, format!("{:6}{}", "", overflow.join("   "))));
+    }
     let per_page = ((HEIGHT - 2.0 * MARGIN - 2.0 * LEADING) / LEADING) as usize;
     let mut pages = Vec::new();
     let mut page: Page = head;

@@ -282,3 +282,103 @@ pub async fn all_of(pool: &PgPool, merchant: &str) -> Result<Vec<Statement>, Set
     }
     Ok(statements)
 }
+
+#[derive(sqlx::FromRow)]
+struct UnsettledRow {
+    kind: String,
+    referrer_merchant_id: String,
+    acceptor_merchant_id: String,
+    partnership_id: String,
+    terms_version: i32,
+    rule: String,
+    purchase_id: String,
+    refund_id: Option<String>,
+    transaction_id: String,
+    referral_id: String,
+    referrer_reference: String,
+    payable_at: DateTime<Utc>,
+    currency: String,
+    base_amount_minor: i64,
+    amount_minor: i64,
+    cycle_kind: String,
+    time_zone: String,
+    latest_first_day: Option<chrono::NaiveDate>,
+    carried: bool,
+}
+
+/// A merchant's lines no closed cycle has settled yet, oldest first, from `offset`.
+pub(crate) async fn unsettled(
+    pool: &PgPool,
+    merchant: &str,
+    offset: i64,
+    limit: i64,
+) -> Result<Vec<pb::UnsettledLine>, SettlementError> {
+    let rows: Vec<UnsettledRow> = sqlx::query_as(
+        "WITH latest AS (SELECT DISTINCT ON (kind, time_zone) kind, time_zone, cycle, first_day, cut_off, line_watermark \
+           FROM cycle_closures ORDER BY kind, time_zone, closure DESC) \
+         SELECT l.kind, l.referrer_merchant_id, l.acceptor_merchant_id, l.partnership_id, l.terms_version, t.rule, \
+           l.purchase_id, l.refund_id, l.transaction_id, l.referral_id, l.referrer_reference, l.payable_at, l.currency, \
+           l.base_amount_minor, l.amount_minor, t.cycle_kind, m.time_zone, c.first_day AS latest_first_day, \
+           (x.line_id IS NOT NULL) AS carried \
+         FROM lines l JOIN partnership_terms t USING (partnership_id, terms_version) \
+           JOIN merchants m ON m.merchant_id = l.acceptor_merchant_id \
+           LEFT JOIN latest c ON c.kind = t.cycle_kind AND c.time_zone = m.time_zone \
+           LEFT JOIN carried_lines x ON x.cycle = c.cycle AND x.line_id = l.line_id \
+         WHERE (l.referrer_merchant_id = $1 OR l.acceptor_merchant_id = $1) \
+           AND (c.cycle IS NULL OR l.payable_at >= c.cut_off OR l.seq > c.line_watermark OR x.line_id IS NOT NULL) \
+         ORDER BY l.payable_at, l.line_id OFFSET $2 LIMIT $3",
+    )
+    .bind(merchant)
+    .bind(offset)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter()
+        .map(|row| {
+            let kind = tandem_domain::settlement::CycleKind::parse("cycle_kind", &row.cycle_kind)?;
+            let zone = tandem_domain::settlement::parse_time_zone("time_zone", &row.time_zone)?;
+            let mut cycle =
+                tandem_domain::settlement::Cycle::containing(kind, zone, row.payable_at);
+            if let Some(latest) = row.latest_first_day {
+                while cycle.first_day <= latest {
+                    cycle = cycle.next();
+                }
+            }
+            let as_referrer = row.referrer_merchant_id == merchant;
+            Ok(pb::UnsettledLine {
+                line: Some(pb::StatementLine {
+                    line_number: 0,
+                    kind: if row.kind == "clawback" {
+                        pb::StatementLineKind::Clawback as i32
+                    } else {
+                        pb::StatementLineKind::Commission as i32
+                    },
+                    status: pb::StatementLineStatus::Unspecified as i32,
+                    counterparty_merchant_id: if as_referrer {
+                        row.acceptor_merchant_id
+                    } else {
+                        row.referrer_merchant_id
+                    },
+                    partnership_id: row.partnership_id,
+                    terms_version: u32::try_from(row.terms_version).unwrap_or(0),
+                    rule: row.rule,
+                    purchase_id: row.purchase_id,
+                    refund_id: row.refund_id.unwrap_or_default(),
+                    transaction_id: row.transaction_id,
+                    referral_id: row.referral_id,
+                    referrer_reference: row.referrer_reference,
+                    payable_at: Some(timestamp(row.payable_at)),
+                    currency: row.currency,
+                    purchase_amount_minor: row.base_amount_minor,
+                    amount_minor: if as_referrer {
+                        row.amount_minor
+                    } else {
+                        -row.amount_minor
+                    },
+                }),
+                expected_cycle: cycle.key(),
+                carried_forward: row.carried,
+            })
+        })
+        .collect()
+}

@@ -824,6 +824,9 @@ async fn payout_files_validate_against_the_iso_20022_schema_and_exports_carry_th
             line.purchase_id
         );
         assert!(text.contains(&line.amount_minor.to_string()));
+        // Too long for its column, so printed in full on the row below.
+        assert!(text.contains(&line.referrer_reference), "{text}");
+        assert!(text.contains(&line.referral_id) && text.contains(line.partnership_id.as_str()));
     }
     std::fs::remove_dir_all(&directory).ok();
     // Without an account, no file: the operator is told who must register one.
