@@ -11,7 +11,7 @@ pub use events::{
     admin_payload, calculation_from_proto, calculation_to_proto, event_from_proto, event_to_proto,
     partnership_event_from_payload, reason_to_proto,
 };
-pub use terms::{terms_from_proto, terms_to_proto};
+pub use terms::{settlement_cycle_from_proto, terms_from_proto, terms_to_proto};
 
 use chrono::{DateTime, Utc};
 use tandem_domain::money::Money;

@@ -42,19 +42,7 @@ fn parse(terms: &pb::Terms) -> Result<Terms, ValidationError> {
             ))
         }
     };
-    let settlement_cycle = match pb::SettlementCycle::try_from(terms.settlement_cycle) {
-        Ok(pb::SettlementCycle::Unspecified | pb::SettlementCycle::Monthly) => {
-            SettlementCycle::Monthly
-        }
-        Ok(pb::SettlementCycle::Daily) => SettlementCycle::Daily,
-        Ok(pb::SettlementCycle::Weekly) => SettlementCycle::Weekly,
-        Err(_) => {
-            return Err(ValidationError::new(
-                "settlement_cycle",
-                "is not a known settlement cycle",
-            ))
-        }
-    };
+    let settlement_cycle = settlement_cycle_from_proto("settlement_cycle", terms.settlement_cycle)?;
     Terms {
         currency: Currency::parse("currency", &terms.currency)?,
         attribution_window: AttributionWindow::from_days(
@@ -173,5 +161,23 @@ mod tests {
         );
         terms.rule = None;
         assert_eq!(terms_from_proto(&terms).unwrap_err().field, "terms.rule");
+    }
+}
+
+/// A `SettlementCycle` enum value; UNSPECIFIED means monthly.
+pub fn settlement_cycle_from_proto(
+    field: &str,
+    value: i32,
+) -> Result<SettlementCycle, ValidationError> {
+    match pb::SettlementCycle::try_from(value) {
+        Ok(pb::SettlementCycle::Unspecified | pb::SettlementCycle::Monthly) => {
+            Ok(SettlementCycle::Monthly)
+        }
+        Ok(pb::SettlementCycle::Daily) => Ok(SettlementCycle::Daily),
+        Ok(pb::SettlementCycle::Weekly) => Ok(SettlementCycle::Weekly),
+        Err(_) => Err(ValidationError::new(
+            field,
+            format!("{value} is not a settlement cycle; use DAILY, WEEKLY or MONTHLY"),
+        )),
     }
 }

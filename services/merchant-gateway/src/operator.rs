@@ -7,7 +7,7 @@ use tandem_domain::commission::{Command, Partnership};
 use tandem_domain::ids::{MerchantId, PartnershipId};
 use tandem_domain::money::Currency;
 use tandem_domain::partnership::{
-    check_not_self_referral, parse_rate_bps, AttributionWindow, SettlementCycle, Terms,
+    check_not_self_referral, parse_rate_bps, AttributionWindow, Terms,
 };
 use tandem_domain::ValidationError;
 use tandem_proto::v1 as pb;
@@ -217,23 +217,10 @@ impl OperatorApi {
                 .await?;
         let currency = Currency::parse("settlement_currency", &currency)?;
         let mut terms = Terms::percentage(currency, rate_bps, request.attribution_window_days)?;
-        terms.settlement_cycle = match pb::SettlementCycle::try_from(request.settlement_cycle) {
-            Ok(pb::SettlementCycle::Unspecified | pb::SettlementCycle::Monthly) => {
-                SettlementCycle::Monthly
-            }
-            Ok(pb::SettlementCycle::Daily) => SettlementCycle::Daily,
-            Ok(pb::SettlementCycle::Weekly) => SettlementCycle::Weekly,
-            Err(_) => {
-                return Err(ValidationError::new(
-                    "settlement_cycle",
-                    format!(
-                        "{} is not a settlement cycle; use DAILY, WEEKLY or MONTHLY",
-                        request.settlement_cycle
-                    ),
-                )
-                .into())
-            }
-        };
+        terms.settlement_cycle = tandem_codec::settlement_cycle_from_proto(
+            "settlement_cycle",
+            request.settlement_cycle,
+        )?;
         terms.minimum_payout_minor = request.minimum_payout_minor;
         let terms = terms.validated()?;
         identifiers::require_overlap(&mut tx, &referrer, &acceptor, &terms.attributing_kinds)

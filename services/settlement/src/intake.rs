@@ -307,20 +307,12 @@ async fn apply_admin(
 #[derive(sqlx::FromRow)]
 struct StoredAttribution {
     purchase_id: String,
-    partnership_id: String,
-    terms_version: i32,
-    purchase_amount_minor: i64,
-    currency: String,
-    commission_minor: i64,
-    reversed_before_minor: i64,
-    payable: bool,
-    referral_id: String,
-    referrer_reference: String,
-    transaction_id: String,
+    #[sqlx(flatten)]
+    state: Attribution,
 }
 
 /// The state of one attributed purchase, read for the batch and written back once.
-#[derive(Clone)]
+#[derive(Clone, sqlx::FromRow)]
 struct Attribution {
     partnership_id: String,
     terms_version: i32,
@@ -332,6 +324,8 @@ struct Attribution {
     referral_id: String,
     referrer_reference: String,
     transaction_id: String,
+    /// To be written back.
+    #[sqlx(skip)]
     changed: bool,
 }
 
@@ -380,24 +374,7 @@ async fn apply_ledger(
     .fetch_all(&mut *tx)
     .await?
     .into_iter()
-    .map(|row| {
-        (
-            row.purchase_id,
-            Attribution {
-                partnership_id: row.partnership_id,
-                terms_version: row.terms_version,
-                purchase_amount_minor: row.purchase_amount_minor,
-                currency: row.currency,
-                commission_minor: row.commission_minor,
-                reversed_before_minor: row.reversed_before_minor,
-                payable: row.payable,
-                referral_id: row.referral_id,
-                referrer_reference: row.referrer_reference,
-                transaction_id: row.transaction_id,
-                changed: false,
-            },
-        )
-    })
+    .map(|row| (row.purchase_id, row.state))
     .collect();
     let mut lines = Vec::new();
     let mut parked: Vec<(&str, &str, &str)> = Vec::new();
