@@ -121,6 +121,24 @@ pub fn terms_to_proto(terms: &Terms) -> pb::Terms {
     }
 }
 
+/// A `SettlementCycle` enum value; UNSPECIFIED means monthly.
+pub fn settlement_cycle_from_proto(
+    field: &str,
+    value: i32,
+) -> Result<SettlementCycle, ValidationError> {
+    match pb::SettlementCycle::try_from(value) {
+        Ok(pb::SettlementCycle::Unspecified | pb::SettlementCycle::Monthly) => {
+            Ok(SettlementCycle::Monthly)
+        }
+        Ok(pb::SettlementCycle::Daily) => Ok(SettlementCycle::Daily),
+        Ok(pb::SettlementCycle::Weekly) => Ok(SettlementCycle::Weekly),
+        Err(_) => Err(ValidationError::new(
+            field,
+            format!("{value} is not a settlement cycle; use DAILY, WEEKLY or MONTHLY"),
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -161,23 +179,5 @@ mod tests {
         );
         terms.rule = None;
         assert_eq!(terms_from_proto(&terms).unwrap_err().field, "terms.rule");
-    }
-}
-
-/// A `SettlementCycle` enum value; UNSPECIFIED means monthly.
-pub fn settlement_cycle_from_proto(
-    field: &str,
-    value: i32,
-) -> Result<SettlementCycle, ValidationError> {
-    match pb::SettlementCycle::try_from(value) {
-        Ok(pb::SettlementCycle::Unspecified | pb::SettlementCycle::Monthly) => {
-            Ok(SettlementCycle::Monthly)
-        }
-        Ok(pb::SettlementCycle::Daily) => Ok(SettlementCycle::Daily),
-        Ok(pb::SettlementCycle::Weekly) => Ok(SettlementCycle::Weekly),
-        Err(_) => Err(ValidationError::new(
-            field,
-            format!("{value} is not a settlement cycle; use DAILY, WEEKLY or MONTHLY"),
-        )),
     }
 }
