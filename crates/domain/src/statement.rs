@@ -55,6 +55,8 @@ pub enum LineKind {
     Commission,
     /// A refund after the commission was payable: the referrer owes it back.
     Clawback,
+    /// An operator's correction of a closed cycle (its reason in the `rule` column).
+    Adjustment,
 }
 
 impl LineKind {
@@ -62,6 +64,7 @@ impl LineKind {
         match self {
             LineKind::Commission => "commission",
             LineKind::Clawback => "clawback",
+            LineKind::Adjustment => "adjustment",
         }
     }
 }

@@ -97,6 +97,31 @@ enum StatementsCommand {
         #[command(flatten)]
         token: OperatorToken,
     },
+    /// Operator: corrects a merchant's statement with an adjustment on one of its partnerships
+    /// (settled with the next cycle; correction statements naming the corrected ones are issued
+    /// at once). Safe to run again with the same --idempotency-key.
+    Correct {
+        /// The statement's merchant.
+        #[arg(long)]
+        merchant: String,
+        /// The statement's number.
+        #[arg(long)]
+        number: u32,
+        #[arg(long)]
+        partnership: String,
+        /// Minor units, not zero: positive is owed by the partnership's acceptor to its referrer.
+        #[arg(long, allow_hyphen_values = true)]
+        amount_minor: i64,
+        #[arg(long, default_value = "EUR")]
+        currency: String,
+        /// Why, shown on the statements (1 to 200 printable ASCII characters).
+        #[arg(long)]
+        reason: String,
+        #[arg(long)]
+        idempotency_key: String,
+        #[command(flatten)]
+        token: OperatorToken,
+    },
     /// Operator: the closed cycles, newest first.
     Cycles {
         #[command(flatten)]
@@ -342,6 +367,50 @@ pub async fn run(args: StatementsArgs) -> Result<(), String> {
                 summary.carried_forward_lines,
                 summary.payout_instructions
             );
+        }
+        StatementsCommand::Correct {
+            merchant: merchant_id,
+            number,
+            partnership,
+            amount_minor,
+            currency,
+            reason,
+            idempotency_key,
+            token,
+        } => {
+            let corrected = call!(
+                "issue correction",
+                operator.issue_settlement_correction(authorised(
+                    pb::IssueCorrectionRequest {
+                        idempotency_key: idempotency_key.clone(),
+                        merchant_id: merchant_id.clone(),
+                        statement_number: number,
+                        partnership_id: partnership.clone(),
+                        amount: Some(pb::Money {
+                            amount_minor,
+                            currency: currency.clone(),
+                        }),
+                        reason: reason.clone(),
+                    },
+                    &token.operator_token
+                )?)
+            )?;
+            for s in &corrected.statements {
+                println!(
+                    "{} statement {} of {} corrects {} ({}): {}  sha256 {}",
+                    if corrected.created_now {
+                        "issued"
+                    } else {
+                        "already issued:"
+                    },
+                    s.number,
+                    s.merchant_id,
+                    s.corrects_statement_number,
+                    s.cycle,
+                    totals(&s.totals),
+                    s.content_hash
+                );
+            }
         }
         StatementsCommand::Cycles { token } => {
             let mut page_token = String::new();

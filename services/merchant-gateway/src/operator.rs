@@ -120,6 +120,21 @@ impl OperatorService for OperatorApi {
             .await;
         Ok(Response::new(relay_status("settlement", answer)?))
     }
+
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id = %request.get_ref().merchant_id))]
+    async fn issue_settlement_correction(
+        &self,
+        request: Request<pb::IssueCorrectionRequest>,
+    ) -> Result<Response<pb::IssueCorrectionResponse>, Status> {
+        tandem_runtime::link_request_span(&request);
+        authenticate_operator(request.metadata(), self.state.operator_token.expose())?;
+        let answer = self
+            .settlement
+            .clone()
+            .issue_correction(traced(request.into_inner()))
+            .await;
+        Ok(Response::new(relay_status("settlement", answer)?))
+    }
 }
 
 impl OperatorApi {

@@ -64,6 +64,7 @@ pub fn relay_status<Resp>(
                     | Code::NotFound
                     | Code::PermissionDenied
                     | Code::FailedPrecondition
+                    | Code::AlreadyExists
                     | Code::OutOfRange
                     | Code::Internal
             ) =>

@@ -78,7 +78,7 @@ CREATE TABLE attributions (
 CREATE TABLE lines (
     line_id               TEXT        PRIMARY KEY,
     seq                   BIGSERIAL   NOT NULL UNIQUE,
-    kind                  TEXT        NOT NULL CHECK (kind IN ('commission', 'clawback')),
+    kind                  TEXT        NOT NULL CHECK (kind IN ('commission', 'clawback', 'adjustment')),
     partnership_id        TEXT        NOT NULL,
     terms_version         INTEGER     NOT NULL,
     referrer_merchant_id  TEXT        NOT NULL,
@@ -92,7 +92,9 @@ CREATE TABLE lines (
     base_amount_minor     BIGINT      NOT NULL,
     amount_minor          BIGINT      NOT NULL CHECK (amount_minor <> 0),
     currency              TEXT        NOT NULL,
-    payable_at            TIMESTAMPTZ NOT NULL
+    payable_at            TIMESTAMPTZ NOT NULL,
+    -- An adjustment's reason.
+    note                  TEXT
 );
 
 CREATE INDEX lines_payable_at ON lines (payable_at);
@@ -118,6 +120,20 @@ CREATE TABLE cycle_closures (
     previous_cycle       TEXT,
     previous_cut_off     TIMESTAMPTZ,
     previous_watermark   BIGINT
+);
+
+-- Operators' corrections, numbered with the closures (a rebuild replays both in that order).
+-- Each added one adjustment line to `lines`, settled by the next closure that covers it.
+CREATE TABLE corrections (
+    closure           BIGINT      PRIMARY KEY,
+    idempotency_key   TEXT        NOT NULL UNIQUE,
+    -- SHA-256 of the request, to tell a retry from another request under the same key.
+    request_digest    TEXT        NOT NULL,
+    cycle             TEXT        NOT NULL REFERENCES cycle_closures (cycle),
+    merchant_id       TEXT        NOT NULL,
+    statement_number  INTEGER     NOT NULL,
+    line_id           TEXT        NOT NULL,
+    issued_at         TIMESTAMPTZ NOT NULL
 );
 
 -- Projections of the closures.
@@ -146,6 +162,8 @@ CREATE TABLE statements (
     corrects_number        INTEGER,
     content_hash           TEXT        NOT NULL,
     line_count             INTEGER     NOT NULL,
+    -- The correction that issued it, for a correction statement.
+    correction             BIGINT,
     -- [{currency, receivable_minor, payable_minor, net_minor, carried_forward_minor}]
     totals                 JSONB       NOT NULL,
     PRIMARY KEY (merchant_id, number)

@@ -391,4 +391,81 @@ impl Settlement for SettlementApi {
             message_id: file.message_id,
         }))
     }
+
+    async fn issue_correction(
+        &self,
+        request: Request<pb::IssueCorrectionRequest>,
+    ) -> Result<Response<pb::IssueCorrectionResponse>, Status> {
+        let request = request.into_inner();
+        let invalid = |e: tandem_domain::ValidationError| Status::invalid_argument(e.to_string());
+        let idempotency_key =
+            tandem_domain::text::parse_token("idempotency_key", &request.idempotency_key, 1, 128)
+                .map_err(invalid)?;
+        let merchant_id = merchant(&request.merchant_id)?;
+        let statement_number = statement_number(request.statement_number).map_err(|_| {
+            Status::invalid_argument("statement_number: must be a statement number, 1 or more")
+        })?;
+        let partnership_id =
+            tandem_domain::ids::PartnershipId::parse("partnership_id", &request.partnership_id)
+                .map_err(invalid)?;
+        let money = request
+            .amount
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("amount: is missing"))?;
+        let currency = Currency::parse("amount.currency", &money.currency).map_err(invalid)?;
+        if money.amount_minor == 0
+            || money.amount_minor.unsigned_abs()
+                > tandem_domain::money::MAX_AMOUNT_MINOR.unsigned_abs()
+        {
+            return Err(Status::invalid_argument(format!(
+                "amount.amount_minor: must not be zero and at most {} in absolute value (minor units): positive is owed by the acceptor to the referrer, negative the reverse",
+                tandem_domain::money::MAX_AMOUNT_MINOR
+            )));
+        }
+        let reason = tandem_domain::text::parse_token("reason", &request.reason, 1, 200)
+            .and_then(|reason| {
+                tandem_domain::text::reject_card_number("reason", &reason).map(|()| reason)
+            })
+            .map_err(invalid)?;
+        let correction = crate::corrections::CorrectionRequest {
+            idempotency_key,
+            merchant_id,
+            statement_number,
+            partnership_id,
+            amount: tandem_domain::money::Money::new(money.amount_minor, currency),
+            reason,
+        };
+        let corrected =
+            crate::corrections::issue(&self.pool, &correction, Utc::now(), &self.outbox_written)
+                .await?
+                .map_err(|refused| match refused {
+                    crate::corrections::CorrectionRefused::NoStatement { .. }
+                    | crate::corrections::CorrectionRefused::NoPartnership(_) => {
+                        Status::not_found(refused.to_string())
+                    }
+                    crate::corrections::CorrectionRefused::Currency { .. } => {
+                        Status::invalid_argument(refused.to_string())
+                    }
+                    crate::corrections::CorrectionRefused::KeyReused(_) => {
+                        Status::already_exists(refused.to_string())
+                    }
+                    crate::corrections::CorrectionRefused::NotAParty { .. } => {
+                        Status::failed_precondition(refused.to_string())
+                    }
+                })?;
+        let mut issued = Vec::with_capacity(corrected.statements.len());
+        for (merchant, number) in &corrected.statements {
+            let header = statements::header(&self.pool, merchant, *number)
+                .await?
+                .ok_or(SettlementError::Invariant(
+                    "a correction statement is missing",
+                ))?;
+            let statement = statements::load(&self.pool, &header).await?;
+            issued.push(statements::statement_to_proto(&header, &statement));
+        }
+        Ok(Response::new(pb::IssueCorrectionResponse {
+            statements: issued,
+            created_now: corrected.created_now,
+        }))
+    }
 }

@@ -222,10 +222,13 @@ pub async fn close_cycle(
         sqlx::query_scalar("SELECT coalesce(max(received), 0) FROM payout_accounts")
             .fetch_one(&mut *tx)
             .await?;
-    let number: i64 =
-        sqlx::query_scalar("SELECT coalesce(max(closure), 0) + 1 FROM cycle_closures")
-            .fetch_one(&mut *tx)
-            .await?;
+    // Closures and corrections share one sequence: a rebuild replays them in this order.
+    let number: i64 = sqlx::query_scalar(
+        "SELECT greatest((SELECT coalesce(max(closure), 0) FROM cycle_closures), \
+                         (SELECT coalesce(max(closure), 0) FROM corrections)) + 1",
+    )
+    .fetch_one(&mut *tx)
+    .await?;
     let closure = Closure {
         closure: number,
         cycle: key.clone(),
@@ -292,12 +295,34 @@ pub async fn rebuild_projections(pool: &PgPool) -> Result<usize, SettlementError
     let closures: Vec<Closure> = sqlx::query_as("SELECT * FROM cycle_closures ORDER BY closure")
         .fetch_all(&mut *tx)
         .await?;
-    for closure in &closures {
-        let readers = lines::readers(pool, READ_PARTS).await?;
-        project(readers, &mut tx, closure, false).await?;
+    let corrections: Vec<crate::corrections::Correction> = sqlx::query_as(
+        "SELECT closure, cycle, merchant_id, statement_number, line_id, issued_at FROM corrections ORDER BY closure",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    // Both in the order they happened, so every statement gets its number again.
+    let (mut closures_left, mut corrections_left) =
+        (closures.iter().peekable(), corrections.iter().peekable());
+    loop {
+        match (closures_left.peek(), corrections_left.peek()) {
+            (Some(closure), Some(correction)) if correction.closure < closure.closure => {
+                crate::corrections::project(&mut tx, correction, false).await?;
+                corrections_left.next();
+            }
+            (Some(closure), _) => {
+                let readers = lines::readers(pool, READ_PARTS).await?;
+                project(readers, &mut tx, closure, false).await?;
+                closures_left.next();
+            }
+            (None, Some(correction)) => {
+                crate::corrections::project(&mut tx, correction, false).await?;
+                corrections_left.next();
+            }
+            (None, None) => break,
+        }
     }
     tx.commit().await?;
-    Ok(closures.len())
+    Ok(closures.len() + corrections.len())
 }
 
 /// The summary of a closed cycle.
@@ -441,7 +466,7 @@ impl Line for Netted<'_> {
 }
 
 /// A stable id for one announcement of one closure.
-fn announcement_id(parts: &str) -> Uuid {
+pub(crate) fn announcement_id(parts: &str) -> Uuid {
     let digest = Sha256::digest(format!("settlement/{parts}").as_bytes());
     let mut bytes = [0u8; 16];
     bytes.copy_from_slice(&digest[..16]);
@@ -470,7 +495,7 @@ pub(crate) fn saturate(value: i128) -> i64 {
 pub const READ_PARTS: u32 = 2;
 
 /// Closures in this process, one at a time.
-static CLOSING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub(crate) static CLOSING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// One statement of a closure, hashed.
 struct Issued {
@@ -775,7 +800,7 @@ async fn project(
     Ok(summary)
 }
 
-fn settlement_message(merchant: &str, event: &pb::SettlementEvent) -> OutboxMessage {
+pub(crate) fn settlement_message(merchant: &str, event: &pb::SettlementEvent) -> OutboxMessage {
     OutboxMessage {
         topic: tandem_bus::Topic::Settlement.logical_name(),
         partition_key: merchant.as_bytes().to_vec(),
@@ -793,7 +818,7 @@ pub(crate) struct TotalJson {
     pub carried_forward_minor: i64,
 }
 
-fn totals_json(totals: &[pb::StatementTotal]) -> Vec<TotalJson> {
+pub(crate) fn totals_json(totals: &[pb::StatementTotal]) -> Vec<TotalJson> {
     totals
         .iter()
         .map(|t| TotalJson {

@@ -10,6 +10,7 @@
 
 mod api;
 pub mod close;
+pub mod corrections;
 mod intake;
 mod lines;
 pub mod pain001;

@@ -74,6 +74,8 @@ pub(crate) struct LineRow {
     pub currency: Currency,
     pub base_amount_minor: i64,
     pub amount_minor: i64,
+    /// An adjustment's reason, shown in place of the rule.
+    pub note: Option<Box<str>>,
 }
 
 /// A closure's lines in statement order, with the tables their indices point into.
@@ -104,7 +106,10 @@ impl ClosureLines {
             counterparty: self.merchants[counterparty as usize].clone(),
             partnership_id: terms.partnership_id.clone(),
             terms_version: u32::try_from(terms.version).unwrap_or(0),
-            rule: terms.rule.clone(),
+            rule: row
+                .note
+                .as_deref()
+                .map_or_else(|| terms.rule.clone(), str::to_owned),
             purchase_id: row.purchase_id.to_string(),
             refund_id: row.refund_id.as_ref().map(|r| r.to_string()),
             transaction_id: row.transaction_id.to_string(),
@@ -133,7 +138,26 @@ pub(crate) struct Selection<'a> {
 
 const COLUMNS: &str = "l.line_id, l.kind, l.partnership_id, l.terms_version, l.referrer_merchant_id, \
     l.acceptor_merchant_id, l.purchase_id, l.refund_id, l.transaction_id, l.referral_id, l.referrer_reference, \
-    l.payable_at, l.currency, l.base_amount_minor, l.amount_minor";
+    l.payable_at, l.currency, l.base_amount_minor, l.amount_minor, l.note";
+
+/// A line's stored kind.
+pub(crate) fn line_kind(kind: &str) -> LineKind {
+    match kind {
+        "clawback" => LineKind::Clawback,
+        "adjustment" => LineKind::Adjustment,
+        _ => LineKind::Commission,
+    }
+}
+
+/// A line kind on the API.
+pub(crate) fn kind_to_proto(kind: LineKind) -> i32 {
+    use tandem_proto::v1::StatementLineKind as Kind;
+    (match kind {
+        LineKind::Commission => Kind::Commission,
+        LineKind::Clawback => Kind::Clawback,
+        LineKind::Adjustment => Kind::Adjustment,
+    }) as i32
+}
 
 /// The closure's lines (or one merchant's), read by one query on each of `readers` at once.
 /// Lines never change, so reading them outside the closing transaction sees what it would.
@@ -221,11 +245,7 @@ pub(crate) async fn read(
                     let currency: &str = row.try_get(12)?;
                     rows.push(LineRow {
                         line_id: row.try_get::<&str, _>(0)?.into(),
-                        kind: if kind == "clawback" {
-                            LineKind::Clawback
-                        } else {
-                            LineKind::Commission
-                        },
+                        kind: line_kind(kind),
                         terms,
                         referrer: intern(row.try_get(4)?),
                         acceptor: intern(row.try_get(5)?),
@@ -238,6 +258,7 @@ pub(crate) async fn read(
                         currency: Currency::parse("currency", currency)?,
                         base_amount_minor: row.try_get(13)?,
                         amount_minor: row.try_get(14)?,
+                        note: row.try_get::<Option<&str>, _>(15)?.map(Into::into),
                     });
                 }
                 Ok::<_, SettlementError>((merchants, rows))

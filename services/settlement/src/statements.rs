@@ -26,10 +26,13 @@ pub(crate) struct Header {
     pub content_hash: String,
     pub line_count: i32,
     pub totals: serde_json::Value,
+    /// The correction that issued it, for a correction statement.
+    pub correction: Option<i64>,
 }
 
 const HEADER_COLUMNS: &str =
-    "merchant_id, number, cycle, cut_off, issued_at, corrects_number, content_hash, line_count, totals";
+    "merchant_id, number, cycle, cut_off, issued_at, corrects_number, content_hash, \
+    line_count, totals, correction";
 
 pub(crate) fn header_to_proto(header: &Header) -> pb::Statement {
     pb::Statement {
@@ -85,6 +88,17 @@ pub(crate) async fn header(
 /// hash.
 pub(crate) async fn load(pool: &PgPool, header: &Header) -> Result<Statement, SettlementError> {
     let mut connection = pool.acquire().await?;
+    if let Some(correction) = header.correction {
+        let line_id: String =
+            sqlx::query_scalar("SELECT line_id FROM corrections WHERE closure = $1")
+                .bind(correction)
+                .fetch_one(&mut *connection)
+                .await?;
+        let line =
+            crate::corrections::adjustment_line(&mut connection, &line_id, &header.merchant_id)
+                .await?;
+        return checked(header, vec![line]);
+    }
     let closure: Closure = sqlx::query_as("SELECT * FROM cycle_closures WHERE cycle = $1")
         .bind(&header.cycle)
         .fetch_one(&mut *connection)
@@ -126,6 +140,14 @@ pub(crate) async fn load(pool: &PgPool, header: &Header) -> Result<Statement, Se
             data.statement_line(row, merchant, status)
         })
         .collect();
+    checked(header, lines)
+}
+
+/// The statement of `header` with `lines`, if it reproduces the recorded hash.
+fn checked(
+    header: &Header,
+    lines: Vec<tandem_domain::statement::StatementLine>,
+) -> Result<Statement, SettlementError> {
     let statement = Statement {
         merchant_id: MerchantId::parse("merchant_id", &header.merchant_id)?,
         number: u32::try_from(header.number).unwrap_or(0),
@@ -159,14 +181,7 @@ pub(crate) fn statement_to_proto(header: &Header, statement: &Statement) -> pb::
         .enumerate()
         .map(|(index, line)| pb::StatementLine {
             line_number: u32::try_from(index + 1).unwrap_or(u32::MAX),
-            kind: match line.kind {
-                tandem_domain::statement::LineKind::Commission => {
-                    pb::StatementLineKind::Commission as i32
-                }
-                tandem_domain::statement::LineKind::Clawback => {
-                    pb::StatementLineKind::Clawback as i32
-                }
-            },
+            kind: crate::lines::kind_to_proto(line.kind),
             status: match line.status {
                 LineStatus::Settled => pb::StatementLineStatus::Settled as i32,
                 LineStatus::CarriedForward => pb::StatementLineStatus::CarriedForward as i32,
@@ -300,6 +315,7 @@ struct UnsettledRow {
     currency: String,
     base_amount_minor: i64,
     amount_minor: i64,
+    note: Option<String>,
     cycle_kind: String,
     time_zone: String,
     latest_first_day: Option<chrono::NaiveDate>,
@@ -318,7 +334,7 @@ pub(crate) async fn unsettled(
            FROM cycle_closures ORDER BY kind, time_zone, closure DESC) \
          SELECT l.kind, l.referrer_merchant_id, l.acceptor_merchant_id, l.partnership_id, l.terms_version, t.rule, \
            l.purchase_id, l.refund_id, l.transaction_id, l.referral_id, l.referrer_reference, l.payable_at, l.currency, \
-           l.base_amount_minor, l.amount_minor, t.cycle_kind, m.time_zone, c.first_day AS latest_first_day, \
+           l.base_amount_minor, l.amount_minor, l.note, t.cycle_kind, m.time_zone, c.first_day AS latest_first_day, \
            (x.line_id IS NOT NULL) AS carried \
          FROM lines l JOIN partnership_terms t USING (partnership_id, terms_version) \
            JOIN merchants m ON m.merchant_id = l.acceptor_merchant_id \
@@ -348,11 +364,7 @@ pub(crate) async fn unsettled(
             Ok(pb::UnsettledLine {
                 line: Some(pb::StatementLine {
                     line_number: 0,
-                    kind: if row.kind == "clawback" {
-                        pb::StatementLineKind::Clawback as i32
-                    } else {
-                        pb::StatementLineKind::Commission as i32
-                    },
+                    kind: crate::lines::kind_to_proto(crate::lines::line_kind(&row.kind)),
                     status: pb::StatementLineStatus::Unspecified as i32,
                     counterparty_merchant_id: if as_referrer {
                         row.acceptor_merchant_id
@@ -361,7 +373,7 @@ pub(crate) async fn unsettled(
                     },
                     partnership_id: row.partnership_id,
                     terms_version: u32::try_from(row.terms_version).unwrap_or(0),
-                    rule: row.rule,
+                    rule: row.note.unwrap_or(row.rule),
                     purchase_id: row.purchase_id,
                     refund_id: row.refund_id.unwrap_or_default(),
                     transaction_id: row.transaction_id,

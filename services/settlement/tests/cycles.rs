@@ -953,3 +953,143 @@ async fn an_instruction_keeps_the_accounts_of_its_closure_so_its_file_never_chan
     assert_eq!(again.xml, file.xml);
     assert!(!again.xml.contains("NL91ABNA0417164300") && !again.xml.contains("BE68539007547034"));
 }
+
+#[tokio::test]
+async fn a_correction_is_a_new_statement_naming_the_corrected_one_and_settles_next_cycle() {
+    use settlement::corrections::{issue, CorrectionRefused, CorrectionRequest};
+    let world = World::new().await;
+    let referrer = world.merchant("UTC").await;
+    let acceptor = world.merchant("UTC").await;
+    let other = world.merchant("UTC").await;
+    let p = world
+        .partnership(&referrer, &acceptor, pb::SettlementCycle::Daily, 0)
+        .await;
+    let elsewhere = world
+        .partnership(&other, &acceptor, pb::SettlementCycle::Daily, 0)
+        .await;
+    let day = daily("UTC", "2026-05-04");
+    world
+        .commission(&p, 10_000, 500, at("2026-05-04T10:00:00Z"))
+        .await;
+    world.close(&day).await;
+    let eur = tandem_domain::money::Currency::parse("c", "EUR").unwrap();
+    let request = CorrectionRequest {
+        idempotency_key: "correction-1".into(),
+        merchant_id: MerchantId::parse("m", &referrer).unwrap(),
+        statement_number: 1,
+        partnership_id: PartnershipId::parse("p", &p.id).unwrap(),
+        amount: tandem_domain::money::Money::new(120, eur),
+        reason: "goodwill: purchase T-9 missed by the till".into(),
+    };
+    // Issued on the next day, so the next day's cycle settles it.
+    let when = at("2026-05-05T09:00:00Z");
+    let corrected = issue(&world.pool, &request, when, &world.wake)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(corrected.created_now);
+    let mut issued = corrected.statements.clone();
+    issued.sort();
+    let mut expected = vec![(acceptor.clone(), 2), (referrer.clone(), 2)];
+    expected.sort();
+    assert_eq!(
+        issued, expected,
+        "one for each side, naming its statement 1"
+    );
+    let mine = world.statements(&referrer).await;
+    assert_eq!(mine.len(), 2);
+    let correction = &mine[1];
+    assert_eq!((correction.number, correction.corrects), (2, Some(1)));
+    assert_eq!(correction.cycle, day.key(), "it corrects that cycle");
+    assert_eq!(correction.lines.len(), 1);
+    let line = &correction.lines[0];
+    assert_eq!(
+        (line.kind, line.status, line.amount_minor),
+        (LineKind::Adjustment, LineStatus::CarriedForward, 120)
+    );
+    assert_eq!(line.rule, "goodwill: purchase T-9 missed by the till");
+    assert!(correction
+        .canonical_csv()
+        .contains(",adjustment,carried_forward,"));
+    let theirs = world.statements(&acceptor).await;
+    assert_eq!(
+        (theirs[1].corrects, theirs[1].lines[0].amount_minor),
+        (Some(1), -120)
+    );
+    // The original statements did not change.
+    assert_eq!(mine[0].lines.len(), 1);
+
+    // A retry answers the same correction; the key with another request is refused.
+    let again = issue(&world.pool, &request, when, &world.wake)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!again.created_now);
+    assert_eq!(again.statements, corrected.statements);
+    let mut changed = request.clone();
+    changed.amount = tandem_domain::money::Money::new(121, eur);
+    assert!(matches!(
+        issue(&world.pool, &changed, when, &world.wake)
+            .await
+            .unwrap(),
+        Err(CorrectionRefused::KeyReused(_))
+    ));
+    let mut stranger = request.clone();
+    stranger.idempotency_key = "correction-2".into();
+    stranger.partnership_id = PartnershipId::parse("p", &elsewhere.id).unwrap();
+    assert!(matches!(
+        issue(&world.pool, &stranger, when, &world.wake)
+            .await
+            .unwrap(),
+        Err(CorrectionRefused::NotAParty { .. })
+    ));
+    let mut missing = request.clone();
+    missing.idempotency_key = "correction-3".into();
+    missing.statement_number = 9;
+    assert!(matches!(
+        issue(&world.pool, &missing, when, &world.wake)
+            .await
+            .unwrap(),
+        Err(CorrectionRefused::NoStatement { .. })
+    ));
+
+    // The next day's cycle settles the adjustment and pays it.
+    let next = world.close(&day.next()).await;
+    assert_eq!(next.settled_lines, 1);
+    let settled = world.statements(&referrer).await.pop().unwrap();
+    assert_eq!((settled.number, settled.corrects), (3, None));
+    assert_eq!(
+        (
+            settled.lines[0].kind,
+            settled.lines[0].status,
+            settled.lines[0].amount_minor
+        ),
+        (LineKind::Adjustment, LineStatus::Settled, 120)
+    );
+    let payouts = settlement::payouts::list(&world.pool, Some(&day.next().key()), None, 0, 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            payouts[0].from_merchant_id.as_str(),
+            payouts[0].amount_minor
+        ),
+        (acceptor.as_str(), 120)
+    );
+
+    // Rebuilt in the order things happened: every statement the same, numbers included.
+    let before: Vec<(u32, String)> = world
+        .statements(&referrer)
+        .await
+        .iter()
+        .map(|s| (s.number, s.content_hash()))
+        .collect();
+    rebuild_projections(&world.pool).await.unwrap();
+    let after: Vec<(u32, String)> = world
+        .statements(&referrer)
+        .await
+        .iter()
+        .map(|s| (s.number, s.content_hash()))
+        .collect();
+    assert_eq!(before, after);
+}
