@@ -172,7 +172,7 @@ async fn two_merchants_referring_each_other_get_one_netted_payout_and_every_stat
     let (a, a_key) = stack.merchant("A").await;
     let (b, b_key) = stack.merchant("B").await;
     let (c, c_key) = stack.merchant("C").await;
-    daily_partnership(&stack, &a, &b, 500).await;
+    let ab = daily_partnership(&stack, &a, &b, 500).await;
     daily_partnership(&stack, &b, &a, 500).await;
     daily_partnership(&stack, &c, &b, 500).await;
     register_account(
@@ -491,6 +491,65 @@ async fn two_merchants_referring_each_other_get_one_netted_payout_and_every_stat
         .unwrap_err();
     assert_eq!(early.code(), Code::FailedPrecondition);
 
+    // An operator corrects A's statement: a correction statement naming it, for A and for B.
+    let correction = pb::IssueCorrectionRequest {
+        idempotency_key: "goodwill-1".into(),
+        merchant_id: a.clone(),
+        statement_number: 1,
+        partnership_id: ab.clone(),
+        amount: eur(100),
+        reason: "purchase T-ab2 missed by B's till".into(),
+    };
+    let corrected = operator
+        .issue_settlement_correction(as_operator(correction.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(corrected.created_now);
+    let mut named: Vec<(String, u32, u32)> = corrected
+        .statements
+        .iter()
+        .map(|s| (s.merchant_id.clone(), s.number, s.corrects_statement_number))
+        .collect();
+    named.sort();
+    let mut expected = vec![(a.clone(), 2, 1), (b.clone(), 2, 1)];
+    expected.sort();
+    assert_eq!(named, expected);
+    let again = operator
+        .issue_settlement_correction(as_operator(correction.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!again.created_now);
+    let reused = operator
+        .issue_settlement_correction(as_operator(pb::IssueCorrectionRequest {
+            amount: eur(101),
+            ..correction.clone()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(reused.code(), Code::AlreadyExists);
+    let by_merchant = operator
+        .issue_settlement_correction(with_bearer(correction, &a_key))
+        .await
+        .unwrap_err();
+    assert_eq!(by_merchant.code(), Code::Unauthenticated);
+    let upcoming = statements
+        .list_unsettled_lines(with_bearer(
+            pb::ListUnsettledLinesRequest::default(),
+            &a_key,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .lines;
+    assert_eq!(upcoming.len(), 1);
+    let adjustment = upcoming[0].line.as_ref().unwrap();
+    assert_eq!(
+        (adjustment.kind, adjustment.amount_minor),
+        (pb::StatementLineKind::Adjustment as i32, 100)
+    );
+
     // Settlement announced each statement and payout for notifications.
     let announced = tandem_testkit::eventually(
         "settlement events published",
@@ -503,7 +562,7 @@ async fn two_merchants_referring_each_other_get_one_netted_payout_and_every_stat
                         .into_iter()
                         .map(|m| pb::SettlementEvent::decode(m.payload.as_slice()).unwrap())
                         .collect();
-                (events.len() >= 5).then_some(events)
+                (events.len() >= 7).then_some(events)
             }
         },
     )
@@ -517,7 +576,8 @@ async fn two_merchants_referring_each_other_get_one_netted_payout_and_every_stat
             )
         })
         .count();
-    assert_eq!((issued, announced.len()), (3, 5));
+    // Three statements and two payouts at the close, two correction statements.
+    assert_eq!((issued, announced.len()), (5, 7));
     stack.stop().await;
 }
 
