@@ -22,6 +22,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "ledger_topic",
         "settlement",
         "settlement_topic",
+        "notifications",
     ]
     .map(|name| proto_root.join(format!("tandem/v1/{name}.proto")));
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);

@@ -7,8 +7,6 @@ mod support;
 use std::time::Duration;
 
 use support::*;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -85,7 +83,10 @@ async fn reflected_services(channel: Channel) -> (Vec<String>, Vec<String>) {
 async fn gateway_ledger_and_settlement_serve_health_and_reflection() {
     let mut stack = Stack::start(true).await;
     stack.start_settlement(300).await;
+    stack.start_notifications().await;
     let gateway = channel(stack.gateway.as_ref().unwrap().address).await;
+    let notifications = channel(stack.notifications_address()).await;
+    assert_serving(notifications.clone(), "tandem.v1.Notifications").await;
     let ledger = channel(stack.ledger.as_ref().unwrap().address).await;
     let settlement = channel(stack.settlement_address()).await;
     assert_serving(gateway.clone(), "tandem.v1.StatementService").await;
@@ -106,6 +107,7 @@ async fn gateway_ledger_and_settlement_serve_health_and_reflection() {
         "tandem.v1.OperatorService",
         "tandem.v1.PartnershipService",
         "tandem.v1.StatementService",
+        "tandem.v1.NotificationService",
     ]
     .into_iter()
     .chain(reflection)
@@ -124,10 +126,17 @@ async fn gateway_ledger_and_settlement_serve_health_and_reflection() {
         .map(String::from)
         .collect();
     settlement_expected.sort();
+    let mut notifications_expected: Vec<String> = ["tandem.v1.Notifications"]
+        .into_iter()
+        .chain(reflection)
+        .map(String::from)
+        .collect();
+    notifications_expected.sort();
     for (channel, expected) in [
         (gateway, gateway_expected),
         (ledger, ledger_expected),
         (settlement, settlement_expected),
+        (notifications, notifications_expected),
     ] {
         let (mut v1_names, mut v1alpha_names) = reflected_services(channel).await;
         v1_names.sort();
@@ -136,31 +145,4 @@ async fn gateway_ledger_and_settlement_serve_health_and_reflection() {
         assert_eq!(v1alpha_names, expected, "v1alpha reflection");
     }
     stack.stop().await;
-}
-
-#[tokio::test]
-async fn notifications_serves_health_and_stops_cleanly() {
-    for service in ["notifications"] {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(notifications::run(
-            notifications::Config { listen: address },
-            listener,
-            shutdown.clone(),
-        ));
-        let channel = channel(address).await;
-        assert_serving(channel.clone(), "").await;
-        let (v1_names, _) = reflected_services(channel).await;
-        assert!(
-            v1_names.iter().any(|n| n == "grpc.health.v1.Health"),
-            "{service}: {v1_names:?}"
-        );
-        shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(10), task)
-            .await
-            .unwrap_or_else(|_| panic!("{service} did not stop within 10 s"))
-            .unwrap()
-            .unwrap_or_else(|e| panic!("{service} stopped with an error: {e}"));
-    }
 }

@@ -13,6 +13,7 @@ mod events;
 mod idempotency;
 mod identifiers;
 mod ingest;
+mod notifications;
 mod operator;
 mod partnerships;
 mod pos;
@@ -27,6 +28,8 @@ use sqlx::PgPool;
 use tandem_bus::{idempotent_producer, run_outbox_relay, RelaySettings};
 use tandem_domain::customer::NetworkKey;
 use tandem_proto::v1::merchant_gateway_server::MerchantGatewayServer;
+use tandem_proto::v1::notification_service_server::NotificationServiceServer;
+use tandem_proto::v1::notifications_client::NotificationsClient;
 use tandem_proto::v1::operator_service_server::OperatorServiceServer;
 use tandem_proto::v1::partnership_service_server::PartnershipServiceServer;
 use tandem_proto::v1::referral_ledger_client::ReferralLedgerClient;
@@ -70,6 +73,13 @@ pub struct Config {
         default_value = "http://127.0.0.1:50053"
     )]
     pub settlement_url: String,
+    /// URL of the notifications service's gRPC API.
+    #[arg(
+        long,
+        env = "TANDEM_NOTIFICATIONS_URL",
+        default_value = "http://127.0.0.1:50054"
+    )]
+    pub notifications_url: String,
     /// Token operators present as `authorization: Bearer <token>`; at least 16 characters.
     #[arg(long, env = "TANDEM_OPERATOR_TOKEN", hide_env_values = true, value_parser = parse_operator_token)]
     pub operator_token: Secret,
@@ -148,6 +158,12 @@ pub async fn run(
         // Exports of long statements and cycle closures take longer than a query.
         .timeout(std::time::Duration::from_secs(120))
         .connect_lazy();
+    // Streams last as long as the merchant listens: no request timeout on this channel.
+    let notifications_channel =
+        tonic::transport::Endpoint::from_shared(config.notifications_url.clone())
+            .map_err(|error| StartError::BackendUrl(config.notifications_url.clone(), error))?
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .connect_lazy();
     let outbox_written = Arc::new(Notify::new());
     let group_commit =
         ingest::GroupCommit::start(pool.clone(), config.group_commit, outbox_written.clone());
@@ -187,6 +203,13 @@ pub async fn run(
         state: state.clone(),
         settlement: SettlementClient::new(settlement_channel.clone()),
     }))
+    .add_service(NotificationServiceServer::new(
+        notifications::NotificationApi {
+            state: state.clone(),
+            notifications: NotificationsClient::new(notifications_channel),
+            shutdown: shutdown.clone(),
+        },
+    ))
     .add_service(OperatorServiceServer::new(operator::OperatorApi {
         state,
         settlement: SettlementClient::new(settlement_channel),
@@ -199,6 +222,7 @@ pub async fn run(
             <OperatorServiceServer<operator::OperatorApi> as NamedService>::NAME,
             <PartnershipServiceServer<partnerships::PartnershipApi> as NamedService>::NAME,
             <StatementServiceServer<statements::StatementApi> as NamedService>::NAME,
+            <NotificationServiceServer<notifications::NotificationApi> as NamedService>::NAME,
         ],
         tasks,
         shutdown.clone(),

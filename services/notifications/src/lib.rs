@@ -1,31 +1,131 @@
-//! Tandem notifications: tells merchants what happened, over gRPC streams and signed webhooks.
+//! Tandem notifications: tells merchants what happened.
 //!
-//! Not built yet: the binary starts, serves gRPC health and reflection, and stops cleanly on
-//! SIGTERM, so deployments and health checks can be wired before its issue lands.
+//! It consumes the `ledger` and `settlement` topics into each merchant's notifications (typed,
+//! versioned JSON; numbered per merchant without gaps) and serves them to the merchant gateway as
+//! a gRPC stream a merchant resumes from its cursor. What each payload holds:
+//! docs/NOTIFICATIONS.md. Signed webhooks are the next step of its issue.
+
+mod api;
+pub mod intake;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
+use tandem_bus::{run_consumer, ConsumerSettings, Topic};
+use tandem_proto::v1::notifications_server::NotificationsServer;
+use tandem_runtime::{BackgroundTasks, BusArgs, ConsumerArgs, DatabaseArgs};
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tonic::server::NamedService;
+use tonic::service::Routes;
 
 /// Configuration: every setting is a flag and an environment variable.
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "notifications")]
+#[command(name = "notifications", about = "Tandem's notifications to merchants")]
 pub struct Config {
-    /// Address of the gRPC listener.
+    /// Address of the internal gRPC listener.
     #[arg(
         long,
         env = "TANDEM_NOTIFICATIONS_LISTEN",
         default_value = "127.0.0.1:50054"
     )]
     pub listen: SocketAddr,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    #[command(flatten)]
+    pub bus: BusArgs,
+    #[command(flatten)]
+    pub consumer: ConsumerArgs,
+    /// Postgres schema of notifications.
+    #[arg(
+        long,
+        env = "TANDEM_NOTIFICATIONS_SCHEMA",
+        default_value = "notifications"
+    )]
+    pub schema: String,
+    /// Kafka consumer group prefix: `<group>.ledger` and `<group>.settlement`.
+    #[arg(
+        long,
+        env = "TANDEM_NOTIFICATIONS_CONSUMER_GROUP",
+        default_value = "notifications"
+    )]
+    pub consumer_group: String,
 }
 
-/// Serves health and reflection until `shutdown` is cancelled.
+#[derive(Debug, thiserror::Error)]
+pub enum NotificationsError {
+    #[error("database failure")]
+    Database(#[from] sqlx::Error),
+    #[error("storage failure")]
+    Store(#[from] tandem_store::StoreError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("storage")]
+    Store(#[from] tandem_store::StoreError),
+    #[error("gRPC server")]
+    Serve(#[from] tandem_runtime::ServeError),
+}
+
+static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// The whole binary: configuration from flags and the environment, then [`run`] until SIGTERM.
+pub fn main() -> std::process::ExitCode {
+    tandem_runtime::service_main("notifications", |config: &Config| config.listen, run)
+}
+
+/// Runs notifications until `shutdown` is cancelled: migrates, consumes, serves streams.
 pub async fn run(
-    _config: Config,
+    config: Config,
     listener: TcpListener,
     shutdown: CancellationToken,
-) -> Result<(), tandem_runtime::ServeError> {
-    tandem_runtime::serve_health_only(listener, shutdown).await
+) -> Result<(), StartError> {
+    let pool = tandem_store::connect(&config.database.store_config(&config.schema)).await?;
+    tandem_store::migrate(&pool, &MIGRATIONS).await?;
+    let membership = config.consumer.membership(config.listen.port());
+    let bus = config.bus.bus_config();
+    let written = Arc::new(Notify::new());
+    let mut tasks = BackgroundTasks::default();
+    for (suffix, topic) in [("ledger", Topic::Ledger), ("settlement", Topic::Settlement)] {
+        let group_id = format!("{}.{suffix}", config.consumer_group);
+        tasks.spawn(
+            format!("the consumer of group {group_id}"),
+            run_consumer(
+                bus.clone(),
+                ConsumerSettings {
+                    group_id,
+                    topics: vec![topic],
+                    max_batch: 1000,
+                    max_wait: Duration::from_millis(20),
+                    lanes: 1,
+                    batch_gap: Duration::from_millis(2),
+                    membership: membership.clone(),
+                },
+                intake::Intake {
+                    pool: pool.clone(),
+                    written: written.clone(),
+                },
+                shutdown.clone(),
+            ),
+        );
+    }
+    let routes = Routes::new(NotificationsServer::new(api::NotificationsApi {
+        pool: pool.clone(),
+        written,
+        shutdown: shutdown.clone(),
+    }));
+    let served = tandem_runtime::serve(
+        listener,
+        routes,
+        &[<NotificationsServer<api::NotificationsApi> as NamedService>::NAME],
+        tasks,
+        shutdown.clone(),
+    )
+    .await;
+    pool.close().await;
+    served?;
+    Ok(())
 }

@@ -62,6 +62,9 @@ pub struct Stack {
     settlement_address: SocketAddr,
     /// Kept until settlement starts, so its port stays reserved for the gateway's client.
     settlement_listener: Option<TcpListener>,
+    pub notifications: Option<Running>,
+    notifications_address: SocketAddr,
+    notifications_listener: Option<TcpListener>,
     /// How ledgers started from now on take part in their consumer groups.
     pub consumer_args: ConsumerArgs,
 }
@@ -78,6 +81,8 @@ impl Stack {
         let ledger_address = ledger_listener.local_addr().unwrap();
         let settlement_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let settlement_address = settlement_listener.local_addr().unwrap();
+        let notifications_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let notifications_address = notifications_listener.local_addr().unwrap();
         let mut stack = Stack {
             database,
             bus,
@@ -87,6 +92,9 @@ impl Stack {
             settlement: None,
             settlement_address,
             settlement_listener: Some(settlement_listener),
+            notifications: None,
+            notifications_address,
+            notifications_listener: Some(notifications_listener),
             consumer_args: ConsumerArgs {
                 instance_id: None,
                 consumer_session_timeout_ms: 10_000,
@@ -135,6 +143,7 @@ impl Stack {
             schema: "gateway".into(),
             ledger_url: format!("http://{}", self.ledger_address),
             settlement_url: format!("http://{}", self.settlement_address),
+            notifications_url: format!("http://{}", self.notifications_address),
             operator_token: Secret::new(OPERATOR_TOKEN),
             network_key: parse_network_key(NETWORK_KEY).unwrap(),
             group_commit: Default::default(),
@@ -246,6 +255,41 @@ impl Stack {
         self.settlement_address
     }
 
+    /// Starts notifications (consumer group `<prefix>-notifications`), or again after a stop.
+    pub async fn start_notifications(&mut self) {
+        let listener = match self.notifications_listener.take() {
+            Some(listener) => listener,
+            None => bind_again(self.notifications_address).await,
+        };
+        let config = notifications::Config {
+            listen: self.notifications_address,
+            database: self.database_args(),
+            bus: self.bus_args(),
+            consumer: self.consumer_args.clone(),
+            schema: "notifications".into(),
+            consumer_group: format!("{}-notifications", self.bus.topic_prefix),
+        };
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move {
+                notifications::run(config, listener, shutdown)
+                    .await
+                    .map_err(|e| tandem_runtime::error_chain(&e))
+            }
+        });
+        self.notifications = Some(Running {
+            address: self.notifications_address,
+            shutdown,
+            task,
+        });
+        wait_until_serving(self.notifications_address).await;
+    }
+
+    pub fn notifications_address(&self) -> SocketAddr {
+        self.notifications_address
+    }
+
     /// Stops the ledger and starts a new one on the same database and address, in consumer
     /// group `group`. A new group reads both topics again from the start.
     pub async fn restart_ledger(&mut self, group: &str) {
@@ -266,6 +310,9 @@ impl Stack {
         }
         if let Some(settlement) = self.settlement.take() {
             settlement.stop().await;
+        }
+        if let Some(notifications) = self.notifications.take() {
+            notifications.stop().await;
         }
     }
 

@@ -1,0 +1,61 @@
+//! The `tandem.v1.NotificationService`: a merchant's notifications as a stream, answered by the
+//! notifications service on the authenticated merchant's behalf.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use futures::StreamExt;
+use tandem_proto::v1 as pb;
+use tandem_proto::v1::notification_service_server::NotificationService;
+use tandem_proto::v1::notifications_client::NotificationsClient;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Response, Status};
+
+use crate::auth::{authenticate_merchant, check_acting_as};
+use crate::queries::{relay_status, traced};
+use crate::State;
+
+pub struct NotificationApi {
+    pub state: Arc<State>,
+    pub notifications: NotificationsClient<Channel>,
+    /// Open streams end when the gateway shuts down (subscribers reconnect with their cursor),
+    /// so a graceful shutdown never waits for them.
+    pub shutdown: tokio_util::sync::CancellationToken,
+}
+
+#[tonic::async_trait]
+impl NotificationService for NotificationApi {
+    type SubscribeStream = Pin<Box<dyn Stream<Item = Result<pb::Notification, Status>> + Send>>;
+
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id))]
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        tandem_runtime::link_request_span(&request);
+        let merchant = authenticate_merchant(&self.state.pool, request.metadata()).await?;
+        tracing::Span::current().record("merchant_id", merchant.as_str());
+        check_acting_as(&merchant, &request.get_ref().merchant_id)?;
+        let message = pb::SubscribeRequest {
+            merchant_id: merchant.to_string(),
+            ..request.into_inner()
+        };
+        let answer = self.notifications.clone().subscribe(traced(message)).await;
+        let stream = relay_status(
+            "notifications",
+            answer.map(|r| Response::new(r.into_inner())),
+        )?;
+        // A failure mid-stream: the merchant reconnects with its cursor.
+        let stream = stream.map(|item| {
+            item.map_err(|status| match status.code() {
+                Code::InvalidArgument => status,
+                _ => Status::unavailable(
+                    "the notification stream was interrupted; reconnect with the cursor of the last notification you processed",
+                ),
+            })
+        });
+        let stream = stream.take_until(self.shutdown.clone().cancelled_owned());
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
