@@ -282,11 +282,14 @@ ensure_nextest() {
     || { tail -n 30 "$TANDEM_HOME/logs/nextest-install.log" >&2; die "installing cargo-nextest failed"; }
 }
 
-# Independent checkers the tests use on settlement's files: poppler's pdftotext (the PDF's text)
-# and, in a virtualenv under $TANDEM_CACHE_DIR, lxml with the ISO 20022 schemas the sepaxml
-# package ships (the pain.001 payout files). Exports TANDEM_TOOLS_PYTHON.
+# Independent checkers the tests use: poppler's pdftotext (statement PDFs); in a virtualenv
+# under $TANDEM_CACHE_DIR, lxml with the ISO 20022 schemas the sepaxml package ships (pain.001
+# payout files) and the Standard Webhooks package from PyPI; and the Standard Webhooks package
+# from npm (webhook signatures). Exports TANDEM_TOOLS_PYTHON and TANDEM_NODE_PATH.
 SEPAXML_VERSION="2.7.0"
 LXML_VERSION="6.1.3"
+STANDARDWEBHOOKS_PY_VERSION="1.1.0"
+STANDARDWEBHOOKS_NPM_VERSION="1.1.1"
 ensure_checkers() {
   command -v pdftotext >/dev/null || apt_install poppler-utils
   local venv="$TANDEM_CACHE_DIR/checkers-sepaxml-$SEPAXML_VERSION-lxml-$LXML_VERSION"
@@ -298,7 +301,21 @@ ensure_checkers() {
     "$venv/bin/pip" install -q "sepaxml==$SEPAXML_VERSION" "lxml==$LXML_VERSION" \
       || die "installing the pain.001 schema checker failed"
   fi
+  if ! "$venv/bin/python" -c "import standardwebhooks, importlib.metadata as m; assert m.version('standardwebhooks') == '$STANDARDWEBHOOKS_PY_VERSION'" 2>/dev/null; then
+    log "installing standardwebhooks $STANDARDWEBHOOKS_PY_VERSION from PyPI (once)"
+    "$venv/bin/pip" install -q "standardwebhooks==$STANDARDWEBHOOKS_PY_VERSION" \
+      || die "installing the Python Standard Webhooks checker failed"
+  fi
   export TANDEM_TOOLS_PYTHON="$venv/bin/python"
+  local npm_dir="$TANDEM_CACHE_DIR/checkers-npm-standardwebhooks-$STANDARDWEBHOOKS_NPM_VERSION"
+  if [[ ! -f "$npm_dir/node_modules/standardwebhooks/package.json" ]]; then
+    command -v npm >/dev/null || apt_install nodejs npm
+    log "installing standardwebhooks $STANDARDWEBHOOKS_NPM_VERSION from npm (once)"
+    mkdir -p "$npm_dir"
+    (cd "$npm_dir" && npm install --silent --no-audit --no-fund "standardwebhooks@$STANDARDWEBHOOKS_NPM_VERSION" >/dev/null) \
+      || die "installing the Node Standard Webhooks checker failed"
+  fi
+  export TANDEM_NODE_PATH="$npm_dir/node_modules"
 }
 
 # stop_pidfile NAME [SECONDS]: stop a process these scripts started, politely (SIGTERM) then,

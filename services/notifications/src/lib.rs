@@ -7,6 +7,7 @@
 
 mod api;
 pub mod intake;
+pub mod webhook;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
