@@ -47,6 +47,9 @@ start_service() {
 start_service referral-ledger 50052
 start_service merchant-gateway 50051
 start_service settlement 50053
+# The local stack lets webhooks go to http://127.0.0.1 (a receiver on this machine); a
+# production deployment leaves this unset and webhooks go to public https URLs only.
+export TANDEM_WEBHOOKS_ALLOW_PRIVATE=true
 start_service notifications 50054
 
 "$bin/tandemctl" wait-healthy --timeout-secs 60 \

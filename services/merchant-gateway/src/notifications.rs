@@ -34,11 +34,11 @@ impl NotificationService for NotificationApi {
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         tandem_runtime::link_request_span(&request);
-        let merchant = authenticate_merchant(&self.state.pool, request.metadata()).await?;
-        tracing::Span::current().record("merchant_id", merchant.as_str());
-        check_acting_as(&merchant, &request.get_ref().merchant_id)?;
+        let merchant_id = self
+            .caller(&request, &request.get_ref().merchant_id)
+            .await?;
         let message = pb::SubscribeRequest {
-            merchant_id: merchant.to_string(),
+            merchant_id,
             ..request.into_inner()
         };
         let answer = self.notifications.clone().subscribe(traced(message)).await;
@@ -57,5 +57,74 @@ impl NotificationService for NotificationApi {
         });
         let stream = stream.take_until(self.shutdown.clone().cancelled_owned());
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id))]
+    async fn create_webhook_endpoint(
+        &self,
+        request: Request<pb::CreateWebhookEndpointRequest>,
+    ) -> Result<Response<pb::CreateWebhookEndpointResponse>, Status> {
+        tandem_runtime::link_request_span(&request);
+        let merchant_id = self
+            .caller(&request, &request.get_ref().merchant_id)
+            .await?;
+        let message = pb::CreateWebhookEndpointRequest {
+            merchant_id,
+            ..request.into_inner()
+        };
+        let answer = self
+            .notifications
+            .clone()
+            .create_webhook_endpoint(traced(message))
+            .await;
+        Ok(Response::new(relay_status("notifications", answer)?))
+    }
+
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id))]
+    async fn list_webhook_endpoints(
+        &self,
+        request: Request<pb::ListWebhookEndpointsRequest>,
+    ) -> Result<Response<pb::ListWebhookEndpointsResponse>, Status> {
+        tandem_runtime::link_request_span(&request);
+        let merchant_id = self
+            .caller(&request, &request.get_ref().merchant_id)
+            .await?;
+        let answer = self
+            .notifications
+            .clone()
+            .list_webhook_endpoints(traced(pb::ListWebhookEndpointsRequest { merchant_id }))
+            .await;
+        Ok(Response::new(relay_status("notifications", answer)?))
+    }
+
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id))]
+    async fn list_webhook_deliveries(
+        &self,
+        request: Request<pb::ListWebhookDeliveriesRequest>,
+    ) -> Result<Response<pb::ListWebhookDeliveriesResponse>, Status> {
+        tandem_runtime::link_request_span(&request);
+        let merchant_id = self
+            .caller(&request, &request.get_ref().merchant_id)
+            .await?;
+        let message = pb::ListWebhookDeliveriesRequest {
+            merchant_id,
+            ..request.into_inner()
+        };
+        let answer = self
+            .notifications
+            .clone()
+            .list_webhook_deliveries(traced(message))
+            .await;
+        Ok(Response::new(relay_status("notifications", answer)?))
+    }
+}
+
+impl NotificationApi {
+    /// The authenticated merchant, checked against the `merchant_id` the request names.
+    async fn caller<T>(&self, request: &Request<T>, named: &str) -> Result<String, Status> {
+        let merchant = authenticate_merchant(&self.state.pool, request.metadata()).await?;
+        tracing::Span::current().record("merchant_id", merchant.as_str());
+        check_acting_as(&merchant, named)?;
+        Ok(merchant.to_string())
     }
 }

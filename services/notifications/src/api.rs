@@ -25,6 +25,14 @@ pub struct NotificationsApi {
     pub pool: PgPool,
     pub written: Arc<Notify>,
     pub shutdown: CancellationToken,
+    pub allow_private: bool,
+}
+
+impl From<crate::NotificationsError> for Status {
+    fn from(error: crate::NotificationsError) -> Self {
+        tracing::warn!(error = %tandem_runtime::error_chain(&error), "notifications storage failed");
+        Status::unavailable("notifications storage is unavailable; retry shortly")
+    }
 }
 
 /// A type filter entry: lower-case letters and dots, e.g. `purchase.attributed`.
@@ -125,5 +133,82 @@ impl Notifications for NotificationsApi {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+
+    async fn create_webhook_endpoint(
+        &self,
+        request: Request<pb::CreateWebhookEndpointRequest>,
+    ) -> Result<Response<pb::CreateWebhookEndpointResponse>, Status> {
+        let request = request.into_inner();
+        let merchant = MerchantId::parse("merchant_id", &request.merchant_id)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let created =
+            crate::endpoints::create(&self.pool, merchant.as_str(), &request, self.allow_private)
+                .await?;
+        Ok(Response::new(created))
+    }
+
+    async fn list_webhook_endpoints(
+        &self,
+        request: Request<pb::ListWebhookEndpointsRequest>,
+    ) -> Result<Response<pb::ListWebhookEndpointsResponse>, Status> {
+        let merchant = MerchantId::parse("merchant_id", &request.get_ref().merchant_id)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(pb::ListWebhookEndpointsResponse {
+            endpoints: crate::endpoints::list(&self.pool, merchant.as_str()).await?,
+        }))
+    }
+
+    async fn list_webhook_deliveries(
+        &self,
+        request: Request<pb::ListWebhookDeliveriesRequest>,
+    ) -> Result<Response<pb::ListWebhookDeliveriesResponse>, Status> {
+        let request = request.into_inner();
+        let merchant = MerchantId::parse("merchant_id", &request.merchant_id)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let owner: Option<String> =
+            sqlx::query_scalar("SELECT merchant_id FROM webhook_endpoints WHERE endpoint_id = $1")
+                .bind(&request.endpoint_id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(crate::NotificationsError::from)?;
+        if owner.as_deref() != Some(merchant.as_str()) {
+            return Err(Status::not_found(format!(
+                "you have no webhook endpoint {:?}; ListWebhookEndpoints shows yours",
+                request.endpoint_id
+            )));
+        }
+        let limit = match request.page_size {
+            0 => 100,
+            size if size <= 500 => i64::from(size),
+            size => {
+                return Err(Status::invalid_argument(format!(
+                    "page_size: must be at most 500, got {size}"
+                )))
+            }
+        };
+        let offset = if request.page_token.is_empty() {
+            0
+        } else {
+            request
+                .page_token
+                .strip_prefix("v1.")
+                .and_then(|n| n.parse::<i64>().ok())
+                .filter(|n| *n > 0)
+                .ok_or_else(|| {
+                    Status::invalid_argument("page_token: not a token this API issued")
+                })?
+        };
+        let deliveries =
+            crate::delivery::list(&self.pool, &request.endpoint_id, offset, limit).await?;
+        let next_page_token = if deliveries.len() as i64 == limit {
+            format!("v1.{}", offset + limit)
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListWebhookDeliveriesResponse {
+            deliveries,
+            next_page_token,
+        }))
     }
 }

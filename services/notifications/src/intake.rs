@@ -23,6 +23,8 @@ pub struct Intake {
     pub pool: PgPool,
     /// Rung after every commit that added notifications: streams look at once.
     pub written: std::sync::Arc<tokio::sync::Notify>,
+    /// Rung after every commit that queued webhook deliveries.
+    pub queued: std::sync::Arc<tokio::sync::Notify>,
 }
 
 /// One notification to write.
@@ -38,6 +40,16 @@ pub struct Outgoing {
 
 /// The version of every payload's schema (docs/NOTIFICATIONS.md).
 pub const PAYLOAD_VERSION: u32 = 1;
+
+/// Every notification type.
+pub const TYPES: [&str; 6] = [
+    "referral.converted",
+    "purchase.attributed",
+    "commission.reversed",
+    "commission.payable",
+    "statement.issued",
+    "payout.instructed",
+];
 
 fn instant(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Micros, true)
@@ -354,9 +366,14 @@ impl BatchHandler for Intake {
                 query.build().execute(&mut *tx).await?;
             }
         }
+        let ids: Vec<Uuid> = per_merchant.values().flatten().map(|n| n.id).collect();
+        let queued = crate::endpoints::fan_out(&mut tx, &ids).await?;
         tx.commit().await?;
         if written > 0 {
             self.written.notify_waiters();
+        }
+        if queued > 0 {
+            self.queued.notify_waiters();
         }
         Ok(())
     }

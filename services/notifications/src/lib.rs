@@ -6,6 +6,8 @@
 //! docs/NOTIFICATIONS.md. Signed webhooks are the next step of its issue.
 
 mod api;
+pub mod delivery;
+pub mod endpoints;
 pub mod intake;
 pub mod webhook;
 
@@ -53,6 +55,23 @@ pub struct Config {
         default_value = "notifications"
     )]
     pub consumer_group: String,
+    /// The wait before each webhook retry (the first attempt is at once), e.g. the default
+    /// `5s,5m,30m,2h,5h,10h,10h`: about 27.6 hours, then the delivery is failed.
+    #[arg(long, env = "TANDEM_WEBHOOK_RETRY_SCHEDULE", default_value = "5s,5m,30m,2h,5h,10h,10h", value_parser = delivery::parse_schedule)]
+    pub webhook_retry_schedule: std::vec::Vec<std::time::Duration>,
+    /// Longest wait for an endpoint's answer, in milliseconds.
+    #[arg(long, env = "TANDEM_WEBHOOK_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
+    pub webhook_timeout_ms: u64,
+    /// Deliveries in flight to one endpoint at most.
+    #[arg(long, env = "TANDEM_WEBHOOK_PER_ENDPOINT", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub webhook_per_endpoint: u32,
+    /// Deliveries in flight in all at most.
+    #[arg(long, env = "TANDEM_WEBHOOK_CONCURRENCY", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub webhook_concurrency: u32,
+    /// Allow webhook URLs over http and to private, loopback or link-local addresses (local
+    /// development only; the local scripts set it).
+    #[arg(long, env = "TANDEM_WEBHOOKS_ALLOW_PRIVATE", default_value_t = false)]
+    pub webhooks_allow_private: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +108,7 @@ pub async fn run(
     let membership = config.consumer.membership(config.listen.port());
     let bus = config.bus.bus_config();
     let written = Arc::new(Notify::new());
+    let queued = Arc::new(Notify::new());
     let mut tasks = BackgroundTasks::default();
     for (suffix, topic) in [("ledger", Topic::Ledger), ("settlement", Topic::Settlement)] {
         let group_id = format!("{}.{suffix}", config.consumer_group);
@@ -108,15 +128,29 @@ pub async fn run(
                 intake::Intake {
                     pool: pool.clone(),
                     written: written.clone(),
+                    queued: queued.clone(),
                 },
                 shutdown.clone(),
             ),
         );
     }
+    let settings = delivery::DeliverySettings {
+        schedule: config.webhook_retry_schedule.clone(),
+        timeout: Duration::from_millis(config.webhook_timeout_ms),
+        per_endpoint: config.webhook_per_endpoint as usize,
+        concurrency: config.webhook_concurrency as usize,
+        allow_private: config.webhooks_allow_private,
+    };
+    let worker = delivery::run(pool.clone(), settings, queued, shutdown.clone());
+    tasks.spawn("the webhook delivery worker", async move {
+        worker.await;
+        Ok::<(), std::convert::Infallible>(())
+    });
     let routes = Routes::new(NotificationsServer::new(api::NotificationsApi {
         pool: pool.clone(),
         written,
         shutdown: shutdown.clone(),
+        allow_private: config.webhooks_allow_private,
     }));
     let served = tandem_runtime::serve(
         listener,

@@ -268,6 +268,13 @@ impl Stack {
             consumer: self.consumer_args.clone(),
             schema: "notifications".into(),
             consumer_group: format!("{}-notifications", self.bus.topic_prefix),
+            // Retries in tenths of a second, so a test sees a schedule run out.
+            webhook_retry_schedule: notifications::delivery::parse_schedule("100ms,200ms,300ms")
+                .unwrap(),
+            webhook_timeout_ms: 2_000,
+            webhook_per_endpoint: 4,
+            webhook_concurrency: 64,
+            webhooks_allow_private: true,
         };
         let shutdown = CancellationToken::new();
         let task = tokio::spawn({

@@ -1,0 +1,389 @@
+//! The webhook delivery worker: leases due deliveries from Postgres, POSTs each signed
+//! notification, records the attempt, and schedules the next one on failure.
+//!
+//! **Leases.** Due rows are picked with `FOR UPDATE SKIP LOCKED` and leased (`leased_until`) in one
+//! statement, so several instances share the queue and none sends a delivery another holds; a
+//! crash mid-delivery leaves a lease that runs out and the delivery is sent again (at least once;
+//! `webhook-id` lets the receiver deduplicate).
+//!
+//! **Retries.** An answer other than 2xx, or none within the timeout, fails the attempt. The
+//! next one waits the schedule's next step, with ±10 % jitter so endpoints that failed together
+//! are not retried together; when the schedule runs out the delivery is `failed`. The default
+//! schedule, as Svix's: at once, then 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h — about 27.6 hours
+//! in all, long enough to ride out a receiver's bad day and a night's outage, short enough that a
+//! merchant whose endpoint is gone for good is not sent the same event for days.
+//!
+//! **Isolation.** At most `per_endpoint` deliveries to one endpoint are in flight at once, every
+//! request has a timeout, and the worker never waits for a slow endpoint to take the next batch:
+//! one dead endpoint never delays the others.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use chrono::Utc;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use sqlx::PgPool;
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::webhook::{headers, SigningSecret};
+use crate::NotificationsError;
+
+/// How the worker delivers.
+#[derive(Debug, Clone)]
+pub struct DeliverySettings {
+    /// The wait before each retry: the first attempt is at once, the second after `schedule[0]`…
+    pub schedule: Vec<Duration>,
+    /// Longest wait for an answer.
+    pub timeout: Duration,
+    /// Deliveries in flight to one endpoint at most.
+    pub per_endpoint: usize,
+    /// Deliveries in flight in all at most.
+    pub concurrency: usize,
+    /// Whether endpoints may be http or resolve to private addresses (local development).
+    pub allow_private: bool,
+}
+
+/// `5s,5m,30m,2h,5h,10h,10h` and the like.
+pub fn parse_schedule(text: &str) -> Result<Vec<Duration>, String> {
+    text.split(',')
+        .map(|step| {
+            let step = step.trim();
+            let (number, unit) = step.split_at(
+                step.find(|c: char| !c.is_ascii_digit())
+                    .unwrap_or(step.len()),
+            );
+            let value: u64 = number
+                .parse()
+                .map_err(|_| format!("{step:?}: a step is a number and a unit (ms, s, m, h)"))?;
+            Ok(match unit {
+                "ms" => Duration::from_millis(value),
+                "s" => Duration::from_secs(value),
+                "m" => Duration::from_secs(value * 60),
+                "h" => Duration::from_secs(value * 3600),
+                _ => return Err(format!("{step:?}: the unit is ms, s, m or h")),
+            })
+        })
+        .collect()
+}
+
+#[derive(sqlx::FromRow)]
+struct Due {
+    endpoint_id: String,
+    notification_id: uuid::Uuid,
+    attempts: i32,
+    url: String,
+    signing_secret: String,
+    payload: String,
+}
+
+/// What one attempt got.
+struct Outcome {
+    status_code: u16,
+    latency: Duration,
+    excerpt: String,
+}
+
+const EXCERPT: usize = 512;
+
+type HttpClient = Client<
+    hyper_tls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Full<Bytes>,
+>;
+
+async fn attempt(client: &HttpClient, due: &Due, settings: &DeliverySettings) -> Outcome {
+    let started = Instant::now();
+    let failed = |excerpt: String| Outcome {
+        status_code: 0,
+        latency: started.elapsed(),
+        excerpt,
+    };
+    let secret = match SigningSecret::parse(&due.signing_secret) {
+        Ok(secret) => secret,
+        Err(reason) => return failed(format!("the endpoint's secret is unusable: {reason}")),
+    };
+    // The URL was checked when registered; its host may resolve elsewhere since.
+    if let Err(reason) = crate::endpoints::check_url(&due.url, settings.allow_private).await {
+        return failed(reason);
+    }
+    let id = due.notification_id.to_string();
+    let now = Utc::now().timestamp();
+    let body = Bytes::from(due.payload.clone());
+    let mut request = hyper::Request::post(&due.url)
+        .header("content-type", "application/json")
+        .header("user-agent", "Tandem-Webhooks/1");
+    for (name, value) in headers(&[&secret], &id, now, &body) {
+        request = request.header(name, value);
+    }
+    let request = match request.body(Full::new(body)) {
+        Ok(request) => request,
+        Err(error) => return failed(format!("could not build the request: {error}")),
+    };
+    match tokio::time::timeout(settings.timeout, client.request(request)).await {
+        Err(_) => failed(format!(
+            "no answer within {} ms",
+            settings.timeout.as_millis()
+        )),
+        Ok(Err(error)) => failed(format!("could not deliver: {error}")),
+        Ok(Ok(response)) => {
+            let status_code = response.status().as_u16();
+            let latency = started.elapsed();
+            // Read at most a little more than the excerpt, within what is left of the timeout.
+            let left = settings.timeout.saturating_sub(latency);
+            let body = tokio::time::timeout(
+                left,
+                Limited::new(response.into_body(), EXCERPT * 4).collect(),
+            )
+            .await;
+            let excerpt = match body {
+                Ok(Ok(collected)) => {
+                    let bytes = collected.to_bytes();
+                    String::from_utf8_lossy(&bytes[..bytes.len().min(EXCERPT)]).into_owned()
+                }
+                _ => String::new(),
+            };
+            Outcome {
+                status_code,
+                latency,
+                excerpt,
+            }
+        }
+    }
+}
+
+/// ±10 % of `wait`.
+fn jittered(wait: Duration) -> Duration {
+    let spread = wait.as_millis() as u64 / 10;
+    if spread == 0 {
+        return wait;
+    }
+    let offset = rand::random::<u64>() % (2 * spread + 1);
+    Duration::from_millis(wait.as_millis() as u64 - spread + offset)
+}
+
+async fn record(
+    pool: &PgPool,
+    due: &Due,
+    outcome: &Outcome,
+    settings: &DeliverySettings,
+) -> Result<(), NotificationsError> {
+    let succeeded = (200..300).contains(&outcome.status_code);
+    let attempt = due.attempts; // already counted when leased
+    let next = usize::try_from(attempt - 1)
+        .ok()
+        .and_then(|index| settings.schedule.get(index))
+        .copied();
+    let (status, next_attempt_at) = match (succeeded, next) {
+        (true, _) => ("succeeded", Utc::now()),
+        (false, Some(wait)) => (
+            "pending",
+            Utc::now() + chrono::Duration::from_std(jittered(wait)).unwrap_or_default(),
+        ),
+        (false, None) => ("failed", Utc::now()),
+    };
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "INSERT INTO webhook_attempts (endpoint_id, notification_id, attempt, at, status_code, latency_ms, excerpt) \
+         VALUES ($1, $2, $3, now(), $4, $5, $6) ON CONFLICT DO NOTHING",
+    )
+    .bind(&due.endpoint_id)
+    .bind(due.notification_id)
+    .bind(attempt)
+    .bind(i32::from(outcome.status_code))
+    .bind(i32::try_from(outcome.latency.as_millis()).unwrap_or(i32::MAX))
+    .bind(&outcome.excerpt)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "UPDATE webhook_deliveries SET status = $3, next_attempt_at = $4, leased_until = NULL \
+         WHERE endpoint_id = $1 AND notification_id = $2",
+    )
+    .bind(&due.endpoint_id)
+    .bind(due.notification_id)
+    .bind(status)
+    .bind(next_attempt_at)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    if !succeeded {
+        tracing::info!(
+            endpoint_id = %due.endpoint_id,
+            notification_id = %due.notification_id,
+            attempt,
+            status_code = outcome.status_code,
+            next = status,
+            "webhook attempt failed"
+        );
+    }
+    Ok(())
+}
+
+/// Leases up to `limit` due deliveries for `lease`.
+async fn lease(pool: &PgPool, limit: i64, lease: Duration) -> Result<Vec<Due>, NotificationsError> {
+    Ok(sqlx::query_as(
+        "WITH due AS ( \
+           SELECT endpoint_id, notification_id FROM webhook_deliveries \
+           WHERE status = 'pending' AND next_attempt_at <= now() AND (leased_until IS NULL OR leased_until < now()) \
+           ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED), \
+         leased AS ( \
+           UPDATE webhook_deliveries d SET leased_until = now() + $2 * interval '1 millisecond', attempts = d.attempts + 1 \
+           FROM due WHERE d.endpoint_id = due.endpoint_id AND d.notification_id = due.notification_id \
+           RETURNING d.endpoint_id, d.notification_id, d.attempts) \
+         SELECT l.endpoint_id, l.notification_id, l.attempts, e.url, e.signing_secret, n.payload \
+         FROM leased l JOIN webhook_endpoints e USING (endpoint_id) \
+           JOIN notifications n ON n.notification_id = l.notification_id",
+    )
+    .bind(limit)
+    .bind(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX))
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Delivers until `shutdown`.
+pub async fn run(
+    pool: PgPool,
+    settings: DeliverySettings,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    let connector = match hyper_tls::native_tls::TlsConnector::new() {
+        Ok(tls) => {
+            let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+            http.enforce_http(false);
+            http.set_connect_timeout(Some(settings.timeout));
+            hyper_tls::HttpsConnector::from((http, tls.into()))
+        }
+        Err(error) => {
+            tracing::error!(error = %error, "no TLS for webhook deliveries; none will be sent");
+            return;
+        }
+    };
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build(connector);
+    let per_endpoint: Arc<std::sync::Mutex<HashMap<String, Arc<Semaphore>>>> = Arc::default();
+    let all = Arc::new(Semaphore::new(settings.concurrency));
+    // A lease outlives the slowest attempt with a margin.
+    let lease_for = settings.timeout * 3;
+    loop {
+        let woken = wake.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        let free = all.available_permits();
+        let due = if free == 0 {
+            Vec::new()
+        } else {
+            match lease(&pool, free as i64, lease_for).await {
+                Ok(due) => due,
+                Err(error) => {
+                    tracing::warn!(error = %tandem_runtime::error_chain(&error), "leasing webhook deliveries failed; trying again");
+                    Vec::new()
+                }
+            }
+        };
+        let leased = due.len();
+        for due in due {
+            let Ok(slot) = all.clone().acquire_owned().await else {
+                return;
+            };
+            let endpoint = {
+                let mut map = per_endpoint.lock().unwrap_or_else(|e| e.into_inner());
+                map.entry(due.endpoint_id.clone())
+                    .or_insert_with(|| Arc::new(Semaphore::new(settings.per_endpoint)))
+                    .clone()
+            };
+            let (pool, client, settings) = (pool.clone(), client.clone(), settings.clone());
+            tokio::spawn(async move {
+                let _slot = slot;
+                let Ok(_endpoint_slot) = endpoint.acquire_owned().await else {
+                    return;
+                };
+                let outcome = attempt(&client, &due, &settings).await;
+                if let Err(error) = record(&pool, &due, &outcome, &settings).await {
+                    // The lease runs out and the delivery is attempted again.
+                    tracing::warn!(error = %tandem_runtime::error_chain(&error), "recording a webhook attempt failed");
+                }
+            });
+        }
+        if leased > 0 {
+            continue;
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = &mut woken => {}
+            () = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+    }
+}
+
+/// Deliveries of an endpoint, newest first, from `offset`, with their attempts.
+pub(crate) async fn list(
+    pool: &PgPool,
+    endpoint_id: &str,
+    offset: i64,
+    limit: i64,
+) -> Result<Vec<tandem_proto::v1::WebhookDelivery>, NotificationsError> {
+    use tandem_proto::v1 as pb;
+    type Row = (uuid::Uuid, String, i64, String, chrono::DateTime<Utc>);
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT d.notification_id, n.type, d.cursor, d.status, d.next_attempt_at FROM webhook_deliveries d \
+         JOIN notifications n ON n.notification_id = d.notification_id \
+         WHERE d.endpoint_id = $1 ORDER BY d.cursor DESC OFFSET $2 LIMIT $3",
+    )
+    .bind(endpoint_id)
+    .bind(offset)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    let ids: Vec<uuid::Uuid> = rows.iter().map(|r| r.0).collect();
+    type AttemptRow = (uuid::Uuid, i32, chrono::DateTime<Utc>, i32, i32, String);
+    let attempts: Vec<AttemptRow> = sqlx::query_as(
+        "SELECT notification_id, attempt, at, status_code, latency_ms, excerpt FROM webhook_attempts \
+         WHERE endpoint_id = $1 AND notification_id = ANY($2) ORDER BY attempt",
+    )
+    .bind(endpoint_id)
+    .bind(&ids)
+    .fetch_all(pool)
+    .await?;
+    let mut by_delivery: HashMap<uuid::Uuid, Vec<pb::WebhookAttempt>> = HashMap::new();
+    for (id, attempt, at, status, latency, excerpt) in attempts {
+        by_delivery.entry(id).or_default().push(pb::WebhookAttempt {
+            attempt: u32::try_from(attempt).unwrap_or(0),
+            at: Some(tandem_proto::time::timestamp(at)),
+            status_code: u32::try_from(status).unwrap_or(0),
+            latency_ms: u32::try_from(latency).unwrap_or(0),
+            excerpt,
+        });
+    }
+    Ok(rows
+        .into_iter()
+        .map(|(id, kind, cursor, status, next)| pb::WebhookDelivery {
+            notification_id: id.to_string(),
+            r#type: kind,
+            cursor: u64::try_from(cursor).unwrap_or(0),
+            status,
+            next_attempt_at: Some(tandem_proto::time::timestamp(next)),
+            attempts: by_delivery.remove(&id).unwrap_or_default(),
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedules_parse_and_jitter_stays_within_ten_percent() {
+        let schedule = parse_schedule("5s,5m,30m,2h,5h,10h,10h").unwrap();
+        assert_eq!(schedule[0], Duration::from_secs(5));
+        assert_eq!(schedule[6], Duration::from_secs(36_000));
+        assert!(parse_schedule("5x").is_err());
+        assert!(parse_schedule("").is_err());
+        for _ in 0..100 {
+            let wait = jittered(Duration::from_secs(100)).as_millis();
+            assert!((90_000..=110_000).contains(&wait), "{wait}");
+        }
+    }
+}

@@ -1,0 +1,267 @@
+//! Webhooks end to end: a merchant registers an endpoint; a real HTTP receiver on this machine
+//! fails the first attempts and then accepts; the delivery succeeds on a retry, every attempt is
+//! in the log, and the receiver got the event the expected number of times, each signed. An
+//! endpoint that never accepts runs out of retries.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use notifications::webhook::SigningSecret;
+use support::{customer, purchase, referral, with_bearer, Stack};
+use tandem_proto::v1 as pb;
+use tandem_proto::v1::notification_service_client::NotificationServiceClient;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tonic::Code;
+
+/// One request the receiver got.
+#[derive(Debug, Clone)]
+struct Received {
+    headers: HashMap<String, String>,
+    body: Vec<u8>,
+}
+
+/// A minimal HTTP/1.1 receiver: answers `fail_first` requests per `webhook-id` with 500 (or
+/// every request, with `always` set), then 200.
+struct Receiver {
+    url: String,
+    received: Arc<Mutex<Vec<Received>>>,
+}
+
+async fn receiver(fail_first: usize, always: bool) -> Receiver {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hooks/tandem", listener.local_addr().unwrap());
+    let received: Arc<Mutex<Vec<Received>>> = Arc::default();
+    let log = received.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            let log = log.clone();
+            tokio::spawn(async move {
+                // One request per connection is enough for the client's pooled connections too:
+                // the answer says `connection: close`.
+                let mut buffer = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let (head_end, content_length) = loop {
+                    let read = socket.read(&mut chunk).await.unwrap_or(0);
+                    if read == 0 {
+                        return;
+                    }
+                    buffer.extend_from_slice(&chunk[..read]);
+                    if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buffer[..end]).to_lowercase();
+                        let length = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        break (end + 4, length);
+                    }
+                };
+                while buffer.len() < head_end + content_length {
+                    let read = socket.read(&mut chunk).await.unwrap_or(0);
+                    if read == 0 {
+                        break;
+                    }
+                    buffer.extend_from_slice(&chunk[..read]);
+                }
+                let head = String::from_utf8_lossy(&buffer[..head_end]).into_owned();
+                let headers: HashMap<String, String> = head
+                    .lines()
+                    .skip(1)
+                    .filter_map(|line| line.split_once(':'))
+                    .map(|(k, v)| (k.trim().to_lowercase(), v.trim().to_owned()))
+                    .collect();
+                let body = buffer[head_end..].to_vec();
+                let id = headers.get("webhook-id").cloned().unwrap_or_default();
+                let seen = {
+                    let mut log = log.lock().unwrap();
+                    log.push(Received { headers, body });
+                    log.iter()
+                        .filter(|r| r.headers.get("webhook-id") == Some(&id))
+                        .count()
+                };
+                let (status, text) = if always || seen <= fail_first {
+                    ("500 Internal Server Error", "receiver down for maintenance")
+                } else {
+                    ("200 OK", "thanks")
+                };
+                let answer = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{text}",
+                    text.len()
+                );
+                let _ = socket.write_all(answer.as_bytes()).await;
+                let _ = socket.shutdown().await;
+            });
+        }
+    });
+    Receiver { url, received }
+}
+
+async fn deliveries(
+    stack: &Stack,
+    key: &str,
+    endpoint_id: &str,
+    until: impl Fn(&[pb::WebhookDelivery]) -> bool,
+) -> Vec<pb::WebhookDelivery> {
+    let channel = stack.channel().await;
+    tandem_testkit::eventually("webhook deliveries", Duration::from_secs(60), || {
+        let channel = channel.clone();
+        let until = &until;
+        async move {
+            let listed = NotificationServiceClient::new(channel)
+                .list_webhook_deliveries(with_bearer(
+                    pb::ListWebhookDeliveriesRequest {
+                        endpoint_id: endpoint_id.into(),
+                        ..Default::default()
+                    },
+                    key,
+                ))
+                .await
+                .ok()?
+                .into_inner()
+                .deliveries;
+            until(&listed).then_some(listed)
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_delivery_that_fails_at_first_succeeds_on_a_retry_and_every_attempt_is_logged() {
+    let mut stack = Stack::start(true).await;
+    stack.start_notifications().await;
+    let (acceptor, acceptor_key) = stack.merchant("A").await;
+    let (referrer, referrer_key) = stack.merchant("C").await;
+    let (_other, other_key) = stack.merchant("X").await;
+    stack.partnership(&referrer, &acceptor, 500, 30).await;
+    let flaky = receiver(2, false).await;
+    let dead = receiver(0, true).await;
+
+    let mut notifications = NotificationServiceClient::new(stack.channel().await);
+    let register = |key: &str, url: &str| pb::CreateWebhookEndpointRequest {
+        idempotency_key: key.into(),
+        url: url.into(),
+        types: vec!["purchase.attributed".into()],
+        description: "till integration".into(),
+        ..Default::default()
+    };
+    let created = notifications
+        .create_webhook_endpoint(with_bearer(register("flaky", &flaky.url), &referrer_key))
+        .await
+        .unwrap()
+        .into_inner();
+    let endpoint = created.endpoint.clone().unwrap();
+    assert!(endpoint.endpoint_id.starts_with("whe_"));
+    assert!(created.signing_secret.starts_with("whsec_"));
+    // A retry of the registration answers the same endpoint; the key with another URL is refused.
+    let again = notifications
+        .create_webhook_endpoint(with_bearer(register("flaky", &flaky.url), &referrer_key))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.endpoint.unwrap().endpoint_id, endpoint.endpoint_id);
+    assert_eq!(again.signing_secret, created.signing_secret);
+    let reused = notifications
+        .create_webhook_endpoint(with_bearer(register("flaky", &dead.url), &referrer_key))
+        .await
+        .unwrap_err();
+    assert_eq!(reused.code(), Code::AlreadyExists);
+    let dead_endpoint = notifications
+        .create_webhook_endpoint(with_bearer(register("dead", &dead.url), &referrer_key))
+        .await
+        .unwrap()
+        .into_inner()
+        .endpoint
+        .unwrap();
+    for (bad, says) in [("ftp://127.0.0.1/x", "https"), ("not a url", "not a URL")] {
+        let refused = notifications
+            .create_webhook_endpoint(with_bearer(register("bad", bad), &referrer_key))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument, "{bad}");
+        assert!(refused.message().contains(says), "{}", refused.message());
+    }
+    let listed = notifications
+        .list_webhook_endpoints(with_bearer(
+            pb::ListWebhookEndpointsRequest::default(),
+            &referrer_key,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .endpoints;
+    assert_eq!(listed.len(), 2);
+
+    // A referred customer buys at A: C's endpoints are told.
+    let who = customer("card-fingerprint-hook-1", "", "hook-1@example.com");
+    let mut pos = stack.pos().await;
+    pos.create_referral(with_bearer(
+        referral("h-ref", &acceptor, who.clone()),
+        &referrer_key,
+    ))
+    .await
+    .unwrap();
+    pos.record_purchase(with_bearer(
+        purchase("h-buy", "T-h", who, 8_000),
+        &acceptor_key,
+    ))
+    .await
+    .unwrap();
+
+    let done = deliveries(&stack, &referrer_key, &endpoint.endpoint_id, |d| {
+        d.len() == 1 && d[0].status == "succeeded"
+    })
+    .await;
+    let attempts: Vec<u32> = done[0].attempts.iter().map(|a| a.status_code).collect();
+    assert_eq!(attempts, [500, 500, 200], "{done:?}");
+    assert_eq!(done[0].attempts[0].excerpt, "receiver down for maintenance");
+    assert_eq!(done[0].r#type, "purchase.attributed");
+    // The receiver got the event three times, under one webhook-id, each signed.
+    let secret = SigningSecret::parse(&created.signing_secret).unwrap();
+    let got = flaky.received.lock().unwrap().clone();
+    assert_eq!(got.len(), 3);
+    for request in &got {
+        assert_eq!(request.headers["webhook-id"], done[0].notification_id);
+        let timestamp: i64 = request.headers["webhook-timestamp"].parse().unwrap();
+        assert_eq!(
+            request.headers["webhook-signature"],
+            secret.sign(&done[0].notification_id, timestamp, &request.body)
+        );
+        let body: serde_json::Value = serde_json::from_slice(&request.body).unwrap();
+        assert_eq!(body["type"], "purchase.attributed");
+        assert_eq!(body["data"]["amount"]["amount_minor"], 8_000);
+        for raw in ["card-fingerprint-hook-1", "hook-1@example.com"] {
+            assert!(!String::from_utf8_lossy(&request.body).contains(raw));
+        }
+    }
+
+    // The endpoint that never accepts: the first attempt and the schedule's three retries, then
+    // failed.
+    let failed = deliveries(&stack, &referrer_key, &dead_endpoint.endpoint_id, |d| {
+        d.len() == 1 && d[0].status == "failed"
+    })
+    .await;
+    assert_eq!(failed[0].attempts.len(), 4);
+    assert_eq!(dead.received.lock().unwrap().len(), 4);
+
+    // Another merchant cannot see C's deliveries.
+    let hidden = notifications
+        .list_webhook_deliveries(with_bearer(
+            pb::ListWebhookDeliveriesRequest {
+                endpoint_id: endpoint.endpoint_id.clone(),
+                ..Default::default()
+            },
+            &other_key,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(hidden.code(), Code::NotFound);
+    stack.stop().await;
+}
