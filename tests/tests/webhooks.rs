@@ -265,3 +265,290 @@ async fn a_delivery_that_fails_at_first_succeeds_on_a_retry_and_every_attempt_is
     assert_eq!(hidden.code(), Code::NotFound);
     stack.stop().await;
 }
+
+/// The bodies `receiver` got, parsed.
+fn bodies(receiver: &Receiver) -> Vec<(HashMap<String, String>, serde_json::Value)> {
+    receiver
+        .received
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| (r.headers.clone(), serde_json::from_slice(&r.body).unwrap()))
+        .collect()
+}
+
+async fn wait_for<T>(what: &str, check: impl Fn() -> Option<T>) -> T {
+    tandem_testkit::eventually(what, Duration::from_secs(60), || {
+        let found = check();
+        async move { found }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn secrets_rotate_with_an_overlap_endpoints_disable_and_missed_events_replay() {
+    let mut stack = Stack::start(true).await;
+    // An endpoint that fails for longer than this is disabled.
+    stack.webhook_disable_after = Duration::from_millis(400);
+    stack.start_notifications().await;
+    let (acceptor, acceptor_key) = stack.merchant("A").await;
+    let (referrer, referrer_key) = stack.merchant("C").await;
+    stack.partnership(&referrer, &acceptor, 500, 30).await;
+    let ok = receiver(0, false).await;
+    let dead = receiver(0, true).await;
+    let mut api = NotificationServiceClient::new(stack.channel().await);
+    let create = |key: &str, url: &str, types: Vec<String>| pb::CreateWebhookEndpointRequest {
+        idempotency_key: key.into(),
+        url: url.into(),
+        types,
+        ..Default::default()
+    };
+    let good = api
+        .create_webhook_endpoint(with_bearer(create("ok", &ok.url, vec![]), &referrer_key))
+        .await
+        .unwrap()
+        .into_inner();
+    let good_id = good.endpoint.unwrap().endpoint_id;
+    let old_secret = SigningSecret::parse(&good.signing_secret).unwrap();
+    let bad_id = api
+        .create_webhook_endpoint(with_bearer(
+            create("dead", &dead.url, vec!["purchase.attributed".into()]),
+            &referrer_key,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .endpoint
+        .unwrap()
+        .endpoint_id;
+
+    let who = customer("card-fingerprint-hook-2", "", "hook-2@example.com");
+    let mut pos = stack.pos().await;
+    pos.create_referral(with_bearer(
+        referral("r2", &acceptor, who.clone()),
+        &referrer_key,
+    ))
+    .await
+    .unwrap();
+    let buy = |n: u32| {
+        purchase(
+            &format!("b2-{n}"),
+            &format!("T2-{n}"),
+            who.clone(),
+            1_000 * i64::from(n),
+        )
+    };
+    let first = pos
+        .record_purchase(with_bearer(buy(1), &acceptor_key))
+        .await
+        .unwrap()
+        .into_inner()
+        .purchase_id;
+    let purchase_seen = |receiver: &Receiver, purchase_id: &str| {
+        bodies(receiver)
+            .into_iter()
+            .filter(|(_, body)| {
+                body["data"]["purchase_id"] == purchase_id && body["type"] == "purchase.attributed"
+            })
+            .map(|(headers, _)| headers)
+            .collect::<Vec<_>>()
+    };
+    let headers = wait_for("the first purchase delivered", || {
+        purchase_seen(&ok, &first).pop()
+    })
+    .await;
+    let id = &headers["webhook-id"];
+    let at: i64 = headers["webhook-timestamp"].parse().unwrap();
+    let body = ok
+        .received
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|r| r.headers.get("webhook-id") == Some(id))
+        .unwrap()
+        .body
+        .clone();
+    assert_eq!(headers["webhook-signature"], old_secret.sign(id, at, &body));
+
+    // The endpoint that never answers 2xx is disabled once it has failed for long enough, and
+    // the merchant is told, on its other endpoint too.
+    let disabled = wait_for("the dead endpoint disabled and announced", || {
+        bodies(&ok)
+            .into_iter()
+            .find(|(_, body)| body["type"] == "webhook.endpoint_disabled")
+    })
+    .await;
+    assert_eq!(disabled.1["data"]["endpoint_id"], bad_id.as_str());
+    let endpoints = api
+        .list_webhook_endpoints(with_bearer(
+            pb::ListWebhookEndpointsRequest::default(),
+            &referrer_key,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .endpoints;
+    let bad = endpoints.iter().find(|e| e.endpoint_id == bad_id).unwrap();
+    assert!(!bad.enabled);
+    assert!(
+        bad.disabled_reason.starts_with("failing since"),
+        "{}",
+        bad.disabled_reason
+    );
+    let attempts_when_disabled = dead.received.lock().unwrap().len();
+
+    // Rotation: both secrets sign during the overlap.
+    let rotated = api
+        .rotate_webhook_secret(with_bearer(
+            pb::RotateWebhookSecretRequest {
+                endpoint_id: good_id.clone(),
+                overlap_hours: 1,
+                ..Default::default()
+            },
+            &referrer_key,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let new_secret = SigningSecret::parse(&rotated.signing_secret).unwrap();
+    let second = pos
+        .record_purchase(with_bearer(buy(2), &acceptor_key))
+        .await
+        .unwrap()
+        .into_inner()
+        .purchase_id;
+    let headers = wait_for("the second purchase delivered", || {
+        purchase_seen(&ok, &second).pop()
+    })
+    .await;
+    let signatures: Vec<&str> = headers["webhook-signature"].split(' ').collect();
+    assert_eq!(signatures.len(), 2, "{signatures:?}");
+    let id = &headers["webhook-id"];
+    let at: i64 = headers["webhook-timestamp"].parse().unwrap();
+    let body = ok
+        .received
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|r| r.headers.get("webhook-id") == Some(id))
+        .unwrap()
+        .body
+        .clone();
+    assert_eq!(signatures[0], new_secret.sign(id, at, &body));
+    assert_eq!(signatures[1], old_secret.sign(id, at, &body));
+    // After the overlap (its end moved to the past here), only the new secret signs.
+    let pool = stack.schema("notifications").await;
+    sqlx::query("UPDATE webhook_endpoints SET previous_expires_at = now() - interval '1 second'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let third = pos
+        .record_purchase(with_bearer(buy(3), &acceptor_key))
+        .await
+        .unwrap()
+        .into_inner()
+        .purchase_id;
+    let headers = wait_for("the third purchase delivered", || {
+        purchase_seen(&ok, &third).pop()
+    })
+    .await;
+    assert!(!headers["webhook-signature"].contains(' '));
+
+    // Disabled by the merchant: nothing arrives; enabled and replayed: what it missed arrives.
+    let off = api
+        .set_webhook_endpoint_enabled(with_bearer(
+            pb::SetWebhookEndpointEnabledRequest {
+                endpoint_id: good_id.clone(),
+                enabled: false,
+                ..Default::default()
+            },
+            &referrer_key,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (off.enabled, off.disabled_reason.as_str()),
+        (false, "disabled by the merchant")
+    );
+    let before_fourth = chrono::Utc::now() - chrono::Duration::seconds(1);
+    let fourth = pos
+        .record_purchase(with_bearer(buy(4), &acceptor_key))
+        .await
+        .unwrap()
+        .into_inner()
+        .purchase_id;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        purchase_seen(&ok, &fourth).is_empty(),
+        "a disabled endpoint gets nothing"
+    );
+    api.set_webhook_endpoint_enabled(with_bearer(
+        pb::SetWebhookEndpointEnabledRequest {
+            endpoint_id: good_id.clone(),
+            enabled: true,
+            ..Default::default()
+        },
+        &referrer_key,
+    ))
+    .await
+    .unwrap();
+    let replayed = api
+        .replay_webhooks(with_bearer(
+            pb::ReplayWebhooksRequest {
+                endpoint_id: good_id.clone(),
+                since: Some(tandem_proto::time::timestamp(before_fourth)),
+                ..Default::default()
+            },
+            &referrer_key,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(replayed.queued >= 1, "{replayed:?}");
+    wait_for("the missed purchase replayed", || {
+        purchase_seen(&ok, &fourth).pop()
+    })
+    .await;
+
+    // One delivery sent again: the receiver gets the same webhook-id once more.
+    let deliveries = api
+        .list_webhook_deliveries(with_bearer(
+            pb::ListWebhookDeliveriesRequest {
+                endpoint_id: good_id.clone(),
+                ..Default::default()
+            },
+            &referrer_key,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .deliveries;
+    let again = deliveries.last().unwrap().notification_id.clone();
+    let count = |id: &str| {
+        ok.received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.headers.get("webhook-id").map(String::as_str) == Some(id))
+            .count()
+    };
+    let before = count(&again);
+    api.redeliver_webhook(with_bearer(
+        pb::RedeliverWebhookRequest {
+            endpoint_id: good_id.clone(),
+            notification_id: again.clone(),
+            ..Default::default()
+        },
+        &referrer_key,
+    ))
+    .await
+    .unwrap();
+    wait_for("the redelivery", || {
+        (count(&again) == before + 1).then_some(())
+    })
+    .await;
+    // The disabled dead endpoint was sent nothing more all along.
+    assert_eq!(dead.received.lock().unwrap().len(), attempts_when_disabled);
+    stack.stop().await;
+}

@@ -117,6 +117,89 @@ impl NotificationService for NotificationApi {
             .await;
         Ok(Response::new(relay_status("notifications", answer)?))
     }
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id, endpoint_id = %request.get_ref().endpoint_id))]
+    async fn rotate_webhook_secret(
+        &self,
+        request: Request<pb::RotateWebhookSecretRequest>,
+    ) -> Result<Response<pb::RotateWebhookSecretResponse>, Status> {
+        tandem_runtime::link_request_span(&request);
+        let merchant_id = self
+            .caller(&request, &request.get_ref().merchant_id)
+            .await?;
+        let message = pb::RotateWebhookSecretRequest {
+            merchant_id,
+            ..request.into_inner()
+        };
+        let answer = self
+            .notifications
+            .clone()
+            .rotate_webhook_secret(traced(message))
+            .await;
+        Ok(Response::new(relay_status("notifications", answer)?))
+    }
+
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id, endpoint_id = %request.get_ref().endpoint_id))]
+    async fn set_webhook_endpoint_enabled(
+        &self,
+        request: Request<pb::SetWebhookEndpointEnabledRequest>,
+    ) -> Result<Response<pb::WebhookEndpoint>, Status> {
+        tandem_runtime::link_request_span(&request);
+        let merchant_id = self
+            .caller(&request, &request.get_ref().merchant_id)
+            .await?;
+        let message = pb::SetWebhookEndpointEnabledRequest {
+            merchant_id,
+            ..request.into_inner()
+        };
+        let answer = self
+            .notifications
+            .clone()
+            .set_webhook_endpoint_enabled(traced(message))
+            .await;
+        Ok(Response::new(relay_status("notifications", answer)?))
+    }
+
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id, endpoint_id = %request.get_ref().endpoint_id))]
+    async fn redeliver_webhook(
+        &self,
+        request: Request<pb::RedeliverWebhookRequest>,
+    ) -> Result<Response<pb::WebhookDelivery>, Status> {
+        tandem_runtime::link_request_span(&request);
+        let merchant_id = self
+            .caller(&request, &request.get_ref().merchant_id)
+            .await?;
+        let message = pb::RedeliverWebhookRequest {
+            merchant_id,
+            ..request.into_inner()
+        };
+        let answer = self
+            .notifications
+            .clone()
+            .redeliver_webhook(traced(message))
+            .await;
+        Ok(Response::new(relay_status("notifications", answer)?))
+    }
+
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id, endpoint_id = %request.get_ref().endpoint_id))]
+    async fn replay_webhooks(
+        &self,
+        request: Request<pb::ReplayWebhooksRequest>,
+    ) -> Result<Response<pb::ReplayWebhooksResponse>, Status> {
+        tandem_runtime::link_request_span(&request);
+        let merchant_id = self
+            .caller(&request, &request.get_ref().merchant_id)
+            .await?;
+        let message = pb::ReplayWebhooksRequest {
+            merchant_id,
+            ..request.into_inner()
+        };
+        let answer = self
+            .notifications
+            .clone()
+            .replay_webhooks(traced(message))
+            .await;
+        Ok(Response::new(relay_status("notifications", answer)?))
+    }
 }
 
 impl NotificationApi {

@@ -26,6 +26,12 @@ pub struct NotificationsApi {
     pub written: Arc<Notify>,
     pub shutdown: CancellationToken,
     pub allow_private: bool,
+    /// Rung when deliveries are queued (a redelivery, a replay): the worker looks at once.
+    pub queued: Arc<Notify>,
+}
+
+fn merchant_of(value: &str) -> Result<MerchantId, Status> {
+    MerchantId::parse("merchant_id", value).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
 impl From<crate::NotificationsError> for Status {
@@ -200,7 +206,7 @@ impl Notifications for NotificationsApi {
                 })?
         };
         let deliveries =
-            crate::delivery::list(&self.pool, &request.endpoint_id, offset, limit).await?;
+            crate::delivery::list(&self.pool, &request.endpoint_id, None, offset, limit).await?;
         let next_page_token = if deliveries.len() as i64 == limit {
             format!("v1.{}", offset + limit)
         } else {
@@ -210,5 +216,64 @@ impl Notifications for NotificationsApi {
             deliveries,
             next_page_token,
         }))
+    }
+
+    async fn rotate_webhook_secret(
+        &self,
+        request: Request<pb::RotateWebhookSecretRequest>,
+    ) -> Result<Response<pb::RotateWebhookSecretResponse>, Status> {
+        let request = request.into_inner();
+        let merchant = merchant_of(&request.merchant_id)?;
+        Ok(Response::new(
+            crate::endpoints::rotate(&self.pool, merchant.as_str(), &request).await?,
+        ))
+    }
+
+    async fn set_webhook_endpoint_enabled(
+        &self,
+        request: Request<pb::SetWebhookEndpointEnabledRequest>,
+    ) -> Result<Response<pb::WebhookEndpoint>, Status> {
+        let request = request.into_inner();
+        let merchant = merchant_of(&request.merchant_id)?;
+        let endpoint = crate::endpoints::set_enabled(
+            &self.pool,
+            merchant.as_str(),
+            &request.endpoint_id,
+            request.enabled,
+        )
+        .await?;
+        if request.enabled {
+            self.queued.notify_waiters();
+        }
+        Ok(Response::new(endpoint))
+    }
+
+    async fn redeliver_webhook(
+        &self,
+        request: Request<pb::RedeliverWebhookRequest>,
+    ) -> Result<Response<pb::WebhookDelivery>, Status> {
+        let request = request.into_inner();
+        let merchant = merchant_of(&request.merchant_id)?;
+        crate::endpoints::redeliver(&self.pool, merchant.as_str(), &request).await?;
+        self.queued.notify_waiters();
+        let id = uuid::Uuid::parse_str(&request.notification_id)
+            .map_err(|_| Status::invalid_argument("notification_id: must be a UUID"))?;
+        let delivery = crate::delivery::list(&self.pool, &request.endpoint_id, Some(id), 0, 1)
+            .await?
+            .pop()
+            .ok_or_else(|| Status::not_found("the delivery is gone"))?;
+        Ok(Response::new(delivery))
+    }
+
+    async fn replay_webhooks(
+        &self,
+        request: Request<pb::ReplayWebhooksRequest>,
+    ) -> Result<Response<pb::ReplayWebhooksResponse>, Status> {
+        let request = request.into_inner();
+        let merchant = merchant_of(&request.merchant_id)?;
+        let queued = crate::endpoints::replay(&self.pool, merchant.as_str(), &request).await?;
+        self.queued.notify_waiters();
+        tracing::info!(endpoint_id = %request.endpoint_id, queued, "webhooks replayed");
+        Ok(Response::new(pb::ReplayWebhooksResponse { queued }))
     }
 }

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -46,29 +46,38 @@ pub struct DeliverySettings {
     pub concurrency: usize,
     /// Whether endpoints may be http or resolve to private addresses (local development).
     pub allow_private: bool,
+    /// An endpoint whose every delivery failed for this long is disabled (and its merchant
+    /// told, with a `webhook.endpoint_disabled` notification).
+    pub disable_after: Duration,
 }
 
 /// `5s,5m,30m,2h,5h,10h,10h` and the like.
 pub fn parse_schedule(text: &str) -> Result<Vec<Duration>, String> {
-    text.split(',')
-        .map(|step| {
+    text.split(',').map(parse_duration).collect()
+}
+
+/// `300ms`, `5s`, `5m`, `2h`, `5d`.
+pub fn parse_duration(step: &str) -> Result<Duration, String> {
+    {
+        {
             let step = step.trim();
             let (number, unit) = step.split_at(
                 step.find(|c: char| !c.is_ascii_digit())
                     .unwrap_or(step.len()),
             );
-            let value: u64 = number
-                .parse()
-                .map_err(|_| format!("{step:?}: a step is a number and a unit (ms, s, m, h)"))?;
+            let value: u64 = number.parse().map_err(|_| {
+                format!("{step:?}: a duration is a number and a unit (ms, s, m, h, d)")
+            })?;
             Ok(match unit {
                 "ms" => Duration::from_millis(value),
                 "s" => Duration::from_secs(value),
                 "m" => Duration::from_secs(value * 60),
                 "h" => Duration::from_secs(value * 3600),
-                _ => return Err(format!("{step:?}: the unit is ms, s, m or h")),
+                "d" => Duration::from_secs(value * 86_400),
+                _ => return Err(format!("{step:?}: the unit is ms, s, m, h or d")),
             })
-        })
-        .collect()
+        }
+    }
 }
 
 #[derive(sqlx::FromRow)]
@@ -76,8 +85,12 @@ struct Due {
     endpoint_id: String,
     notification_id: uuid::Uuid,
     attempts: i32,
+    round_start: i32,
+    merchant_id: String,
     url: String,
     signing_secret: String,
+    /// Still signing during a rotation's overlap.
+    previous_signing_secret: Option<String>,
     payload: String,
 }
 
@@ -106,6 +119,12 @@ async fn attempt(client: &HttpClient, due: &Due, settings: &DeliverySettings) ->
         Ok(secret) => secret,
         Err(reason) => return failed(format!("the endpoint's secret is unusable: {reason}")),
     };
+    let previous = due
+        .previous_signing_secret
+        .as_deref()
+        .and_then(|text| SigningSecret::parse(text).ok());
+    let mut secrets = vec![&secret];
+    secrets.extend(previous.as_ref());
     // The URL was checked when registered; its host may resolve elsewhere since.
     if let Err(reason) = crate::endpoints::check_url(&due.url, settings.allow_private).await {
         return failed(reason);
@@ -116,7 +135,7 @@ async fn attempt(client: &HttpClient, due: &Due, settings: &DeliverySettings) ->
     let mut request = hyper::Request::post(&due.url)
         .header("content-type", "application/json")
         .header("user-agent", "Tandem-Webhooks/1");
-    for (name, value) in headers(&[&secret], &id, now, &body) {
+    for (name, value) in headers(&secrets, &id, now, &body) {
         request = request.header(name, value);
     }
     let request = match request.body(Full::new(body)) {
@@ -173,7 +192,8 @@ async fn record(
 ) -> Result<(), NotificationsError> {
     let succeeded = (200..300).contains(&outcome.status_code);
     let attempt = due.attempts; // already counted when leased
-    let next = usize::try_from(attempt - 1)
+                                // The schedule counts the attempts of this round (a redelivery or replay starts one).
+    let next = usize::try_from(attempt - due.round_start - 1)
         .ok()
         .and_then(|index| settings.schedule.get(index))
         .copied();
@@ -208,7 +228,66 @@ async fn record(
     .bind(next_attempt_at)
     .execute(&mut *tx)
     .await?;
+    let mut disabled = false;
+    if succeeded {
+        sqlx::query("UPDATE webhook_endpoints SET failing_since = NULL WHERE endpoint_id = $1 AND failing_since IS NOT NULL")
+            .bind(&due.endpoint_id)
+            .execute(&mut *tx)
+            .await?;
+    } else {
+        // Failing since the first failure after the last success; past the limit, disabled.
+        let limit_ms = i64::try_from(settings.disable_after.as_millis()).unwrap_or(i64::MAX);
+        let turned_off: Option<(String, DateTime<Utc>)> = sqlx::query_as(
+            "UPDATE webhook_endpoints SET failing_since = coalesce(failing_since, now()), \
+               enabled = CASE WHEN enabled AND coalesce(failing_since, now()) < now() - $2 * interval '1 millisecond' \
+                              THEN false ELSE enabled END, \
+               disabled_reason = CASE WHEN enabled AND coalesce(failing_since, now()) < now() - $2 * interval '1 millisecond' \
+                              THEN 'failing since ' || to_char(failing_since AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') \
+                              ELSE disabled_reason END \
+             WHERE endpoint_id = $1 \
+             RETURNING url, failing_since, (NOT enabled AND disabled_reason LIKE 'failing since%') AS now_off",
+        )
+        .bind(&due.endpoint_id)
+        .bind(limit_ms)
+        .fetch_optional(&mut *tx)
+        .await?
+        .and_then(|(url, since, now_off): (String, DateTime<Utc>, bool)| now_off.then_some((url, since)));
+        if let Some((url, since)) = turned_off {
+            // Tell the merchant once: the notification's id derives from the failing spell.
+            let already: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM notifications WHERE notification_id = $1)",
+            )
+            .bind(
+                crate::intake::endpoint_disabled(
+                    &due.merchant_id,
+                    &due.endpoint_id,
+                    &url,
+                    since,
+                    Utc::now(),
+                )
+                .id,
+            )
+            .fetch_one(&mut *tx)
+            .await?;
+            if !already {
+                let notice = crate::intake::endpoint_disabled(
+                    &due.merchant_id,
+                    &due.endpoint_id,
+                    &url,
+                    since,
+                    tandem_proto::time::truncate_to_micros(Utc::now()),
+                );
+                let mut per_merchant = std::collections::BTreeMap::new();
+                per_merchant.insert(due.merchant_id.clone(), vec![notice]);
+                crate::intake::store(&mut tx, &per_merchant).await?;
+                disabled = true;
+            }
+        }
+    }
     tx.commit().await?;
+    if disabled {
+        tracing::warn!(endpoint_id = %due.endpoint_id, merchant_id = %due.merchant_id, "webhook endpoint disabled: its deliveries kept failing");
+    }
     if !succeeded {
         tracing::info!(
             endpoint_id = %due.endpoint_id,
@@ -226,14 +305,16 @@ async fn record(
 async fn lease(pool: &PgPool, limit: i64, lease: Duration) -> Result<Vec<Due>, NotificationsError> {
     Ok(sqlx::query_as(
         "WITH due AS ( \
-           SELECT endpoint_id, notification_id FROM webhook_deliveries \
-           WHERE status = 'pending' AND next_attempt_at <= now() AND (leased_until IS NULL OR leased_until < now()) \
-           ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED), \
+           SELECT d.endpoint_id, d.notification_id FROM webhook_deliveries d \
+           WHERE d.status = 'pending' AND d.next_attempt_at <= now() AND (d.leased_until IS NULL OR d.leased_until < now()) \
+             AND EXISTS (SELECT 1 FROM webhook_endpoints e WHERE e.endpoint_id = d.endpoint_id AND e.enabled) \
+           ORDER BY d.next_attempt_at LIMIT $1 FOR UPDATE OF d SKIP LOCKED), \
          leased AS ( \
            UPDATE webhook_deliveries d SET leased_until = now() + $2 * interval '1 millisecond', attempts = d.attempts + 1 \
            FROM due WHERE d.endpoint_id = due.endpoint_id AND d.notification_id = due.notification_id \
-           RETURNING d.endpoint_id, d.notification_id, d.attempts) \
-         SELECT l.endpoint_id, l.notification_id, l.attempts, e.url, e.signing_secret, n.payload \
+           RETURNING d.endpoint_id, d.notification_id, d.attempts, d.round_start, d.merchant_id) \
+         SELECT l.endpoint_id, l.notification_id, l.attempts, l.round_start, l.merchant_id, e.url, e.signing_secret, \
+           CASE WHEN e.previous_expires_at > now() THEN e.previous_signing_secret END AS previous_signing_secret, n.payload \
          FROM leased l JOIN webhook_endpoints e USING (endpoint_id) \
            JOIN notifications n ON n.notification_id = l.notification_id",
     )
@@ -322,6 +403,7 @@ pub async fn run(
 pub(crate) async fn list(
     pool: &PgPool,
     endpoint_id: &str,
+    only: Option<uuid::Uuid>,
     offset: i64,
     limit: i64,
 ) -> Result<Vec<tandem_proto::v1::WebhookDelivery>, NotificationsError> {
@@ -330,11 +412,13 @@ pub(crate) async fn list(
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT d.notification_id, n.type, d.cursor, d.status, d.next_attempt_at FROM webhook_deliveries d \
          JOIN notifications n ON n.notification_id = d.notification_id \
-         WHERE d.endpoint_id = $1 ORDER BY d.cursor DESC OFFSET $2 LIMIT $3",
+         WHERE d.endpoint_id = $1 AND ($4::uuid IS NULL OR d.notification_id = $4) \
+         ORDER BY d.cursor DESC OFFSET $2 LIMIT $3",
     )
     .bind(endpoint_id)
     .bind(offset)
     .bind(limit)
+    .bind(only)
     .fetch_all(pool)
     .await?;
     let ids: Vec<uuid::Uuid> = rows.iter().map(|r| r.0).collect();

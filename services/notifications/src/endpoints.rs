@@ -99,6 +99,8 @@ pub(crate) struct EndpointRow {
     pub created_at: DateTime<Utc>,
     pub signing_secret: String,
     pub request_digest: String,
+    pub disabled_reason: String,
+    pub failing_since: Option<DateTime<Utc>>,
 }
 
 pub(crate) fn endpoint_to_proto(row: &EndpointRow) -> pb::WebhookEndpoint {
@@ -109,11 +111,14 @@ pub(crate) fn endpoint_to_proto(row: &EndpointRow) -> pb::WebhookEndpoint {
         description: row.description.clone(),
         enabled: row.enabled,
         created_at: Some(timestamp(row.created_at)),
+        disabled_reason: row.disabled_reason.clone(),
+        failing_since: row.failing_since.map(timestamp),
     }
 }
 
 const ENDPOINT_COLUMNS: &str =
-    "endpoint_id, url, types, description, enabled, created_at, signing_secret, request_digest";
+    "endpoint_id, url, types, description, enabled, created_at, signing_secret, \
+    request_digest, disabled_reason, failing_since";
 
 /// Registers an endpoint for `merchant` (validated request), or answers the one this key
 /// registered.
@@ -212,6 +217,153 @@ pub(crate) async fn list(
     .fetch_all(pool)
     .await?;
     Ok(rows.iter().map(endpoint_to_proto).collect())
+}
+
+/// The caller's endpoint, or NOT_FOUND.
+pub(crate) async fn owned(
+    pool: &PgPool,
+    merchant: &str,
+    endpoint_id: &str,
+) -> Result<EndpointRow, Status> {
+    let row: Option<EndpointRow> = sqlx::query_as(&format!(
+        "SELECT {ENDPOINT_COLUMNS} FROM webhook_endpoints WHERE endpoint_id = $1 AND merchant_id = $2"
+    ))
+    .bind(endpoint_id)
+    .bind(merchant)
+    .fetch_optional(pool)
+    .await
+    .map_err(NotificationsError::from)?;
+    row.ok_or_else(|| {
+        Status::not_found(format!(
+            "you have no webhook endpoint {endpoint_id:?}; ListWebhookEndpoints shows yours"
+        ))
+    })
+}
+
+/// A new secret; the previous one signs too for `overlap_hours` (0: 24, at most 168).
+pub(crate) async fn rotate(
+    pool: &PgPool,
+    merchant: &str,
+    request: &pb::RotateWebhookSecretRequest,
+) -> Result<pb::RotateWebhookSecretResponse, Status> {
+    let hours = match request.overlap_hours {
+        0 => 24,
+        hours if hours <= 168 => hours,
+        hours => {
+            return Err(Status::invalid_argument(format!(
+                "overlap_hours: must be at most 168 (a week), got {hours}"
+            )))
+        }
+    };
+    owned(pool, merchant, &request.endpoint_id).await?;
+    let secret = SigningSecret::generate();
+    let expires: DateTime<Utc> = sqlx::query_scalar(
+        "UPDATE webhook_endpoints SET previous_signing_secret = signing_secret, \
+           previous_expires_at = now() + $3 * interval '1 hour', signing_secret = $4 \
+         WHERE endpoint_id = $1 AND merchant_id = $2 RETURNING previous_expires_at",
+    )
+    .bind(&request.endpoint_id)
+    .bind(merchant)
+    .bind(f64::from(hours))
+    .bind(secret.expose())
+    .fetch_one(pool)
+    .await
+    .map_err(NotificationsError::from)?;
+    tracing::info!(endpoint_id = %request.endpoint_id, overlap_hours = hours, "webhook secret rotated");
+    Ok(pb::RotateWebhookSecretResponse {
+        signing_secret: secret.expose(),
+        previous_secret_expires_at: Some(timestamp(expires)),
+    })
+}
+
+/// Enables or disables the caller's endpoint.
+pub(crate) async fn set_enabled(
+    pool: &PgPool,
+    merchant: &str,
+    endpoint_id: &str,
+    enabled: bool,
+) -> Result<pb::WebhookEndpoint, Status> {
+    owned(pool, merchant, endpoint_id).await?;
+    let row: EndpointRow = sqlx::query_as(&format!(
+        "UPDATE webhook_endpoints SET enabled = $3, \
+           disabled_reason = CASE WHEN $3 THEN '' ELSE 'disabled by the merchant' END, \
+           failing_since = CASE WHEN $3 THEN NULL ELSE failing_since END \
+         WHERE endpoint_id = $1 AND merchant_id = $2 RETURNING {ENDPOINT_COLUMNS}"
+    ))
+    .bind(endpoint_id)
+    .bind(merchant)
+    .bind(enabled)
+    .fetch_one(pool)
+    .await
+    .map_err(NotificationsError::from)?;
+    Ok(endpoint_to_proto(&row))
+}
+
+/// Queues one notification for the caller's endpoint again, with a new round of retries.
+pub(crate) async fn redeliver(
+    pool: &PgPool,
+    merchant: &str,
+    request: &pb::RedeliverWebhookRequest,
+) -> Result<(), Status> {
+    owned(pool, merchant, &request.endpoint_id).await?;
+    let id = uuid::Uuid::parse_str(&request.notification_id).map_err(|_| {
+        Status::invalid_argument("notification_id: must be a notification id (a UUID)")
+    })?;
+    let updated = sqlx::query(
+        "UPDATE webhook_deliveries SET status = 'pending', next_attempt_at = now(), round_start = attempts, \
+           leased_until = NULL WHERE endpoint_id = $1 AND notification_id = $2",
+    )
+    .bind(&request.endpoint_id)
+    .bind(id)
+    .execute(pool)
+    .await
+    .map_err(NotificationsError::from)?
+    .rows_affected();
+    if updated == 0 {
+        return Err(Status::not_found(format!(
+            "endpoint {} has no delivery of notification {}; ListWebhookDeliveries shows them (ReplayWebhooks sends older ones)",
+            request.endpoint_id, request.notification_id
+        )));
+    }
+    Ok(())
+}
+
+/// Queues every notification of the endpoint's types since `since` for it again.
+pub(crate) async fn replay(
+    pool: &PgPool,
+    merchant: &str,
+    request: &pb::ReplayWebhooksRequest,
+) -> Result<u64, Status> {
+    let endpoint = owned(pool, merchant, &request.endpoint_id).await?;
+    let since = request
+        .since
+        .as_ref()
+        .and_then(tandem_proto::time::datetime)
+        .filter(|since| *since >= Utc::now() - chrono::Duration::days(90))
+        .ok_or_else(|| {
+            Status::invalid_argument("since: must be an instant within the last 90 days")
+        })?;
+    if !endpoint.enabled {
+        return Err(Status::failed_precondition(
+            "the endpoint is disabled; enable it first (SetWebhookEndpointEnabled), then replay",
+        ));
+    }
+    let queued = sqlx::query(
+        "INSERT INTO webhook_deliveries (endpoint_id, notification_id, merchant_id, cursor, next_attempt_at) \
+         SELECT $1, n.notification_id, n.merchant_id, n.cursor, now() FROM notifications n \
+         WHERE n.merchant_id = $2 AND n.occurred_at >= $3 AND (cardinality($4::text[]) = 0 OR n.type = ANY($4)) \
+         ON CONFLICT (endpoint_id, notification_id) DO UPDATE SET status = 'pending', next_attempt_at = now(), \
+           round_start = webhook_deliveries.attempts, leased_until = NULL",
+    )
+    .bind(&request.endpoint_id)
+    .bind(merchant)
+    .bind(since)
+    .bind(&endpoint.types)
+    .execute(pool)
+    .await
+    .map_err(NotificationsError::from)?
+    .rows_affected();
+    Ok(queued)
 }
 
 /// Queues a delivery of each of `notifications` to every enabled endpoint of its merchant that

@@ -42,13 +42,14 @@ pub struct Outgoing {
 pub const PAYLOAD_VERSION: u32 = 1;
 
 /// Every notification type.
-pub const TYPES: [&str; 6] = [
+pub const TYPES: [&str; 7] = [
     "referral.converted",
     "purchase.attributed",
     "commission.reversed",
     "commission.payable",
     "statement.issued",
     "payout.instructed",
+    "webhook.endpoint_disabled",
 ];
 
 fn instant(at: DateTime<Utc>) -> String {
@@ -100,6 +101,75 @@ fn outgoing(
         payload: payload.to_string(),
         traceparent,
     }
+}
+
+/// Writes `per_merchant`'s notifications with their cursors and queues their webhook
+/// deliveries, in the caller's transaction. Returns (notifications written, deliveries queued).
+pub(crate) async fn store(
+    tx: &mut sqlx::PgConnection,
+    per_merchant: &BTreeMap<String, Vec<Outgoing>>,
+) -> Result<(usize, u64), NotificationsError> {
+    let written = per_merchant.values().map(Vec::len).sum::<usize>();
+    // Merchants in id order, so two writers never wait on each other's cursor rows in opposite
+    // orders.
+    for (merchant, notifications) in per_merchant {
+        let count = i64::try_from(notifications.len()).unwrap_or(i64::MAX);
+        let last: i64 = sqlx::query_scalar(
+            "INSERT INTO merchant_cursors (merchant_id, last_cursor) VALUES ($1, $2) \
+             ON CONFLICT (merchant_id) DO UPDATE SET last_cursor = merchant_cursors.last_cursor + $2 \
+             RETURNING last_cursor",
+        )
+        .bind(merchant)
+        .bind(count)
+        .fetch_one(&mut *tx)
+        .await?;
+        let first = last - count + 1;
+        for (chunk_index, chunk) in notifications.chunks(1000).enumerate() {
+            let offset = chunk_index * 1000;
+            let mut query: QueryBuilder<Postgres> = QueryBuilder::new(
+                "INSERT INTO notifications (merchant_id, cursor, notification_id, type, occurred_at, payload, traceparent) ",
+            );
+            query.push_values(chunk.iter().enumerate(), |mut row, (index, n)| {
+                row.push_bind(merchant)
+                    .push_bind(first + (offset + index) as i64)
+                    .push_bind(n.id)
+                    .push_bind(n.kind)
+                    .push_bind(n.occurred_at)
+                    .push_bind(&n.payload)
+                    .push_bind(&n.traceparent);
+            });
+            query.build().execute(&mut *tx).await?;
+        }
+    }
+    let ids: Vec<Uuid> = per_merchant.values().flatten().map(|n| n.id).collect();
+    let queued = crate::endpoints::fan_out(tx, &ids).await?;
+    Ok((written, queued))
+}
+
+/// The notification that an endpoint was disabled, for its merchant.
+pub(crate) fn endpoint_disabled(
+    merchant: &str,
+    endpoint_id: &str,
+    url: &str,
+    failing_since: DateTime<Utc>,
+    at: DateTime<Utc>,
+) -> Outgoing {
+    outgoing(
+        &format!(
+            "{endpoint_id}/disabled/{}",
+            failing_since.timestamp_micros()
+        ),
+        merchant,
+        "webhook.endpoint_disabled",
+        at,
+        json!({
+            "endpoint_id": endpoint_id,
+            "url": url,
+            "failing_since": instant(failing_since),
+            "reason": "every delivery failed for longer than the deployment allows; fix the endpoint, enable it again and replay what it missed",
+        }),
+        None,
+    )
 }
 
 /// The notifications one delivery makes, or why it makes none it could.
@@ -334,40 +404,7 @@ impl BatchHandler for Intake {
                 }
             }
         }
-        let written = per_merchant.values().map(Vec::len).sum::<usize>();
-        // Merchants in id order, so two consumers never wait on each other's cursor rows in
-        // opposite orders.
-        for (merchant, notifications) in &per_merchant {
-            let count = i64::try_from(notifications.len()).unwrap_or(i64::MAX);
-            let last: i64 = sqlx::query_scalar(
-                "INSERT INTO merchant_cursors (merchant_id, last_cursor) VALUES ($1, $2) \
-                 ON CONFLICT (merchant_id) DO UPDATE SET last_cursor = merchant_cursors.last_cursor + $2 \
-                 RETURNING last_cursor",
-            )
-            .bind(merchant)
-            .bind(count)
-            .fetch_one(&mut *tx)
-            .await?;
-            let first = last - count + 1;
-            for (chunk_index, chunk) in notifications.chunks(1000).enumerate() {
-                let offset = chunk_index * 1000;
-                let mut query: QueryBuilder<Postgres> = QueryBuilder::new(
-                    "INSERT INTO notifications (merchant_id, cursor, notification_id, type, occurred_at, payload, traceparent) ",
-                );
-                query.push_values(chunk.iter().enumerate(), |mut row, (index, n)| {
-                    row.push_bind(merchant)
-                        .push_bind(first + (offset + index) as i64)
-                        .push_bind(n.id)
-                        .push_bind(n.kind)
-                        .push_bind(n.occurred_at)
-                        .push_bind(&n.payload)
-                        .push_bind(&n.traceparent);
-                });
-                query.build().execute(&mut *tx).await?;
-            }
-        }
-        let ids: Vec<Uuid> = per_merchant.values().flatten().map(|n| n.id).collect();
-        let queued = crate::endpoints::fan_out(&mut tx, &ids).await?;
+        let (written, queued) = store(&mut tx, &per_merchant).await?;
         tx.commit().await?;
         if written > 0 {
             self.written.notify_waiters();

@@ -68,6 +68,10 @@ pub struct Config {
     /// Deliveries in flight in all at most.
     #[arg(long, env = "TANDEM_WEBHOOK_CONCURRENCY", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub webhook_concurrency: u32,
+    /// An endpoint whose every delivery failed for this long is disabled and its merchant told
+    /// (`webhook.endpoint_disabled`): e.g. `5d`, `12h`.
+    #[arg(long, env = "TANDEM_WEBHOOK_DISABLE_AFTER", default_value = "5d", value_parser = delivery::parse_duration)]
+    pub webhook_disable_after: std::time::Duration,
     /// Allow webhook URLs over http and to private, loopback or link-local addresses (local
     /// development only; the local scripts set it).
     #[arg(long, env = "TANDEM_WEBHOOKS_ALLOW_PRIVATE", default_value_t = false)]
@@ -140,8 +144,9 @@ pub async fn run(
         per_endpoint: config.webhook_per_endpoint as usize,
         concurrency: config.webhook_concurrency as usize,
         allow_private: config.webhooks_allow_private,
+        disable_after: config.webhook_disable_after,
     };
-    let worker = delivery::run(pool.clone(), settings, queued, shutdown.clone());
+    let worker = delivery::run(pool.clone(), settings, queued.clone(), shutdown.clone());
     tasks.spawn("the webhook delivery worker", async move {
         worker.await;
         Ok::<(), std::convert::Infallible>(())
@@ -151,6 +156,7 @@ pub async fn run(
         written,
         shutdown: shutdown.clone(),
         allow_private: config.webhooks_allow_private,
+        queued,
     }));
     let served = tandem_runtime::serve(
         listener,

@@ -64,6 +64,8 @@ pub struct Stack {
     settlement_listener: Option<TcpListener>,
     pub notifications: Option<Running>,
     notifications_address: SocketAddr,
+    /// How long notifications lets an endpoint fail before disabling it (tests shorten it).
+    pub webhook_disable_after: Duration,
     notifications_listener: Option<TcpListener>,
     /// How ledgers started from now on take part in their consumer groups.
     pub consumer_args: ConsumerArgs,
@@ -94,6 +96,7 @@ impl Stack {
             settlement_listener: Some(settlement_listener),
             notifications: None,
             notifications_address,
+            webhook_disable_after: Duration::from_secs(3600),
             notifications_listener: Some(notifications_listener),
             consumer_args: ConsumerArgs {
                 instance_id: None,
@@ -275,6 +278,7 @@ impl Stack {
             webhook_per_endpoint: 4,
             webhook_concurrency: 64,
             webhooks_allow_private: true,
+            webhook_disable_after: self.webhook_disable_after,
         };
         let shutdown = CancellationToken::new();
         let task = tokio::spawn({
