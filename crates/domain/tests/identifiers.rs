@@ -193,9 +193,12 @@ proptest! {
         if m != n {
             prop_assert_ne!(member(&m), member(&n));
         }
-        // The same characters as two different kinds never share a key either.
-        let fingerprint = key(&RawIdentifier::card_fingerprint("c", "adyen", &a).unwrap());
-        prop_assert_ne!(par(&a), fingerprint);
+        // The same characters as two different kinds never share a key either. (A value whose
+        // digits happen to form a card number, Luhn check included, is refused as a fingerprint:
+        // that case is `a_card_number_is_refused_in_every_identifier_field`'s.)
+        let fingerprint = RawIdentifier::card_fingerprint("c", "adyen", &a);
+        prop_assume!(fingerprint.is_ok());
+        prop_assert_ne!(par(&a), key(&fingerprint.unwrap()));
     }
 
     #[test]
