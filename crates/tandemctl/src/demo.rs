@@ -92,6 +92,38 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         partnership.partnership_id
     );
 
+    // C's integration listens for webhooks: a receiver in this process verifies each signature.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| format!("starting the demo's webhook receiver: {e}"))?;
+    let hook_url = format!(
+        "http://{}/hooks/tandem",
+        listener.local_addr().map_err(|e| e.to_string())?
+    );
+    let mut notifications =
+        tandem_proto::v1::notification_service_client::NotificationServiceClient::new(
+            args.gateway.channel()?,
+        );
+    let endpoint = call!(
+        "register C's webhook endpoint",
+        notifications.create_webhook_endpoint(authorised(
+            pb::CreateWebhookEndpointRequest {
+                merchant_id: String::new(),
+                idempotency_key: format!("demo-{run_tag}-webhook"),
+                url: hook_url.clone(),
+                types: vec!["purchase.attributed".into()],
+                description: "the demo's receiver".into(),
+            },
+            &referrer.api_key,
+        )?)
+    )?;
+    let secret = notifications::webhook::SigningSecret::parse(&endpoint.signing_secret)?;
+    let (hook_sender, mut hooks) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(crate::receiver::serve(listener, secret, hook_sender));
+    println!(
+        "C registered a webhook endpoint {hook_url} for purchase.attributed (the demo's receiver checks every signature)"
+    );
+
     // B pays at C by card: Stripe reports its fingerprint of the card and the card's PAR.
     let b_par = par("V001", &run_tag, "B");
     let customer_b_at_c = pb::CustomerIdentifiers {
@@ -138,6 +170,7 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         ("B", customer_b_at_a, 4_555),
         ("D", customer_d_at_a, 8_000),
     ];
+    let mut first_purchase_recorded: Option<(String, std::time::Instant)> = None;
     for (index, (who, customer, amount_minor)) in purchases.into_iter().enumerate() {
         let transaction_id = format!("A-{run_tag}-{index}");
         let request = pb::RecordPurchaseRequest {
@@ -151,10 +184,14 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
             }),
             purchased_at: None,
         };
+        let sent = std::time::Instant::now();
         let recorded = call!(
             "record purchase at A",
             pos.record_purchase(authorised(request.clone(), &acceptor.api_key)?)
         )?;
+        if index == 0 {
+            first_purchase_recorded = Some((recorded.purchase_id.clone(), sent));
+        }
         println!(
             "customer {who} bought {} at A: {} ({transaction_id})",
             Money::new(amount_minor, eur),
@@ -239,6 +276,32 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         "  total commission owed by A to C: {}",
         Money::new(total_commission, eur)
     );
+    // C's endpoint heard of the first purchase on its own, signed.
+    if let Some((purchase_id, sent)) = &first_purchase_recorded {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout_secs);
+        loop {
+            let delivery = tokio::time::timeout_at(deadline, hooks.recv())
+                .await
+                .map_err(|_| {
+                    "C's webhook endpoint received nothing in time; see the notifications log"
+                })?
+                .ok_or("the demo's webhook receiver stopped")?;
+            let body: serde_json::Value =
+                serde_json::from_slice(&delivery.body).unwrap_or_default();
+            if body["data"]["purchase_id"] != purchase_id.as_str() {
+                continue;
+            }
+            delivery
+                .verified
+                .map_err(|reason| format!("C's webhook did not verify: {reason}"))?;
+            println!(
+                "C's webhook endpoint received purchase.attributed for that EUR 120.00 purchase {:.2} s after A's till recorded it (signature verified with C's secret, webhook-id {})",
+                delivery.at.duration_since(*sent).as_secs_f64(),
+                delivery.id
+            );
+            break;
+        }
+    }
     println!("Customer D was never referred by C, so C learns nothing about D's purchase.");
     println!(
         "A and C share no card processor and no phone or e-mail capture: the card's PAR matched B."

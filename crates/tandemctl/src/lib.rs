@@ -9,5 +9,7 @@ pub mod demo_settlement;
 pub mod import;
 pub mod network;
 pub mod process;
+pub mod receiver;
 pub mod settlement_bench;
 pub mod statements;
+pub mod webhooks;

@@ -1,7 +1,7 @@
 //! `tandemctl`: the operator's command line. Creates topics, waits for services to report
 //! healthy, and runs the end-to-end demo against a running stack.
 
-use tandemctl::{bench, demo, import, settlement_bench, statements};
+use tandemctl::{bench, demo, import, settlement_bench, statements, webhooks};
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -75,6 +75,9 @@ enum Command {
     /// Measures closing one monthly cycle over many commission lines (default a million across
     /// 1,000 merchants), on a database of its own. A benchmark, not a test.
     SettlementBench(settlement_bench::SettlementBenchArgs),
+    /// Webhook endpoints: register, list, deliveries, rotate, enable, disable, redeliver,
+    /// replay; and `receive`, a local receiver that prints the deliveries it verified.
+    Webhooks(webhooks::WebhooksArgs),
 }
 
 #[tokio::main]
@@ -108,6 +111,7 @@ async fn main() -> ExitCode {
         Command::Import(args) => import::run(args).await,
         Command::Statements(args) => statements::run(args).await,
         Command::SettlementBench(args) => settlement_bench::run(args).await,
+        Command::Webhooks(args) => webhooks::run(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
