@@ -33,6 +33,11 @@ struct Receiver {
 }
 
 async fn receiver(fail_first: usize, always: bool) -> Receiver {
+    receiver_slow(fail_first, always, Duration::ZERO).await
+}
+
+/// As [`receiver`], answering each request after `delay`.
+async fn receiver_slow(fail_first: usize, always: bool, delay: Duration) -> Receiver {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/hooks/tandem", listener.local_addr().unwrap());
     let received: Arc<Mutex<Vec<Received>>> = Arc::default();
@@ -87,6 +92,7 @@ async fn receiver(fail_first: usize, always: bool) -> Receiver {
                         .filter(|r| r.headers.get("webhook-id") == Some(&id))
                         .count()
                 };
+                tokio::time::sleep(delay).await;
                 let (status, text) = if always || seen <= fail_first {
                     ("500 Internal Server Error", "receiver down for maintenance")
                 } else {
@@ -550,5 +556,94 @@ async fn secrets_rotate_with_an_overlap_endpoints_disable_and_missed_events_repl
     .await;
     // The disabled dead endpoint was sent nothing more all along.
     assert_eq!(dead.received.lock().unwrap().len(), attempts_when_disabled);
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_notifications_service_killed_mid_delivery_loses_no_delivery() {
+    let mut stack = Stack::start(true).await;
+    let address = stack.release_notifications_port();
+    let mut process = support::process::ServiceProcess::start_notifications(
+        &stack,
+        address,
+        &[
+            (
+                "TANDEM_WEBHOOK_RETRY_SCHEDULE",
+                "100ms,200ms,400ms,800ms,1s,1s,1s,1s,1s,1s".to_owned(),
+            ),
+            ("TANDEM_WEBHOOK_TIMEOUT_MS", "1000".to_owned()),
+        ],
+    );
+    support::process::wait_serving(address, Duration::from_secs(60)).await;
+    let (acceptor, acceptor_key) = stack.merchant("A").await;
+    let (referrer, referrer_key) = stack.merchant("C").await;
+    stack.partnership(&referrer, &acceptor, 500, 30).await;
+    // Each answer takes 150 ms, so kills land while deliveries are in flight.
+    let slow = receiver_slow(0, false, Duration::from_millis(150)).await;
+    let endpoint_id = NotificationServiceClient::new(stack.channel().await)
+        .create_webhook_endpoint(with_bearer(
+            pb::CreateWebhookEndpointRequest {
+                idempotency_key: "slow".into(),
+                url: slow.url.clone(),
+                ..Default::default()
+            },
+            &referrer_key,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .endpoint
+        .unwrap()
+        .endpoint_id;
+    // Ten referred customers buy once each: a conversion, an attribution and a payable
+    // commission each, thirty notifications for C.
+    let mut pos = stack.pos().await;
+    for n in 0..10 {
+        let who = customer(
+            &format!("card-fingerprint-kill-{n}"),
+            "",
+            &format!("kill-{n}@example.com"),
+        );
+        pos.create_referral(with_bearer(
+            referral(&format!("k-ref-{n}"), &acceptor, who.clone()),
+            &referrer_key,
+        ))
+        .await
+        .unwrap();
+        pos.record_purchase(with_bearer(
+            purchase(&format!("k-buy-{n}"), &format!("T-k{n}"), who, 1_000),
+            &acceptor_key,
+        ))
+        .await
+        .unwrap();
+    }
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        process.kill();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        process.restart();
+        support::process::wait_serving(address, Duration::from_secs(60)).await;
+    }
+    let done = deliveries(&stack, &referrer_key, &endpoint_id, |d| {
+        d.len() == 30 && d.iter().all(|d| d.status == "succeeded")
+    })
+    .await;
+    let received: std::collections::BTreeSet<String> = slow
+        .received
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r.headers.get("webhook-id").cloned())
+        .collect();
+    let expected: std::collections::BTreeSet<String> =
+        done.iter().map(|d| d.notification_id.clone()).collect();
+    assert_eq!(expected.len(), 30);
+    assert_eq!(
+        received, expected,
+        "every delivery arrived at least once, nothing else did"
+    );
+    // SIGKILL again to end it: a SIGTERM a second after a restart waited more than 30 s for the
+    // gRPC server to stop in one run (see the closing note of the notifications issue).
+    process.kill();
     stack.stop().await;
 }

@@ -301,6 +301,12 @@ impl Stack {
         self.notifications_address
     }
 
+    /// Frees the notifications port the stack reserved, for a notifications process to bind.
+    pub fn release_notifications_port(&mut self) -> SocketAddr {
+        drop(self.notifications_listener.take());
+        self.notifications_address
+    }
+
     /// Stops the ledger and starts a new one on the same database and address, in consumer
     /// group `group`. A new group reads both topics again from the start.
     pub async fn restart_ledger(&mut self, group: &str) {

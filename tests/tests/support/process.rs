@@ -80,14 +80,55 @@ pub async fn wait_serving(address: SocketAddr, timeout: Duration) -> Duration {
 }
 
 /// The referral ledger running as a child process on the stack's ledger address.
-pub struct LedgerProcess {
+pub type LedgerProcess = ServiceProcess;
+
+/// A service running as a child process (the shipping `main`, built beside the tests).
+pub struct ServiceProcess {
     child: Option<Child>,
     pub address: SocketAddr,
     pub log_path: PathBuf,
     environment: Vec<(&'static str, String)>,
+    binary: &'static str,
 }
 
-impl LedgerProcess {
+impl ServiceProcess {
+    /// Starts notifications on `stack`'s database and topics, listening on `address` (the
+    /// address the stack's gateway calls), with the given extra settings.
+    pub fn start_notifications(
+        stack: &Stack,
+        address: SocketAddr,
+        extra: &[(&'static str, String)],
+    ) -> ServiceProcess {
+        let mut environment = vec![
+            ("DATABASE_URL", stack.database.url.clone()),
+            ("TANDEM_KAFKA_BROKERS", stack.bus.brokers.clone()),
+            ("TANDEM_TOPIC_PREFIX", stack.bus.topic_prefix.clone()),
+            ("TANDEM_NOTIFICATIONS_LISTEN", address.to_string()),
+            (
+                "TANDEM_NOTIFICATIONS_CONSUMER_GROUP",
+                format!("{}-notifications", stack.bus.topic_prefix),
+            ),
+            ("TANDEM_DB_MAX_CONNECTIONS", "10".to_owned()),
+            ("TANDEM_WEBHOOKS_ALLOW_PRIVATE", "true".to_owned()),
+            ("RUST_LOG", "info".to_owned()),
+        ];
+        environment.extend(extra.iter().cloned());
+        let log_path = std::env::temp_dir().join(format!(
+            "{}-notifications-{}.log",
+            stack.bus.topic_prefix,
+            address.port()
+        ));
+        let mut process = ServiceProcess {
+            child: None,
+            address,
+            log_path,
+            environment,
+            binary: env!("CARGO_BIN_EXE_e2e-notifications"),
+        };
+        process.spawn();
+        process
+    }
+
     /// Starts the ledger on `stack`'s database, topics and ledger address, in consumer group
     /// prefix `group`, with the given extra settings (`TANDEM_…` variables).
     pub fn start(stack: &Stack, group: &str, extra: &[(&'static str, String)]) -> LedgerProcess {
@@ -116,11 +157,12 @@ impl LedgerProcess {
             stack.bus.topic_prefix,
             address.port()
         ));
-        let mut process = LedgerProcess {
+        let mut process = ServiceProcess {
             child: None,
             address,
             log_path,
             environment,
+            binary: env!("CARGO_BIN_EXE_e2e-referral-ledger"),
         };
         process.spawn();
         process
@@ -132,14 +174,14 @@ impl LedgerProcess {
             .append(true)
             .open(&self.log_path)
             .expect("open the ledger's log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_e2e-referral-ledger"))
+        let child = Command::new(self.binary)
             .env_clear()
             .envs(self.environment.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file handle"))
             .stderr(log)
             .spawn()
-            .expect("start the referral ledger process");
+            .expect("start the service process");
         self.child = Some(child);
     }
 
