@@ -647,3 +647,66 @@ async fn a_notifications_service_killed_mid_delivery_loses_no_delivery() {
     process.kill();
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn two_notifications_instances_share_the_deliveries_and_send_each_once() {
+    let mut stack = Stack::start(true).await;
+    stack.start_notifications().await;
+    let second = stack.add_notifications().await;
+    let (acceptor, acceptor_key) = stack.merchant("A").await;
+    let (referrer, referrer_key) = stack.merchant("C").await;
+    stack.partnership(&referrer, &acceptor, 500, 30).await;
+    let sink = receiver_slow(0, false, Duration::from_millis(20)).await;
+    let endpoint_id = NotificationServiceClient::new(stack.channel().await)
+        .create_webhook_endpoint(with_bearer(
+            pb::CreateWebhookEndpointRequest {
+                idempotency_key: "shared".into(),
+                url: sink.url.clone(),
+                ..Default::default()
+            },
+            &referrer_key,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .endpoint
+        .unwrap()
+        .endpoint_id;
+    let mut pos = stack.pos().await;
+    for n in 0..10 {
+        let who = customer(
+            &format!("card-fingerprint-two-{n}"),
+            "",
+            &format!("two-{n}@example.com"),
+        );
+        pos.create_referral(with_bearer(
+            referral(&format!("t-ref-{n}"), &acceptor, who.clone()),
+            &referrer_key,
+        ))
+        .await
+        .unwrap();
+        pos.record_purchase(with_bearer(
+            purchase(&format!("t-buy-{n}"), &format!("T-t{n}"), who, 1_000),
+            &acceptor_key,
+        ))
+        .await
+        .unwrap();
+    }
+    let done = deliveries(&stack, &referrer_key, &endpoint_id, |d| {
+        d.len() == 30 && d.iter().all(|d| d.status == "succeeded")
+    })
+    .await;
+    // Every delivery took one attempt, and the receiver got each id exactly once.
+    assert!(done.iter().all(|d| d.attempts.len() == 1), "{done:?}");
+    let ids: Vec<String> = sink
+        .received
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r.headers.get("webhook-id").cloned())
+        .collect();
+    let distinct: std::collections::BTreeSet<&String> = ids.iter().collect();
+    assert_eq!((ids.len(), distinct.len()), (30, 30));
+    second.stop().await;
+    stack.stop().await;
+}

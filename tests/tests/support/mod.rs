@@ -264,9 +264,28 @@ impl Stack {
             Some(listener) => listener,
             None => bind_again(self.notifications_address).await,
         };
+        let running = self.spawn_notifications(listener);
+        wait_until_serving(running.address).await;
+        self.notifications = Some(running);
+    }
+
+    /// Another notifications instance on the same database, topics and consumer group, on a
+    /// port of its own: the two share the consumers' partitions and the delivery queue.
+    pub async fn add_notifications(&self) -> Running {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let running = self.spawn_notifications(listener);
+        wait_until_serving(running.address).await;
+        running
+    }
+
+    fn spawn_notifications(&self, listener: TcpListener) -> Running {
+        let address = listener.local_addr().unwrap();
         let config = notifications::Config {
-            listen: self.notifications_address,
-            database: self.database_args(),
+            listen: address,
+            database: DatabaseArgs {
+                db_max_connections: 10,
+                ..self.database_args()
+            },
             bus: self.bus_args(),
             consumer: self.consumer_args.clone(),
             schema: "notifications".into(),
@@ -289,12 +308,11 @@ impl Stack {
                     .map_err(|e| tandem_runtime::error_chain(&e))
             }
         });
-        self.notifications = Some(Running {
-            address: self.notifications_address,
+        Running {
+            address,
             shutdown,
             task,
-        });
-        wait_until_serving(self.notifications_address).await;
+        }
     }
 
     pub fn notifications_address(&self) -> SocketAddr {
