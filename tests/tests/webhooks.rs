@@ -14,7 +14,7 @@ use notifications::webhook::SigningSecret;
 use support::{customer, purchase, referral, with_bearer, Stack};
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::notification_service_client::NotificationServiceClient;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tonic::Code;
 
@@ -51,39 +51,11 @@ async fn receiver_slow(fail_first: usize, always: bool, delay: Duration) -> Rece
             tokio::spawn(async move {
                 // One request per connection is enough for the client's pooled connections too:
                 // the answer says `connection: close`.
-                let mut buffer = Vec::new();
-                let mut chunk = [0u8; 4096];
-                let (head_end, content_length) = loop {
-                    let read = socket.read(&mut chunk).await.unwrap_or(0);
-                    if read == 0 {
-                        return;
-                    }
-                    buffer.extend_from_slice(&chunk[..read]);
-                    if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
-                        let head = String::from_utf8_lossy(&buffer[..end]).to_lowercase();
-                        let length = head
-                            .lines()
-                            .find_map(|l| l.strip_prefix("content-length:"))
-                            .and_then(|v| v.trim().parse::<usize>().ok())
-                            .unwrap_or(0);
-                        break (end + 4, length);
-                    }
+                let Some((headers, body)) = tandemctl::receiver::read_request(&mut socket).await
+                else {
+                    return;
                 };
-                while buffer.len() < head_end + content_length {
-                    let read = socket.read(&mut chunk).await.unwrap_or(0);
-                    if read == 0 {
-                        break;
-                    }
-                    buffer.extend_from_slice(&chunk[..read]);
-                }
-                let head = String::from_utf8_lossy(&buffer[..head_end]).into_owned();
-                let headers: HashMap<String, String> = head
-                    .lines()
-                    .skip(1)
-                    .filter_map(|line| line.split_once(':'))
-                    .map(|(k, v)| (k.trim().to_lowercase(), v.trim().to_owned()))
-                    .collect();
-                let body = buffer[head_end..].to_vec();
+                let headers: HashMap<String, String> = headers.into_iter().collect();
                 let id = headers.get("webhook-id").cloned().unwrap_or_default();
                 let seen = {
                     let mut log = log.lock().unwrap();
@@ -559,6 +531,61 @@ async fn secrets_rotate_with_an_overlap_endpoints_disable_and_missed_events_repl
     stack.stop().await;
 }
 
+/// C refers ten customers to A, each of whom buys once: a conversion, an attribution and a
+/// payable commission each, thirty notifications for C.
+async fn ten_referred_purchases(
+    stack: &Stack,
+    tag: &str,
+    acceptor: (&str, &str),
+    referrer_key: &str,
+) {
+    let (acceptor, acceptor_key) = acceptor;
+    let mut pos = stack.pos().await;
+    for n in 0..10 {
+        let who = customer(
+            &format!("card-fingerprint-{tag}-{n}"),
+            "",
+            &format!("{tag}-{n}@example.com"),
+        );
+        pos.create_referral(with_bearer(
+            referral(&format!("{tag}-ref-{n}"), acceptor, who.clone()),
+            referrer_key,
+        ))
+        .await
+        .unwrap();
+        pos.record_purchase(with_bearer(
+            purchase(
+                &format!("{tag}-buy-{n}"),
+                &format!("T-{tag}{n}"),
+                who,
+                1_000,
+            ),
+            acceptor_key,
+        ))
+        .await
+        .unwrap();
+    }
+}
+
+/// Registers an endpoint for every type at `url`; returns its id.
+async fn endpoint_for_all(stack: &Stack, key: &str, idempotency_key: &str, url: &str) -> String {
+    NotificationServiceClient::new(stack.channel().await)
+        .create_webhook_endpoint(with_bearer(
+            pb::CreateWebhookEndpointRequest {
+                idempotency_key: idempotency_key.into(),
+                url: url.into(),
+                ..Default::default()
+            },
+            key,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .endpoint
+        .unwrap()
+        .endpoint_id
+}
+
 #[tokio::test]
 async fn a_notifications_service_killed_mid_delivery_loses_no_delivery() {
     let mut stack = Stack::start(true).await;
@@ -580,43 +607,8 @@ async fn a_notifications_service_killed_mid_delivery_loses_no_delivery() {
     stack.partnership(&referrer, &acceptor, 500, 30).await;
     // Each answer takes 150 ms, so kills land while deliveries are in flight.
     let slow = receiver_slow(0, false, Duration::from_millis(150)).await;
-    let endpoint_id = NotificationServiceClient::new(stack.channel().await)
-        .create_webhook_endpoint(with_bearer(
-            pb::CreateWebhookEndpointRequest {
-                idempotency_key: "slow".into(),
-                url: slow.url.clone(),
-                ..Default::default()
-            },
-            &referrer_key,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .endpoint
-        .unwrap()
-        .endpoint_id;
-    // Ten referred customers buy once each: a conversion, an attribution and a payable
-    // commission each, thirty notifications for C.
-    let mut pos = stack.pos().await;
-    for n in 0..10 {
-        let who = customer(
-            &format!("card-fingerprint-kill-{n}"),
-            "",
-            &format!("kill-{n}@example.com"),
-        );
-        pos.create_referral(with_bearer(
-            referral(&format!("k-ref-{n}"), &acceptor, who.clone()),
-            &referrer_key,
-        ))
-        .await
-        .unwrap();
-        pos.record_purchase(with_bearer(
-            purchase(&format!("k-buy-{n}"), &format!("T-k{n}"), who, 1_000),
-            &acceptor_key,
-        ))
-        .await
-        .unwrap();
-    }
+    let endpoint_id = endpoint_for_all(&stack, &referrer_key, "slow", &slow.url).await;
+    ten_referred_purchases(&stack, "kill", (&acceptor, &acceptor_key), &referrer_key).await;
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(700)).await;
         process.kill();
@@ -657,41 +649,8 @@ async fn two_notifications_instances_share_the_deliveries_and_send_each_once() {
     let (referrer, referrer_key) = stack.merchant("C").await;
     stack.partnership(&referrer, &acceptor, 500, 30).await;
     let sink = receiver_slow(0, false, Duration::from_millis(20)).await;
-    let endpoint_id = NotificationServiceClient::new(stack.channel().await)
-        .create_webhook_endpoint(with_bearer(
-            pb::CreateWebhookEndpointRequest {
-                idempotency_key: "shared".into(),
-                url: sink.url.clone(),
-                ..Default::default()
-            },
-            &referrer_key,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .endpoint
-        .unwrap()
-        .endpoint_id;
-    let mut pos = stack.pos().await;
-    for n in 0..10 {
-        let who = customer(
-            &format!("card-fingerprint-two-{n}"),
-            "",
-            &format!("two-{n}@example.com"),
-        );
-        pos.create_referral(with_bearer(
-            referral(&format!("t-ref-{n}"), &acceptor, who.clone()),
-            &referrer_key,
-        ))
-        .await
-        .unwrap();
-        pos.record_purchase(with_bearer(
-            purchase(&format!("t-buy-{n}"), &format!("T-t{n}"), who, 1_000),
-            &acceptor_key,
-        ))
-        .await
-        .unwrap();
-    }
+    let endpoint_id = endpoint_for_all(&stack, &referrer_key, "shared", &sink.url).await;
+    ten_referred_purchases(&stack, "two", (&acceptor, &acceptor_key), &referrer_key).await;
     let done = deliveries(&stack, &referrer_key, &endpoint_id, |d| {
         d.len() == 30 && d.iter().all(|d| d.status == "succeeded")
     })

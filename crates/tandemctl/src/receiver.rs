@@ -116,8 +116,9 @@ pub async fn serve(
     }
 }
 
-/// Reads one request: its headers (names in lower case) and body.
-async fn read_request(
+/// Reads one HTTP/1.1 request: its headers (names in lower case) and body; `None` if the peer
+/// closed first or sent more than 64 KiB of headers.
+pub async fn read_request(
     socket: &mut tokio::net::TcpStream,
 ) -> Option<(Vec<(String, String)>, Vec<u8>)> {
     let mut buffer = Vec::new();
