@@ -639,33 +639,3 @@ async fn a_notifications_service_killed_mid_delivery_loses_no_delivery() {
     process.kill();
     stack.stop().await;
 }
-
-#[tokio::test]
-async fn two_notifications_instances_share_the_deliveries_and_send_each_once() {
-    let mut stack = Stack::start(true).await;
-    stack.start_notifications().await;
-    let second = stack.add_notifications().await;
-    let (acceptor, acceptor_key) = stack.merchant("A").await;
-    let (referrer, referrer_key) = stack.merchant("C").await;
-    stack.partnership(&referrer, &acceptor, 500, 30).await;
-    let sink = receiver_slow(0, false, Duration::from_millis(20)).await;
-    let endpoint_id = endpoint_for_all(&stack, &referrer_key, "shared", &sink.url).await;
-    ten_referred_purchases(&stack, "two", (&acceptor, &acceptor_key), &referrer_key).await;
-    let done = deliveries(&stack, &referrer_key, &endpoint_id, |d| {
-        d.len() == 30 && d.iter().all(|d| d.status == "succeeded")
-    })
-    .await;
-    // Every delivery took one attempt, and the receiver got each id exactly once.
-    assert!(done.iter().all(|d| d.attempts.len() == 1), "{done:?}");
-    let ids: Vec<String> = sink
-        .received
-        .lock()
-        .unwrap()
-        .iter()
-        .filter_map(|r| r.headers.get("webhook-id").cloned())
-        .collect();
-    let distinct: std::collections::BTreeSet<&String> = ids.iter().collect();
-    assert_eq!((ids.len(), distinct.len()), (30, 30));
-    second.stop().await;
-    stack.stop().await;
-}

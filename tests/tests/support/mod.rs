@@ -269,15 +269,6 @@ impl Stack {
         self.notifications = Some(running);
     }
 
-    /// Another notifications instance on the same database, topics and consumer group, on a
-    /// port of its own: the two share the consumers' partitions and the delivery queue.
-    pub async fn add_notifications(&self) -> Running {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let running = self.spawn_notifications(listener);
-        wait_until_serving(running.address).await;
-        running
-    }
-
     fn spawn_notifications(&self, listener: TcpListener) -> Running {
         let address = listener.local_addr().unwrap();
         let config = notifications::Config {
