@@ -526,6 +526,85 @@ async fn secrets_rotate_with_an_overlap_endpoints_disable_and_missed_events_repl
         (count(&again) == before + 1).then_some(())
     })
     .await;
+    // A test delivery: `webhook.test`, signed with the current secret, once per idempotency key;
+    // another merchant's endpoint is not found, a disabled one is refused.
+    let test = |endpoint_id: &str, key: &str| pb::SendTestWebhookRequest {
+        endpoint_id: endpoint_id.into(),
+        idempotency_key: key.into(),
+        ..Default::default()
+    };
+    let sent = api
+        .send_test_webhook(with_bearer(test(&good_id, "t1"), &referrer_key))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(sent.r#type, "webhook.test");
+    let (headers, body) = wait_for("the test delivery", || {
+        bodies(&ok)
+            .into_iter()
+            .find(|(headers, _)| headers["webhook-id"] == sent.notification_id)
+    })
+    .await;
+    assert_eq!(body["type"], "webhook.test");
+    assert_eq!(body["data"]["endpoint_id"], good_id.as_str());
+    let raw = ok
+        .received
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|r| r.headers.get("webhook-id") == Some(&sent.notification_id))
+        .unwrap()
+        .body
+        .clone();
+    let at: i64 = headers["webhook-timestamp"].parse().unwrap();
+    assert_eq!(
+        headers["webhook-signature"],
+        new_secret.sign(&sent.notification_id, at, &raw)
+    );
+    let again = api
+        .send_test_webhook(with_bearer(test(&good_id, "t1"), &referrer_key))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.notification_id, sent.notification_id);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(count(&sent.notification_id), 1, "one key, one test delivery");
+    let listed = api
+        .list_webhook_deliveries(with_bearer(
+            pb::ListWebhookDeliveriesRequest {
+                endpoint_id: good_id.clone(),
+                ..Default::default()
+            },
+            &referrer_key,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .deliveries;
+    let listed = listed
+        .iter()
+        .find(|d| d.notification_id == sent.notification_id)
+        .expect("the test delivery is listed");
+    assert_eq!(
+        (listed.status.as_str(), listed.attempts.len()),
+        ("succeeded", 1)
+    );
+    let foreign = api
+        .send_test_webhook(with_bearer(test(&good_id, "t2"), &acceptor_key))
+        .await
+        .unwrap_err();
+    assert_eq!(foreign.code(), tonic::Code::NotFound, "{foreign:?}");
+    let disabled = api
+        .send_test_webhook(with_bearer(test(&bad_id, "t3"), &referrer_key))
+        .await
+        .unwrap_err();
+    assert_eq!(disabled.code(), tonic::Code::FailedPrecondition, "{disabled:?}");
+    let missing_key = api
+        .send_test_webhook(with_bearer(test(&good_id, ""), &referrer_key))
+        .await
+        .unwrap_err();
+    assert_eq!(missing_key.code(), tonic::Code::InvalidArgument);
+
     // The disabled dead endpoint was sent nothing more all along.
     assert_eq!(dead.received.lock().unwrap().len(), attempts_when_disabled);
     stack.stop().await;

@@ -78,6 +78,17 @@ enum WebhooksCommand {
         #[arg(long)]
         since: chrono::DateTime<chrono::Utc>,
     },
+    /// Sends a `webhook.test` delivery to the endpoint (signed and retried like every
+    /// delivery) and waits, up to `--wait-secs`, for its first attempt's outcome.
+    Test {
+        #[arg(long)]
+        endpoint: String,
+        /// Default: a new one, so every run sends a new test.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        #[arg(long, default_value_t = 30)]
+        wait_secs: u64,
+    },
     /// Runs a local receiver that verifies each delivery with the secret and prints it.
     Receive {
         #[arg(long, default_value = "127.0.0.1:9000")]
@@ -252,6 +263,72 @@ pub async fn run(args: WebhooksArgs) -> Result<(), String> {
                 )?)
             )?;
             println!("{} deliveries queued", replayed.queued);
+        }
+        WebhooksCommand::Test {
+            endpoint,
+            idempotency_key,
+            wait_secs,
+        } => {
+            let idempotency_key = idempotency_key
+                .unwrap_or_else(|| format!("test-{}", uuid::Uuid::now_v7().simple()));
+            let queued = call!(
+                "send test webhook",
+                api.send_test_webhook(authorised(
+                    pb::SendTestWebhookRequest {
+                        endpoint_id: endpoint.clone(),
+                        idempotency_key: idempotency_key.clone(),
+                        ..Default::default()
+                    },
+                    key
+                )?)
+            )?;
+            println!("test delivery {} queued", queued.notification_id);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(wait_secs);
+            loop {
+                let deliveries = call!(
+                    "list webhook deliveries",
+                    api.list_webhook_deliveries(authorised(
+                        pb::ListWebhookDeliveriesRequest {
+                            endpoint_id: endpoint.clone(),
+                            page_size: 100,
+                            ..Default::default()
+                        },
+                        key
+                    )?)
+                )?;
+                let attempt = deliveries
+                    .deliveries
+                    .iter()
+                    .find(|d| d.notification_id == queued.notification_id)
+                    .and_then(|d| d.attempts.first().cloned());
+                if let Some(attempt) = attempt {
+                    let ok = (200..300).contains(&attempt.status_code);
+                    println!(
+                        "attempt 1: HTTP {} in {} ms{}",
+                        attempt.status_code,
+                        attempt.latency_ms,
+                        if attempt.excerpt.is_empty() {
+                            String::new()
+                        } else {
+                            format!(": {}", attempt.excerpt)
+                        }
+                    );
+                    if ok {
+                        break;
+                    }
+                    return Err(format!(
+                        "the endpoint did not accept the test delivery; it is retried on the schedule \
+                         (tandemctl webhooks deliveries --endpoint {endpoint})"
+                    ));
+                }
+                if std::time::Instant::now() >= deadline {
+                    return Err(format!(
+                        "no attempt within {wait_secs} s; the delivery stays queued \
+                         (tandemctl webhooks deliveries --endpoint {endpoint})"
+                    ));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
         }
         WebhooksCommand::Receive { .. } => unreachable!("handled above"),
     }

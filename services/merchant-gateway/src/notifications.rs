@@ -181,6 +181,27 @@ impl NotificationService for NotificationApi {
     }
 
     #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id, endpoint_id = %request.get_ref().endpoint_id))]
+    async fn send_test_webhook(
+        &self,
+        request: Request<pb::SendTestWebhookRequest>,
+    ) -> Result<Response<pb::WebhookDelivery>, Status> {
+        tandem_runtime::link_request_span(&request);
+        let merchant_id = self
+            .caller(&request, &request.get_ref().merchant_id)
+            .await?;
+        let message = pb::SendTestWebhookRequest {
+            merchant_id,
+            ..request.into_inner()
+        };
+        let answer = self
+            .notifications
+            .clone()
+            .send_test_webhook(traced(message))
+            .await;
+        Ok(Response::new(relay_status("notifications", answer)?))
+    }
+
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id, endpoint_id = %request.get_ref().endpoint_id))]
     async fn replay_webhooks(
         &self,
         request: Request<pb::ReplayWebhooksRequest>,

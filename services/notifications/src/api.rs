@@ -276,4 +276,20 @@ impl Notifications for NotificationsApi {
         tracing::info!(endpoint_id = %request.endpoint_id, queued, "webhooks replayed");
         Ok(Response::new(pb::ReplayWebhooksResponse { queued }))
     }
+
+    async fn send_test_webhook(
+        &self,
+        request: Request<pb::SendTestWebhookRequest>,
+    ) -> Result<Response<pb::WebhookDelivery>, Status> {
+        let request = request.into_inner();
+        let merchant = merchant_of(&request.merchant_id)?;
+        let id = crate::endpoints::send_test(&self.pool, merchant.as_str(), &request).await?;
+        self.queued.notify_waiters();
+        tracing::info!(endpoint_id = %request.endpoint_id, notification_id = %id, "test webhook queued");
+        let delivery = crate::delivery::list(&self.pool, &request.endpoint_id, Some(id), 0, 1)
+            .await?
+            .pop()
+            .ok_or_else(|| Status::not_found("the test delivery is gone"))?;
+        Ok(Response::new(delivery))
+    }
 }

@@ -314,9 +314,11 @@ async fn lease(pool: &PgPool, limit: i64, lease: Duration) -> Result<Vec<Due>, N
            FROM due WHERE d.endpoint_id = due.endpoint_id AND d.notification_id = due.notification_id \
            RETURNING d.endpoint_id, d.notification_id, d.attempts, d.round_start, d.merchant_id) \
          SELECT l.endpoint_id, l.notification_id, l.attempts, l.round_start, l.merchant_id, e.url, e.signing_secret, \
-           CASE WHEN e.previous_expires_at > now() THEN e.previous_signing_secret END AS previous_signing_secret, n.payload \
+           CASE WHEN e.previous_expires_at > now() THEN e.previous_signing_secret END AS previous_signing_secret, \
+           coalesce(n.payload, t.payload) AS payload \
          FROM leased l JOIN webhook_endpoints e USING (endpoint_id) \
-           JOIN notifications n ON n.notification_id = l.notification_id",
+           LEFT JOIN notifications n ON n.notification_id = l.notification_id \
+           LEFT JOIN webhook_test_messages t ON t.notification_id = l.notification_id",
     )
     .bind(limit)
     .bind(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX))
@@ -410,10 +412,10 @@ pub(crate) async fn list(
     use tandem_proto::v1 as pb;
     type Row = (uuid::Uuid, String, i64, String, chrono::DateTime<Utc>);
     let rows: Vec<Row> = sqlx::query_as(
-        "SELECT d.notification_id, n.type, d.cursor, d.status, d.next_attempt_at FROM webhook_deliveries d \
-         JOIN notifications n ON n.notification_id = d.notification_id \
+        "SELECT d.notification_id, coalesce(n.type, 'webhook.test'), d.cursor, d.status, d.next_attempt_at \
+         FROM webhook_deliveries d LEFT JOIN notifications n ON n.notification_id = d.notification_id \
          WHERE d.endpoint_id = $1 AND ($4::uuid IS NULL OR d.notification_id = $4) \
-         ORDER BY d.cursor DESC OFFSET $2 LIMIT $3",
+         ORDER BY d.cursor DESC, d.notification_id DESC OFFSET $2 LIMIT $3",
     )
     .bind(endpoint_id)
     .bind(offset)

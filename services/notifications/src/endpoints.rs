@@ -366,6 +366,70 @@ pub(crate) async fn replay(
     Ok(queued)
 }
 
+/// Queues a `webhook.test` delivery to the caller's endpoint (enabled), once per idempotency
+/// key. Returns its notification id.
+pub(crate) async fn send_test(
+    pool: &PgPool,
+    merchant: &str,
+    request: &pb::SendTestWebhookRequest,
+) -> Result<uuid::Uuid, Status> {
+    let key = tandem_domain::text::parse_token("idempotency_key", &request.idempotency_key, 1, 128)
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let endpoint = owned(pool, merchant, &request.endpoint_id).await?;
+    if !endpoint.enabled {
+        return Err(Status::failed_precondition(
+            "the endpoint is disabled; enable it first (SetWebhookEndpointEnabled), then send a test",
+        ));
+    }
+    // The id derives from the endpoint and the key: a retried call finds the same message.
+    let digest = Sha256::digest(format!("test/{}/{key}", endpoint.endpoint_id).as_bytes());
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    let id = uuid::Builder::from_custom_bytes(bytes).into_uuid();
+    let now = tandem_proto::time::truncate_to_micros(Utc::now());
+    let payload = serde_json::json!({
+        "id": id.to_string(),
+        "type": "webhook.test",
+        "version": crate::intake::PAYLOAD_VERSION,
+        "timestamp": now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        "merchant_id": merchant,
+        "data": {
+            "endpoint_id": endpoint.endpoint_id,
+            "url": endpoint.url,
+            "message": "a test delivery from Tandem; it carries no business event",
+        },
+    });
+    let mut tx = pool.begin().await.map_err(NotificationsError::from)?;
+    let inserted = sqlx::query(
+        "INSERT INTO webhook_test_messages (notification_id, endpoint_id, merchant_id, idempotency_key, payload, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+    )
+    .bind(id)
+    .bind(&endpoint.endpoint_id)
+    .bind(merchant)
+    .bind(&key)
+    .bind(payload.to_string())
+    .bind(now)
+    .execute(&mut *tx)
+    .await
+    .map_err(NotificationsError::from)?
+    .rows_affected();
+    if inserted == 1 {
+        sqlx::query(
+            "INSERT INTO webhook_deliveries (endpoint_id, notification_id, merchant_id, cursor, next_attempt_at) \
+             VALUES ($1, $2, $3, coalesce((SELECT last_cursor FROM merchant_cursors WHERE merchant_id = $3), 0), now())",
+        )
+        .bind(&endpoint.endpoint_id)
+        .bind(id)
+        .bind(merchant)
+        .execute(&mut *tx)
+        .await
+        .map_err(NotificationsError::from)?;
+    }
+    tx.commit().await.map_err(NotificationsError::from)?;
+    Ok(id)
+}
+
 /// Queues a delivery of each of `notifications` to every enabled endpoint of its merchant that
 /// takes its type, in the caller's transaction.
 pub(crate) async fn fan_out(

@@ -1,0 +1,12 @@
+-- Test deliveries (`SendTestWebhook`): a `webhook.test` message for one endpoint. Not a
+-- notification (no cursor of its own, never streamed or replayed); its delivery goes through
+-- the same queue, with the cursor the merchant had reached when it was sent, for ordering.
+CREATE TABLE webhook_test_messages (
+    notification_id  UUID        PRIMARY KEY,
+    endpoint_id      TEXT        NOT NULL REFERENCES webhook_endpoints,
+    merchant_id      TEXT        NOT NULL,
+    idempotency_key  TEXT        NOT NULL,
+    payload          TEXT        NOT NULL,
+    created_at       TIMESTAMPTZ NOT NULL,
+    UNIQUE (endpoint_id, idempotency_key)
+);
