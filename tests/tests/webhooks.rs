@@ -568,7 +568,11 @@ async fn secrets_rotate_with_an_overlap_endpoints_disable_and_missed_events_repl
         .into_inner();
     assert_eq!(again.notification_id, sent.notification_id);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(count(&sent.notification_id), 1, "one key, one test delivery");
+    assert_eq!(
+        count(&sent.notification_id),
+        1,
+        "one key, one test delivery"
+    );
     let listed = api
         .list_webhook_deliveries(with_bearer(
             pb::ListWebhookDeliveriesRequest {
@@ -598,7 +602,11 @@ async fn secrets_rotate_with_an_overlap_endpoints_disable_and_missed_events_repl
         .send_test_webhook(with_bearer(test(&bad_id, "t3"), &referrer_key))
         .await
         .unwrap_err();
-    assert_eq!(disabled.code(), tonic::Code::FailedPrecondition, "{disabled:?}");
+    assert_eq!(
+        disabled.code(),
+        tonic::Code::FailedPrecondition,
+        "{disabled:?}"
+    );
     let missing_key = api
         .send_test_webhook(with_bearer(test(&good_id, ""), &referrer_key))
         .await
@@ -716,5 +724,96 @@ async fn a_notifications_service_killed_mid_delivery_loses_no_delivery() {
     // SIGKILL again to end it: a SIGTERM a second after a restart waited more than 30 s for the
     // gRPC server to stop in one run (see the closing note of the notifications issue).
     process.kill();
+    stack.stop().await;
+}
+
+/// Runs one step of a test within `limit`, so a stall names the step instead of hanging.
+async fn step<T>(what: &str, limit: Duration, future: impl std::future::Future<Output = T>) -> T {
+    eprintln!("[step] {what}");
+    tokio::time::timeout(limit, future)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: not done within {limit:?}"))
+}
+
+#[tokio::test]
+async fn two_notifications_instances_share_the_deliveries_and_send_each_once() {
+    let minute = Duration::from_secs(60);
+    let mut stack = step("stack", minute, Stack::start(true)).await;
+    step("first instance", minute, stack.start_notifications()).await;
+    let second = step("second instance", minute, stack.add_notifications()).await;
+    let (acceptor, acceptor_key) = step("merchant A", minute, stack.merchant("A")).await;
+    let (referrer, referrer_key) = step("merchant C", minute, stack.merchant("C")).await;
+    step(
+        "partnership",
+        minute,
+        stack.partnership(&referrer, &acceptor, 500, 30),
+    )
+    .await;
+    let sink = receiver_slow(0, false, Duration::from_millis(20)).await;
+    let endpoint_id = step(
+        "endpoint",
+        minute,
+        endpoint_for_all(&stack, &referrer_key, "shared", &sink.url),
+    )
+    .await;
+    step(
+        "ten purchases",
+        minute,
+        ten_referred_purchases(&stack, "two", (&acceptor, &acceptor_key), &referrer_key),
+    )
+    .await;
+    let done = step(
+        "thirty deliveries",
+        Duration::from_secs(90),
+        deliveries(&stack, &referrer_key, &endpoint_id, |d| {
+            d.len() == 30 && d.iter().all(|d| d.status == "succeeded")
+        }),
+    )
+    .await;
+    // Every delivery took one attempt, and the receiver got each id exactly once.
+    assert!(done.iter().all(|d| d.attempts.len() == 1), "{done:?}");
+    let ids: Vec<String> = sink
+        .received
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r.headers.get("webhook-id").cloned())
+        .collect();
+    let distinct: std::collections::BTreeSet<&String> = ids.iter().collect();
+    assert_eq!((ids.len(), distinct.len()), (30, 30));
+    step("second instance stops", minute, second.stop()).await;
+    step("stack stops", minute, stack.stop()).await;
+}
+
+#[tokio::test]
+async fn a_slow_endpoint_never_delays_the_deliveries_to_the_others() {
+    let mut stack = Stack::start(true).await;
+    // Fewer slots in all than the slow endpoint has deliveries, and a timeout longer than the
+    // test: if the slow endpoint's deliveries could hold slots while they wait for it, the fast
+    // endpoint would get nothing until the first of them timed out.
+    stack.webhook_concurrency = 8;
+    stack.webhook_timeout_ms = 45_000;
+    stack.start_notifications().await;
+    let (acceptor, acceptor_key) = stack.merchant("A").await;
+    let (referrer, referrer_key) = stack.merchant("C").await;
+    stack.partnership(&referrer, &acceptor, 500, 30).await;
+    let slow = receiver_slow(0, false, Duration::from_secs(120)).await;
+    let fast = receiver(0, false).await;
+    let slow_id = endpoint_for_all(&stack, &referrer_key, "slow", &slow.url).await;
+    let fast_id = endpoint_for_all(&stack, &referrer_key, "fast", &fast.url).await;
+    ten_referred_purchases(&stack, "slow", (&acceptor, &acceptor_key), &referrer_key).await;
+    deliveries(&stack, &referrer_key, &fast_id, |d| {
+        d.len() == 30 && d.iter().all(|d| d.status == "succeeded")
+    })
+    .await;
+    // The fast endpoint got everything while the slow one still held its first requests: no
+    // attempt to it has ended, and no more than the per-endpoint bound (4) was sent to it.
+    let slow_now = deliveries(&stack, &referrer_key, &slow_id, |d| d.len() == 30).await;
+    assert!(
+        slow_now.iter().all(|d| d.attempts.is_empty()),
+        "{slow_now:?}"
+    );
+    assert!(slow.received.lock().unwrap().len() <= 4);
+    assert_eq!(fast.received.lock().unwrap().len(), 30);
     stack.stop().await;
 }

@@ -408,7 +408,7 @@ async fn send_bulk(
 }
 
 /// Percentiles of sorted durations, in milliseconds.
-fn latency_of(sorted: &[Duration]) -> Latency {
+pub(crate) fn latency_of(sorted: &[Duration]) -> Latency {
     let percentile = |per_mille: usize| {
         sorted
             .get((sorted.len() * per_mille / 1000).min(sorted.len().saturating_sub(1)))
@@ -612,12 +612,12 @@ async fn open_loop(
 
 /// Reads `PurchaseAttributed` events from the `ledger` topic, every partition, from where the
 /// topic ended when the reader was made.
-struct LedgerReader {
+pub(crate) struct LedgerReader {
     consumer: StreamConsumer,
 }
 
 impl LedgerReader {
-    fn from_end(bus: &BusConfig) -> Result<Self, String> {
+    pub(crate) fn from_end(bus: &BusConfig) -> Result<Self, String> {
         let topic = tandem_bus::Topic::Ledger.name(bus);
         let consumer: StreamConsumer = bus
             .client_config()
@@ -652,7 +652,7 @@ impl LedgerReader {
     }
 
     /// The transaction ids of the purchases attributed in the events read within `wait`.
-    async fn attributed(&self, wait: Duration) -> Result<Vec<String>, String> {
+    pub(crate) async fn attributed(&self, wait: Duration) -> Result<Vec<String>, String> {
         let mut found = Vec::new();
         let until = tokio::time::Instant::now() + wait;
         while let Ok(message) = tokio::time::timeout_at(until, self.consumer.recv()).await {

@@ -119,7 +119,11 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
     )?;
     let secret = notifications::webhook::SigningSecret::parse(&endpoint.signing_secret)?;
     let (hook_sender, mut hooks) = tokio::sync::mpsc::channel(16);
-    tokio::spawn(crate::receiver::serve(listener, secret, hook_sender));
+    tokio::spawn(crate::receiver::serve(
+        listener,
+        crate::receiver::Secrets::One(secret),
+        hook_sender,
+    ));
     println!(
         "C registered a webhook endpoint {hook_url} for purchase.attributed (the demo's receiver checks every signature)"
     );

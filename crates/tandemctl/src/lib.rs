@@ -12,4 +12,5 @@ pub mod process;
 pub mod receiver;
 pub mod settlement_bench;
 pub mod statements;
+pub mod webhook_bench;
 pub mod webhooks;

@@ -1,7 +1,7 @@
 //! `tandemctl`: the operator's command line. Creates topics, waits for services to report
 //! healthy, and runs the end-to-end demo against a running stack.
 
-use tandemctl::{bench, demo, import, settlement_bench, statements, webhooks};
+use tandemctl::{bench, demo, import, settlement_bench, statements, webhook_bench, webhooks};
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -76,8 +76,12 @@ enum Command {
     /// 1,000 merchants), on a database of its own. A benchmark, not a test.
     SettlementBench(settlement_bench::SettlementBenchArgs),
     /// Webhook endpoints: register, list, deliveries, rotate, enable, disable, redeliver,
-    /// replay; and `receive`, a local receiver that prints the deliveries it verified.
+    /// replay, test; and `receive`, a local receiver that prints the deliveries it verified.
     Webhooks(webhooks::WebhooksArgs),
+    /// Measures webhooks on a running stack: POS call to the referrer's webhook at a fixed rate
+    /// (p50/p99), and deliveries per second to a receiver that answers at once. A benchmark,
+    /// not a test.
+    WebhookBench(webhook_bench::WebhookBenchArgs),
 }
 
 #[tokio::main]
@@ -112,6 +116,7 @@ async fn main() -> ExitCode {
         Command::Statements(args) => statements::run(args).await,
         Command::SettlementBench(args) => settlement_bench::run(args).await,
         Command::Webhooks(args) => webhooks::run(args).await,
+        Command::WebhookBench(args) => webhook_bench::run(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -57,12 +57,27 @@ fn verify(
     }
 }
 
-/// Serves on `listener` until the receiving side of `deliveries` is dropped.
-pub async fn serve(
-    listener: TcpListener,
-    secret: SigningSecret,
-    deliveries: mpsc::Sender<Received>,
-) {
+/// The secrets a receiver verifies with: one for every path, or one per path (the benchmark's
+/// receiver stands for many merchants' endpoints, `/<n>` each).
+#[derive(Clone)]
+pub enum Secrets {
+    One(SigningSecret),
+    ByPath(std::sync::Arc<std::collections::HashMap<String, SigningSecret>>),
+}
+
+impl Secrets {
+    fn for_path(&self, path: &str) -> Option<&SigningSecret> {
+        match self {
+            Secrets::One(secret) => Some(secret),
+            Secrets::ByPath(secrets) => secrets.get(path),
+        }
+    }
+}
+
+/// Serves on `listener` until the receiving side of `deliveries` is dropped. Connections are
+/// kept alive between requests (as a receiver behind any HTTP server would), unless the sender
+/// asks to close.
+pub async fn serve(listener: TcpListener, secrets: Secrets, deliveries: mpsc::Sender<Received>) {
     loop {
         let accepted = tokio::select! {
             () = deliveries.closed() => return,
@@ -71,49 +86,68 @@ pub async fn serve(
         let Ok((mut socket, _)) = accepted else {
             continue;
         };
-        let (secret, deliveries) = (secret.clone(), deliveries.clone());
+        let (secrets, deliveries) = (secrets.clone(), deliveries.clone());
         tokio::spawn(async move {
-            let Ok(Some((headers, body))) =
-                tokio::time::timeout(Duration::from_secs(10), read_request(&mut socket)).await
-            else {
-                return;
-            };
-            let header = |name: &str| {
-                headers
-                    .iter()
-                    .find(|(k, _)| k == name)
-                    .map(|(_, v)| v.clone())
-                    .unwrap_or_default()
-            };
-            let id = header("webhook-id");
-            let verified = verify(
-                &secret,
-                &id,
-                &header("webhook-timestamp"),
-                &header("webhook-signature"),
-                &body,
-            );
-            let (status, text) = if verified.is_ok() {
-                ("200 OK", "verified")
-            } else {
-                ("400 Bad Request", "signature not verified")
-            };
-            let answer = format!(
-                "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{text}",
-                text.len()
-            );
-            let _ = socket.write_all(answer.as_bytes()).await;
-            let _ = socket.shutdown().await;
-            let _ = deliveries
-                .send(Received {
-                    id,
-                    body,
-                    verified,
-                    at: Instant::now(),
-                })
-                .await;
+            loop {
+                let Ok(Some(request)) =
+                    tokio::time::timeout(Duration::from_secs(30), read_one(&mut socket)).await
+                else {
+                    return;
+                };
+                let header = |name: &str| {
+                    request
+                        .headers
+                        .iter()
+                        .find(|(k, _)| k == name)
+                        .map(|(_, v)| v.clone())
+                        .unwrap_or_default()
+                };
+                let id = header("webhook-id");
+                let verified = match secrets.for_path(&request.path) {
+                    Some(secret) => verify(
+                        secret,
+                        &id,
+                        &header("webhook-timestamp"),
+                        &header("webhook-signature"),
+                        &request.body,
+                    ),
+                    None => Err(format!("no endpoint at {}", request.path)),
+                };
+                let close = header("connection").eq_ignore_ascii_case("close");
+                let (status, text) = if verified.is_ok() {
+                    ("200 OK", "verified")
+                } else {
+                    ("400 Bad Request", "signature not verified")
+                };
+                let answer = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: {}\r\n\r\n{text}",
+                    text.len(),
+                    if close { "close" } else { "keep-alive" },
+                );
+                let written = socket.write_all(answer.as_bytes()).await;
+                let _ = deliveries
+                    .send(Received {
+                        id,
+                        body: request.body,
+                        verified,
+                        at: Instant::now(),
+                    })
+                    .await;
+                if close || written.is_err() {
+                    let _ = socket.shutdown().await;
+                    return;
+                }
+            }
         });
     }
+}
+
+/// One HTTP/1.1 request.
+pub struct Request {
+    pub path: String,
+    /// Names in lower case.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
 }
 
 /// Reads one HTTP/1.1 request: its headers (names in lower case) and body; `None` if the peer
@@ -121,6 +155,14 @@ pub async fn serve(
 pub async fn read_request(
     socket: &mut tokio::net::TcpStream,
 ) -> Option<(Vec<(String, String)>, Vec<u8>)> {
+    read_one(socket)
+        .await
+        .map(|request| (request.headers, request.body))
+}
+
+/// Reads one request from `socket` (requests are not pipelined: the sender waits for each
+/// answer).
+pub async fn read_one(socket: &mut tokio::net::TcpStream) -> Option<Request> {
     let mut buffer = Vec::new();
     let mut chunk = [0u8; 8192];
     let (head_end, length) = loop {
@@ -150,14 +192,21 @@ pub async fn read_request(
         buffer.extend_from_slice(&chunk[..read]);
     }
     let head = String::from_utf8_lossy(&buffer[..head_end]).into_owned();
+    let path = head
+        .lines()
+        .next()
+        .and_then(|line| line.split(' ').nth(1))
+        .unwrap_or("/")
+        .to_owned();
     let headers = head
         .lines()
         .skip(1)
         .filter_map(|line| line.split_once(':'))
         .map(|(k, v)| (k.trim().to_lowercase(), v.trim().to_owned()))
         .collect();
-    Some((
+    Some(Request {
+        path,
         headers,
-        buffer[head_end..(head_end + length).min(buffer.len())].to_vec(),
-    ))
+        body: buffer[head_end..(head_end + length).min(buffer.len())].to_vec(),
+    })
 }

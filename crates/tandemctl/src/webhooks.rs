@@ -371,7 +371,11 @@ async fn receive(listen: SocketAddr, secret: &str, count: Option<usize>) -> Resu
         .map_err(|e| format!("listening on {listen}: {e}"))?;
     println!("receiving webhooks on http://{listen}/ (Ctrl-C to stop)");
     let (sender, mut deliveries) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(crate::receiver::serve(listener, secret, sender));
+    tokio::spawn(crate::receiver::serve(
+        listener,
+        crate::receiver::Secrets::One(secret),
+        sender,
+    ));
     let mut seen = 0;
     while let Some(delivery) = deliveries.recv().await {
         let body: serde_json::Value =

@@ -13,9 +13,10 @@
 //! in all, long enough to ride out a receiver's bad day and a night's outage, short enough that a
 //! merchant whose endpoint is gone for good is not sent the same event for days.
 //!
-//! **Isolation.** At most `per_endpoint` deliveries to one endpoint are in flight at once, every
-//! request has a timeout, and the worker never waits for a slow endpoint to take the next batch:
-//! one dead endpoint never delays the others.
+//! **Isolation.** At most `per_endpoint` deliveries to one endpoint are in flight at once (per
+//! instance), every request has a timeout, and the lease takes from each endpoint only the room
+//! it has, so the worker never holds deliveries waiting on a slow endpoint: one dead endpoint's
+//! backlog never delays the others.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -27,7 +28,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use sqlx::PgPool;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::webhook::{headers, SigningSecret};
@@ -301,14 +302,33 @@ async fn record(
     Ok(())
 }
 
-/// Leases up to `limit` due deliveries for `lease`.
-async fn lease(pool: &PgPool, limit: i64, lease: Duration) -> Result<Vec<Due>, NotificationsError> {
+/// Leases up to `limit` due deliveries for `lease`, oldest first, taking from each enabled
+/// endpoint no more than the room it has: `per_endpoint` less what this instance already has in
+/// flight to it (`busy`). A dead endpoint's backlog thus never fills the worker: the others'
+/// deliveries are leased beside it.
+async fn lease(
+    pool: &PgPool,
+    limit: i64,
+    per_endpoint: i32,
+    busy: &HashMap<String, usize>,
+    lease: Duration,
+) -> Result<Vec<Due>, NotificationsError> {
+    let (busy_ids, busy_counts): (Vec<String>, Vec<i32>) = busy
+        .iter()
+        .map(|(id, n)| (id.clone(), i32::try_from(*n).unwrap_or(i32::MAX)))
+        .unzip();
     Ok(sqlx::query_as(
-        "WITH due AS ( \
-           SELECT d.endpoint_id, d.notification_id FROM webhook_deliveries d \
-           WHERE d.status = 'pending' AND d.next_attempt_at <= now() AND (d.leased_until IS NULL OR d.leased_until < now()) \
-             AND EXISTS (SELECT 1 FROM webhook_endpoints e WHERE e.endpoint_id = d.endpoint_id AND e.enabled) \
-           ORDER BY d.next_attempt_at LIMIT $1 FOR UPDATE OF d SKIP LOCKED), \
+        "WITH room AS ( \
+           SELECT e.endpoint_id, $3::int - coalesce(b.busy, 0) AS room \
+           FROM webhook_endpoints e LEFT JOIN unnest($4::text[], $5::int[]) AS b(endpoint_id, busy) USING (endpoint_id) \
+           WHERE e.enabled AND $3::int - coalesce(b.busy, 0) > 0), \
+         due AS ( \
+           SELECT x.endpoint_id, x.notification_id FROM room CROSS JOIN LATERAL ( \
+             SELECT d.endpoint_id, d.notification_id, d.next_attempt_at FROM webhook_deliveries d \
+             WHERE d.endpoint_id = room.endpoint_id AND d.status = 'pending' AND d.next_attempt_at <= now() \
+               AND (d.leased_until IS NULL OR d.leased_until < now()) \
+             ORDER BY d.next_attempt_at LIMIT room.room FOR UPDATE OF d SKIP LOCKED) x \
+           ORDER BY x.next_attempt_at LIMIT $1), \
          leased AS ( \
            UPDATE webhook_deliveries d SET leased_until = now() + $2 * interval '1 millisecond', attempts = d.attempts + 1 \
            FROM due WHERE d.endpoint_id = due.endpoint_id AND d.notification_id = due.notification_id \
@@ -322,8 +342,41 @@ async fn lease(pool: &PgPool, limit: i64, lease: Duration) -> Result<Vec<Due>, N
     )
     .bind(limit)
     .bind(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX))
+    .bind(per_endpoint)
+    .bind(&busy_ids)
+    .bind(&busy_counts)
     .fetch_all(pool)
     .await?)
+}
+
+/// What this instance has in flight, per endpoint; a slot is given back when its guard drops
+/// (also when the delivery task panics).
+#[derive(Default)]
+struct InFlight {
+    per_endpoint: HashMap<String, usize>,
+    total: usize,
+}
+
+struct Slot {
+    in_flight: Arc<std::sync::Mutex<InFlight>>,
+    endpoint_id: String,
+    finished: Arc<Notify>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        {
+            let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+            in_flight.total -= 1;
+            if let Some(busy) = in_flight.per_endpoint.get_mut(&self.endpoint_id) {
+                *busy -= 1;
+                if *busy == 0 {
+                    in_flight.per_endpoint.remove(&self.endpoint_id);
+                }
+            }
+        }
+        self.finished.notify_one();
+    }
 }
 
 /// Delivers until `shutdown`.
@@ -346,19 +399,26 @@ pub async fn run(
         }
     };
     let client: HttpClient = Client::builder(TokioExecutor::new()).build(connector);
-    let per_endpoint: Arc<std::sync::Mutex<HashMap<String, Arc<Semaphore>>>> = Arc::default();
-    let all = Arc::new(Semaphore::new(settings.concurrency));
+    let in_flight: Arc<std::sync::Mutex<InFlight>> = Arc::default();
+    let finished = Arc::new(Notify::new());
+    let per_endpoint = i32::try_from(settings.per_endpoint).unwrap_or(i32::MAX);
     // A lease outlives the slowest attempt with a margin.
     let lease_for = settings.timeout * 3;
     loop {
         let woken = wake.notified();
         tokio::pin!(woken);
         woken.as_mut().enable();
-        let free = all.available_permits();
+        let (free, busy) = {
+            let in_flight = in_flight.lock().unwrap_or_else(|e| e.into_inner());
+            (
+                settings.concurrency.saturating_sub(in_flight.total),
+                in_flight.per_endpoint.clone(),
+            )
+        };
         let due = if free == 0 {
             Vec::new()
         } else {
-            match lease(&pool, free as i64, lease_for).await {
+            match lease(&pool, free as i64, per_endpoint, &busy, lease_for).await {
                 Ok(due) => due,
                 Err(error) => {
                     tracing::warn!(error = %tandem_runtime::error_chain(&error), "leasing webhook deliveries failed; trying again");
@@ -368,21 +428,22 @@ pub async fn run(
         };
         let leased = due.len();
         for due in due {
-            let Ok(slot) = all.clone().acquire_owned().await else {
-                return;
-            };
-            let endpoint = {
-                let mut map = per_endpoint.lock().unwrap_or_else(|e| e.into_inner());
-                map.entry(due.endpoint_id.clone())
-                    .or_insert_with(|| Arc::new(Semaphore::new(settings.per_endpoint)))
-                    .clone()
+            let slot = {
+                let mut guard = in_flight.lock().unwrap_or_else(|e| e.into_inner());
+                guard.total += 1;
+                *guard
+                    .per_endpoint
+                    .entry(due.endpoint_id.clone())
+                    .or_default() += 1;
+                Slot {
+                    in_flight: in_flight.clone(),
+                    endpoint_id: due.endpoint_id.clone(),
+                    finished: finished.clone(),
+                }
             };
             let (pool, client, settings) = (pool.clone(), client.clone(), settings.clone());
             tokio::spawn(async move {
                 let _slot = slot;
-                let Ok(_endpoint_slot) = endpoint.acquire_owned().await else {
-                    return;
-                };
                 let outcome = attempt(&client, &due, &settings).await;
                 if let Err(error) = record(&pool, &due, &outcome, &settings).await {
                     // The lease runs out and the delivery is attempted again.
@@ -393,9 +454,12 @@ pub async fn run(
         if leased > 0 {
             continue;
         }
+        // Nothing to lease (or no room): look again when something is queued, a delivery
+        // finishes (room again), or a retry falls due.
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = &mut woken => {}
+            () = finished.notified() => {}
             () = tokio::time::sleep(Duration::from_millis(250)) => {}
         }
     }

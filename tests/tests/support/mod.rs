@@ -66,6 +66,11 @@ pub struct Stack {
     notifications_address: SocketAddr,
     /// How long notifications lets an endpoint fail before disabling it (tests shorten it).
     pub webhook_disable_after: Duration,
+    /// Webhook deliveries in flight at once in a notifications instance (64 unless a test
+    /// narrows it).
+    pub webhook_concurrency: u32,
+    /// Longest wait for a webhook answer (2 s unless a test changes it).
+    pub webhook_timeout_ms: u64,
     notifications_listener: Option<TcpListener>,
     /// How ledgers started from now on take part in their consumer groups.
     pub consumer_args: ConsumerArgs,
@@ -97,6 +102,8 @@ impl Stack {
             notifications: None,
             notifications_address,
             webhook_disable_after: Duration::from_secs(3600),
+            webhook_concurrency: 64,
+            webhook_timeout_ms: 2_000,
             notifications_listener: Some(notifications_listener),
             consumer_args: ConsumerArgs {
                 instance_id: None,
@@ -269,6 +276,15 @@ impl Stack {
         self.notifications = Some(running);
     }
 
+    /// Another notifications instance on the same database, topics and consumer group, on a
+    /// port of its own: the two share the consumers' partitions and the delivery queue.
+    pub async fn add_notifications(&self) -> Running {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let running = self.spawn_notifications(listener);
+        wait_until_serving(running.address).await;
+        running
+    }
+
     fn spawn_notifications(&self, listener: TcpListener) -> Running {
         let address = listener.local_addr().unwrap();
         let config = notifications::Config {
@@ -284,9 +300,9 @@ impl Stack {
             // Retries in tenths of a second, so a test sees a schedule run out.
             webhook_retry_schedule: notifications::delivery::parse_schedule("100ms,200ms,300ms")
                 .unwrap(),
-            webhook_timeout_ms: 2_000,
+            webhook_timeout_ms: self.webhook_timeout_ms,
             webhook_per_endpoint: 4,
-            webhook_concurrency: 64,
+            webhook_concurrency: self.webhook_concurrency,
             webhooks_allow_private: true,
             webhook_disable_after: self.webhook_disable_after,
         };

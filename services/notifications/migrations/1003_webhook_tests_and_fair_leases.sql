@@ -10,3 +10,10 @@ CREATE TABLE webhook_test_messages (
     created_at       TIMESTAMPTZ NOT NULL,
     UNIQUE (endpoint_id, idempotency_key)
 );
+
+-- The worker leases per endpoint (each at most its room), oldest first: one index probe per
+-- enabled endpoint instead of a scan of every due delivery, so a dead endpoint's backlog costs
+-- the others nothing.
+DROP INDEX webhook_deliveries_due;
+CREATE INDEX webhook_deliveries_due_per_endpoint ON webhook_deliveries (endpoint_id, next_attempt_at)
+    WHERE status = 'pending';
