@@ -17,3 +17,8 @@ CREATE TABLE webhook_test_messages (
 DROP INDEX webhook_deliveries_due;
 CREATE INDEX webhook_deliveries_due_per_endpoint ON webhook_deliveries (endpoint_id, next_attempt_at)
     WHERE status = 'pending';
+
+-- When the notification was written (its transaction's start): `written_at - occurred_at` is
+-- how far notifications trailed the event, and a delivery's first attempt minus `written_at`
+-- is the delivery worker's share.
+ALTER TABLE notifications ADD COLUMN written_at TIMESTAMPTZ NOT NULL DEFAULT now();

@@ -185,121 +185,188 @@ fn jittered(wait: Duration) -> Duration {
     Duration::from_millis(wait.as_millis() as u64 - spread + offset)
 }
 
+/// Records the outcomes of a group of attempts in one transaction: each attempt, each
+/// delivery's next state, and each endpoint's failing spell (which may disable it). One commit
+/// for many deliveries keeps Postgres's fsyncs off the per-delivery path.
 async fn record(
     pool: &PgPool,
-    due: &Due,
-    outcome: &Outcome,
+    group: &[(Due, Outcome)],
     settings: &DeliverySettings,
 ) -> Result<(), NotificationsError> {
-    let succeeded = (200..300).contains(&outcome.status_code);
-    let attempt = due.attempts; // already counted when leased
-                                // The schedule counts the attempts of this round (a redelivery or replay starts one).
-    let next = usize::try_from(attempt - due.round_start - 1)
-        .ok()
-        .and_then(|index| settings.schedule.get(index))
-        .copied();
-    let (status, next_attempt_at) = match (succeeded, next) {
-        (true, _) => ("succeeded", Utc::now()),
-        (false, Some(wait)) => (
-            "pending",
-            Utc::now() + chrono::Duration::from_std(jittered(wait)).unwrap_or_default(),
-        ),
-        (false, None) => ("failed", Utc::now()),
-    };
+    let mut endpoint_ids = Vec::with_capacity(group.len());
+    let mut notification_ids = Vec::with_capacity(group.len());
+    let mut attempts = Vec::with_capacity(group.len());
+    let mut status_codes = Vec::with_capacity(group.len());
+    let mut latencies = Vec::with_capacity(group.len());
+    let mut excerpts = Vec::with_capacity(group.len());
+    let mut statuses = Vec::with_capacity(group.len());
+    let mut next_attempts = Vec::with_capacity(group.len());
+    // Per endpoint: whether any attempt of the group succeeded, and one failed delivery's
+    // merchant (for the failing-spell bookkeeping).
+    let mut endpoints: std::collections::BTreeMap<&str, (bool, &str)> = Default::default();
+    for (due, outcome) in group {
+        let succeeded = (200..300).contains(&outcome.status_code);
+        let attempt = due.attempts; // already counted when leased
+        // The schedule counts the attempts of this round (a redelivery or replay starts one).
+        let next = usize::try_from(attempt - due.round_start - 1)
+            .ok()
+            .and_then(|index| settings.schedule.get(index))
+            .copied();
+        let (status, next_attempt_at) = match (succeeded, next) {
+            (true, _) => ("succeeded", Utc::now()),
+            (false, Some(wait)) => (
+                "pending",
+                Utc::now() + chrono::Duration::from_std(jittered(wait)).unwrap_or_default(),
+            ),
+            (false, None) => ("failed", Utc::now()),
+        };
+        endpoint_ids.push(due.endpoint_id.as_str());
+        notification_ids.push(due.notification_id);
+        attempts.push(attempt);
+        status_codes.push(i32::from(outcome.status_code));
+        latencies.push(i32::try_from(outcome.latency.as_millis()).unwrap_or(i32::MAX));
+        excerpts.push(outcome.excerpt.as_str());
+        statuses.push(status);
+        next_attempts.push(next_attempt_at);
+        let entry = endpoints
+            .entry(due.endpoint_id.as_str())
+            .or_insert((false, due.merchant_id.as_str()));
+        entry.0 |= succeeded;
+        if !succeeded {
+            tracing::info!(
+                endpoint_id = %due.endpoint_id,
+                notification_id = %due.notification_id,
+                attempt,
+                status_code = outcome.status_code,
+                next = status,
+                "webhook attempt failed"
+            );
+        }
+    }
     let mut tx = pool.begin().await?;
     sqlx::query(
         "INSERT INTO webhook_attempts (endpoint_id, notification_id, attempt, at, status_code, latency_ms, excerpt) \
-         VALUES ($1, $2, $3, now(), $4, $5, $6) ON CONFLICT DO NOTHING",
+         SELECT e, n, a, now(), s, l, x FROM unnest($1::text[], $2::uuid[], $3::int[], $4::int[], $5::int[], $6::text[]) \
+           AS t(e, n, a, s, l, x) \
+         ON CONFLICT DO NOTHING",
     )
-    .bind(&due.endpoint_id)
-    .bind(due.notification_id)
-    .bind(attempt)
-    .bind(i32::from(outcome.status_code))
-    .bind(i32::try_from(outcome.latency.as_millis()).unwrap_or(i32::MAX))
-    .bind(&outcome.excerpt)
+    .bind(&endpoint_ids)
+    .bind(&notification_ids)
+    .bind(&attempts)
+    .bind(&status_codes)
+    .bind(&latencies)
+    .bind(&excerpts)
     .execute(&mut *tx)
     .await?;
     sqlx::query(
-        "UPDATE webhook_deliveries SET status = $3, next_attempt_at = $4, leased_until = NULL \
-         WHERE endpoint_id = $1 AND notification_id = $2",
+        "UPDATE webhook_deliveries d SET status = t.s, next_attempt_at = t.next, leased_until = NULL \
+         FROM unnest($1::text[], $2::uuid[], $3::text[], $4::timestamptz[]) AS t(e, n, s, next) \
+         WHERE d.endpoint_id = t.e AND d.notification_id = t.n",
     )
-    .bind(&due.endpoint_id)
-    .bind(due.notification_id)
-    .bind(status)
-    .bind(next_attempt_at)
+    .bind(&endpoint_ids)
+    .bind(&notification_ids)
+    .bind(&statuses)
+    .bind(&next_attempts)
     .execute(&mut *tx)
     .await?;
-    let mut disabled = false;
-    if succeeded {
-        sqlx::query("UPDATE webhook_endpoints SET failing_since = NULL WHERE endpoint_id = $1 AND failing_since IS NOT NULL")
-            .bind(&due.endpoint_id)
-            .execute(&mut *tx)
-            .await?;
-    } else {
-        // Failing since the first failure after the last success; past the limit, disabled.
-        let limit_ms = i64::try_from(settings.disable_after.as_millis()).unwrap_or(i64::MAX);
-        let turned_off: Option<(String, DateTime<Utc>)> = sqlx::query_as(
-            "UPDATE webhook_endpoints SET failing_since = coalesce(failing_since, now()), \
-               enabled = CASE WHEN enabled AND coalesce(failing_since, now()) < now() - $2 * interval '1 millisecond' \
-                              THEN false ELSE enabled END, \
-               disabled_reason = CASE WHEN enabled AND coalesce(failing_since, now()) < now() - $2 * interval '1 millisecond' \
-                              THEN 'failing since ' || to_char(failing_since AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') \
-                              ELSE disabled_reason END \
-             WHERE endpoint_id = $1 \
-             RETURNING url, failing_since, (NOT enabled AND disabled_reason LIKE 'failing since%') AS now_off",
+    let answering: Vec<&str> = endpoints
+        .iter()
+        .filter(|(_, (succeeded, _))| *succeeded)
+        .map(|(id, _)| *id)
+        .collect();
+    if !answering.is_empty() {
+        // A success ends the failing spell.
+        sqlx::query(
+            "UPDATE webhook_endpoints SET failing_since = NULL \
+             WHERE endpoint_id = ANY($1) AND failing_since IS NOT NULL",
         )
-        .bind(&due.endpoint_id)
-        .bind(limit_ms)
-        .fetch_optional(&mut *tx)
-        .await?
-        .and_then(|(url, since, now_off): (String, DateTime<Utc>, bool)| now_off.then_some((url, since)));
-        if let Some((url, since)) = turned_off {
-            // Tell the merchant once: the notification's id derives from the failing spell.
-            let already: bool = sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM notifications WHERE notification_id = $1)",
-            )
-            .bind(
-                crate::intake::endpoint_disabled(
-                    &due.merchant_id,
-                    &due.endpoint_id,
-                    &url,
-                    since,
-                    Utc::now(),
-                )
-                .id,
-            )
-            .fetch_one(&mut *tx)
-            .await?;
-            if !already {
-                let notice = crate::intake::endpoint_disabled(
-                    &due.merchant_id,
-                    &due.endpoint_id,
-                    &url,
-                    since,
-                    tandem_proto::time::truncate_to_micros(Utc::now()),
-                );
-                let mut per_merchant = std::collections::BTreeMap::new();
-                per_merchant.insert(due.merchant_id.clone(), vec![notice]);
-                crate::intake::store(&mut tx, &per_merchant).await?;
-                disabled = true;
-            }
+        .bind(&answering)
+        .execute(&mut *tx)
+        .await?;
+    }
+    let mut disabled = Vec::new();
+    for (endpoint_id, (_, merchant_id)) in endpoints.iter().filter(|(_, (ok, _))| !ok) {
+        if failing(&mut tx, endpoint_id, merchant_id, settings.disable_after).await? {
+            disabled.push((*endpoint_id, *merchant_id));
         }
     }
     tx.commit().await?;
-    if disabled {
-        tracing::warn!(endpoint_id = %due.endpoint_id, merchant_id = %due.merchant_id, "webhook endpoint disabled: its deliveries kept failing");
-    }
-    if !succeeded {
-        tracing::info!(
-            endpoint_id = %due.endpoint_id,
-            notification_id = %due.notification_id,
-            attempt,
-            status_code = outcome.status_code,
-            next = status,
-            "webhook attempt failed"
-        );
+    for (endpoint_id, merchant_id) in disabled {
+        tracing::warn!(endpoint_id, merchant_id, "webhook endpoint disabled: its deliveries kept failing");
     }
     Ok(())
+}
+
+/// An endpoint's attempts all failed: it is failing since the first failure after its last
+/// success, and past `disable_after` it is disabled and its merchant told (once per spell).
+/// Returns whether it was disabled now.
+async fn failing(
+    tx: &mut sqlx::PgConnection,
+    endpoint_id: &str,
+    merchant_id: &str,
+    disable_after: Duration,
+) -> Result<bool, NotificationsError> {
+    let limit_ms = i64::try_from(disable_after.as_millis()).unwrap_or(i64::MAX);
+    let turned_off: Option<(String, DateTime<Utc>)> = sqlx::query_as(
+        "UPDATE webhook_endpoints SET failing_since = coalesce(failing_since, now()), \
+           enabled = CASE WHEN enabled AND coalesce(failing_since, now()) < now() - $2 * interval '1 millisecond' \
+                          THEN false ELSE enabled END, \
+           disabled_reason = CASE WHEN enabled AND coalesce(failing_since, now()) < now() - $2 * interval '1 millisecond' \
+                          THEN 'failing since ' || to_char(failing_since AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') \
+                          ELSE disabled_reason END \
+         WHERE endpoint_id = $1 \
+         RETURNING url, failing_since, (NOT enabled AND disabled_reason LIKE 'failing since%') AS now_off",
+    )
+    .bind(endpoint_id)
+    .bind(limit_ms)
+    .fetch_optional(&mut *tx)
+    .await?
+    .and_then(|(url, since, now_off): (String, DateTime<Utc>, bool)| now_off.then_some((url, since)));
+    let Some((url, since)) = turned_off else {
+        return Ok(false);
+    };
+    // Tell the merchant once: the notification's id derives from the failing spell.
+    let notice = crate::intake::endpoint_disabled(
+        merchant_id,
+        endpoint_id,
+        &url,
+        since,
+        tandem_proto::time::truncate_to_micros(Utc::now()),
+    );
+    let already: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM notifications WHERE notification_id = $1)")
+            .bind(notice.id)
+            .fetch_one(&mut *tx)
+            .await?;
+    if already {
+        return Ok(false);
+    }
+    let mut per_merchant = std::collections::BTreeMap::new();
+    per_merchant.insert(merchant_id.to_owned(), vec![notice]);
+    crate::intake::store(&mut *tx, &per_merchant).await?;
+    Ok(true)
+}
+
+/// Records outcomes as they come, in groups: whatever arrived while the previous group was
+/// being committed (at most `GROUP`) goes in the next. Ends when every sender is gone.
+async fn recorder(
+    pool: PgPool,
+    settings: DeliverySettings,
+    mut outcomes: tokio::sync::mpsc::Receiver<(Due, Outcome, Slot)>,
+) {
+    const GROUP: usize = 500;
+    let mut group = Vec::with_capacity(GROUP);
+    while outcomes.recv_many(&mut group, GROUP).await > 0 {
+        let (records, slots): (Vec<(Due, Outcome)>, Vec<Slot>) = group
+            .drain(..)
+            .map(|(due, outcome, slot)| ((due, outcome), slot))
+            .unzip();
+        if let Err(error) = record(&pool, &records, &settings).await {
+            // The leases run out and the deliveries are attempted again.
+            tracing::warn!(error = %tandem_runtime::error_chain(&error), deliveries = records.len(), "recording webhook attempts failed");
+        }
+        drop(slots);
+    }
 }
 
 /// Leases up to `limit` due deliveries for `lease`, oldest first, taking from each enabled
@@ -349,25 +416,26 @@ async fn lease(
     .await?)
 }
 
-/// What this instance has in flight, per endpoint; a slot is given back when its guard drops
-/// (also when the delivery task panics).
+/// What this instance has in flight: requests per endpoint (until the answer), and deliveries
+/// in all (until their outcome is recorded). Guards give their share back when dropped (also
+/// when a delivery task panics).
 #[derive(Default)]
 struct InFlight {
     per_endpoint: HashMap<String, usize>,
     total: usize,
 }
 
-struct Slot {
+/// A request in flight to one endpoint.
+struct EndpointSlot {
     in_flight: Arc<std::sync::Mutex<InFlight>>,
     endpoint_id: String,
     finished: Arc<Notify>,
 }
 
-impl Drop for Slot {
+impl Drop for EndpointSlot {
     fn drop(&mut self) {
         {
             let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-            in_flight.total -= 1;
             if let Some(busy) = in_flight.per_endpoint.get_mut(&self.endpoint_id) {
                 *busy -= 1;
                 if *busy == 0 {
@@ -375,6 +443,22 @@ impl Drop for Slot {
                 }
             }
         }
+        self.finished.notify_one();
+    }
+}
+
+/// A delivery leased and not yet recorded.
+struct Slot {
+    in_flight: Arc<std::sync::Mutex<InFlight>>,
+    finished: Arc<Notify>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .total -= 1;
         self.finished.notify_one();
     }
 }
@@ -401,6 +485,8 @@ pub async fn run(
     let client: HttpClient = Client::builder(TokioExecutor::new()).build(connector);
     let in_flight: Arc<std::sync::Mutex<InFlight>> = Arc::default();
     let finished = Arc::new(Notify::new());
+    let (outcomes, recorded) = tokio::sync::mpsc::channel(settings.concurrency.max(1));
+    tokio::spawn(recorder(pool.clone(), settings.clone(), recorded));
     let per_endpoint = i32::try_from(settings.per_endpoint).unwrap_or(i32::MAX);
     // A lease outlives the slowest attempt with a margin.
     let lease_for = settings.timeout * 3;
@@ -428,27 +514,33 @@ pub async fn run(
         };
         let leased = due.len();
         for due in due {
-            let slot = {
+            let (slot, endpoint_slot) = {
                 let mut guard = in_flight.lock().unwrap_or_else(|e| e.into_inner());
                 guard.total += 1;
                 *guard
                     .per_endpoint
                     .entry(due.endpoint_id.clone())
                     .or_default() += 1;
-                Slot {
-                    in_flight: in_flight.clone(),
-                    endpoint_id: due.endpoint_id.clone(),
-                    finished: finished.clone(),
-                }
+                (
+                    Slot {
+                        in_flight: in_flight.clone(),
+                        finished: finished.clone(),
+                    },
+                    EndpointSlot {
+                        in_flight: in_flight.clone(),
+                        endpoint_id: due.endpoint_id.clone(),
+                        finished: finished.clone(),
+                    },
+                )
             };
-            let (pool, client, settings) = (pool.clone(), client.clone(), settings.clone());
+            let (client, settings, outcomes) = (client.clone(), settings.clone(), outcomes.clone());
             tokio::spawn(async move {
-                let _slot = slot;
                 let outcome = attempt(&client, &due, &settings).await;
-                if let Err(error) = record(&pool, &due, &outcome, &settings).await {
-                    // The lease runs out and the delivery is attempted again.
-                    tracing::warn!(error = %tandem_runtime::error_chain(&error), "recording a webhook attempt failed");
-                }
+                // The endpoint has answered: its next request may go while this one is recorded.
+                drop(endpoint_slot);
+                // If the recorder is gone (shutting down), the lease runs out and the delivery
+                // is attempted again.
+                let _ = outcomes.send((due, outcome, slot)).await;
             });
         }
         if leased > 0 {
