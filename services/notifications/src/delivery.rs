@@ -379,6 +379,7 @@ async fn lease(
     per_endpoint: i32,
     busy: &HashMap<String, usize>,
     lease: Duration,
+    only: Option<&str>,
 ) -> Result<Vec<Due>, NotificationsError> {
     let (busy_ids, busy_counts): (Vec<String>, Vec<i32>) = busy
         .iter()
@@ -388,7 +389,7 @@ async fn lease(
         "WITH room AS ( \
            SELECT e.endpoint_id, $3::int - coalesce(b.busy, 0) AS room \
            FROM webhook_endpoints e LEFT JOIN unnest($4::text[], $5::int[]) AS b(endpoint_id, busy) USING (endpoint_id) \
-           WHERE e.enabled AND $3::int - coalesce(b.busy, 0) > 0), \
+           WHERE e.enabled AND $3::int - coalesce(b.busy, 0) > 0 AND ($6::text IS NULL OR e.endpoint_id = $6)), \
          due AS ( \
            SELECT x.endpoint_id, x.notification_id FROM room CROSS JOIN LATERAL ( \
              SELECT d.endpoint_id, d.notification_id, d.next_attempt_at FROM webhook_deliveries d \
@@ -412,6 +413,7 @@ async fn lease(
     .bind(per_endpoint)
     .bind(&busy_ids)
     .bind(&busy_counts)
+    .bind(only)
     .fetch_all(pool)
     .await?)
 }
@@ -463,6 +465,69 @@ impl Drop for Slot {
     }
 }
 
+/// Deliveries this many in a row to one endpoint at most, before a lane gives its slot back to
+/// the main loop's fair share-out.
+const LANE_RUN: usize = 64;
+
+/// One of an endpoint's (at most `per_endpoint`) concurrent lanes: it delivers, hands the
+/// outcome to the recorder, and goes on with the endpoint's next due delivery (a one-endpoint
+/// lease, cheap) while there is one, room in all, and at most [`LANE_RUN`] in a row. A busy
+/// endpoint is thus served at the pace it answers, without waiting for the main loop's lease
+/// over every endpoint.
+struct Lane {
+    pool: PgPool,
+    client: HttpClient,
+    settings: DeliverySettings,
+    outcomes: tokio::sync::mpsc::Sender<(Due, Outcome, Slot)>,
+    in_flight: Arc<std::sync::Mutex<InFlight>>,
+    finished: Arc<Notify>,
+    lease_for: Duration,
+    shutdown: CancellationToken,
+}
+
+impl Lane {
+    async fn run(self, mut due: Due, mut slot: Slot, endpoint_slot: EndpointSlot) {
+        for run in 1.. {
+            let outcome = attempt(&self.client, &due, &self.settings).await;
+            let endpoint_id = due.endpoint_id.clone();
+            // If the recorder is gone (shutting down), the lease runs out and the delivery is
+            // attempted again.
+            if self.outcomes.send((due, outcome, slot)).await.is_err()
+                || self.shutdown.is_cancelled()
+                || run >= LANE_RUN
+            {
+                break;
+            }
+            // Room in all for one more?
+            slot = {
+                let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+                if in_flight.total >= self.settings.concurrency {
+                    break;
+                }
+                in_flight.total += 1;
+                Slot {
+                    in_flight: self.in_flight.clone(),
+                    finished: self.finished.clone(),
+                }
+            };
+            let next = lease(
+                &self.pool,
+                1,
+                1,
+                &HashMap::new(),
+                self.lease_for,
+                Some(&endpoint_id),
+            )
+            .await;
+            match next {
+                Ok(mut next) if !next.is_empty() => due = next.remove(0),
+                _ => break,
+            }
+        }
+        drop(endpoint_slot);
+    }
+}
+
 /// Delivers until `shutdown`.
 pub async fn run(
     pool: PgPool,
@@ -504,7 +569,7 @@ pub async fn run(
         let due = if free == 0 {
             Vec::new()
         } else {
-            match lease(&pool, free as i64, per_endpoint, &busy, lease_for).await {
+            match lease(&pool, free as i64, per_endpoint, &busy, lease_for, None).await {
                 Ok(due) => due,
                 Err(error) => {
                     tracing::warn!(error = %tandem_runtime::error_chain(&error), "leasing webhook deliveries failed; trying again");
@@ -533,15 +598,17 @@ pub async fn run(
                     },
                 )
             };
-            let (client, settings, outcomes) = (client.clone(), settings.clone(), outcomes.clone());
-            tokio::spawn(async move {
-                let outcome = attempt(&client, &due, &settings).await;
-                // The endpoint has answered: its next request may go while this one is recorded.
-                drop(endpoint_slot);
-                // If the recorder is gone (shutting down), the lease runs out and the delivery
-                // is attempted again.
-                let _ = outcomes.send((due, outcome, slot)).await;
-            });
+            let lane = Lane {
+                pool: pool.clone(),
+                client: client.clone(),
+                settings: settings.clone(),
+                outcomes: outcomes.clone(),
+                in_flight: in_flight.clone(),
+                finished: finished.clone(),
+                lease_for,
+                shutdown: shutdown.clone(),
+            };
+            tokio::spawn(lane.run(due, slot, endpoint_slot));
         }
         if leased > 0 {
             continue;

@@ -12,7 +12,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use prost::Message;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use sqlx::{PgPool, Postgres, QueryBuilder};
+use sqlx::PgPool;
 use tandem_bus::{BatchHandler, Delivery, Topic};
 use tandem_proto::v1 as pb;
 use uuid::Uuid;
@@ -110,36 +110,52 @@ pub(crate) async fn store(
     per_merchant: &BTreeMap<String, Vec<Outgoing>>,
 ) -> Result<(usize, u64), NotificationsError> {
     let written = per_merchant.values().map(Vec::len).sum::<usize>();
-    // Merchants in id order, so two writers never wait on each other's cursor rows in opposite
-    // orders.
+    if written == 0 {
+        return Ok((0, 0));
+    }
+    // Every merchant's cursors in one statement. The rows are taken in merchant id order (the
+    // map's), so two writers never wait on each other's cursor rows in opposite orders.
+    let merchants: Vec<&str> = per_merchant.keys().map(String::as_str).collect();
+    let counts: Vec<i64> = per_merchant
+        .values()
+        .map(|n| i64::try_from(n.len()).unwrap_or(i64::MAX))
+        .collect();
+    let lasts: Vec<(String, i64)> = sqlx::query_as(
+        "INSERT INTO merchant_cursors (merchant_id, last_cursor) \
+         SELECT m, c FROM unnest($1::text[], $2::bigint[]) WITH ORDINALITY AS t(m, c, o) ORDER BY o \
+         ON CONFLICT (merchant_id) DO UPDATE SET last_cursor = merchant_cursors.last_cursor + excluded.last_cursor \
+         RETURNING merchant_id, last_cursor",
+    )
+    .bind(&merchants)
+    .bind(&counts)
+    .fetch_all(&mut *tx)
+    .await?;
+    let lasts: BTreeMap<String, i64> = lasts.into_iter().collect();
+    // Every notification in one statement (in chunks, for very large batches).
+    let mut rows: Vec<(&str, i64, &Outgoing)> = Vec::with_capacity(written);
     for (merchant, notifications) in per_merchant {
-        let count = i64::try_from(notifications.len()).unwrap_or(i64::MAX);
-        let last: i64 = sqlx::query_scalar(
-            "INSERT INTO merchant_cursors (merchant_id, last_cursor) VALUES ($1, $2) \
-             ON CONFLICT (merchant_id) DO UPDATE SET last_cursor = merchant_cursors.last_cursor + $2 \
-             RETURNING last_cursor",
-        )
-        .bind(merchant)
-        .bind(count)
-        .fetch_one(&mut *tx)
-        .await?;
-        let first = last - count + 1;
-        for (chunk_index, chunk) in notifications.chunks(1000).enumerate() {
-            let offset = chunk_index * 1000;
-            let mut query: QueryBuilder<Postgres> = QueryBuilder::new(
-                "INSERT INTO notifications (merchant_id, cursor, notification_id, type, occurred_at, payload, traceparent) ",
-            );
-            query.push_values(chunk.iter().enumerate(), |mut row, (index, n)| {
-                row.push_bind(merchant)
-                    .push_bind(first + (offset + index) as i64)
-                    .push_bind(n.id)
-                    .push_bind(n.kind)
-                    .push_bind(n.occurred_at)
-                    .push_bind(&n.payload)
-                    .push_bind(&n.traceparent);
-            });
-            query.build().execute(&mut *tx).await?;
+        let last = lasts.get(merchant).copied().ok_or_else(|| {
+            NotificationsError::Invariant(format!("no cursor allocated for {merchant}"))
+        })?;
+        let first = last - notifications.len() as i64 + 1;
+        for (index, n) in notifications.iter().enumerate() {
+            rows.push((merchant.as_str(), first + index as i64, n));
         }
+    }
+    for chunk in rows.chunks(5000) {
+        sqlx::query(
+            "INSERT INTO notifications (merchant_id, cursor, notification_id, type, occurred_at, payload, traceparent) \
+             SELECT * FROM unnest($1::text[], $2::bigint[], $3::uuid[], $4::text[], $5::timestamptz[], $6::text[], $7::text[])",
+        )
+        .bind(chunk.iter().map(|r| r.0).collect::<Vec<_>>())
+        .bind(chunk.iter().map(|r| r.1).collect::<Vec<_>>())
+        .bind(chunk.iter().map(|r| r.2.id).collect::<Vec<_>>())
+        .bind(chunk.iter().map(|r| r.2.kind).collect::<Vec<_>>())
+        .bind(chunk.iter().map(|r| r.2.occurred_at).collect::<Vec<_>>())
+        .bind(chunk.iter().map(|r| r.2.payload.as_str()).collect::<Vec<_>>())
+        .bind(chunk.iter().map(|r| r.2.traceparent.as_deref()).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
     }
     let ids: Vec<Uuid> = per_merchant.values().flatten().map(|n| n.id).collect();
     let queued = crate::endpoints::fan_out(tx, &ids).await?;

@@ -84,6 +84,8 @@ pub enum NotificationsError {
     Database(#[from] sqlx::Error),
     #[error("storage failure")]
     Store(#[from] tandem_store::StoreError),
+    #[error("broken invariant: {0}")]
+    Invariant(String),
 }
 
 #[derive(Debug, thiserror::Error)]
