@@ -99,3 +99,61 @@ async fn the_harness_short_form_reports_every_figure() {
     }
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn the_webhook_harness_short_form_reports_every_figure() {
+    let mut stack = Stack::start(true).await;
+    stack.start_notifications().await;
+    let settings = tandemctl::webhook_bench::Settings {
+        gateway: tandemctl::client::GatewayArgs {
+            gateway: format!("http://{}", stack.gateway_address()),
+            operator_token: OPERATOR_TOKEN.into(),
+        },
+        bus: stack.bus.clone(),
+        ledger_group: format!("{}-referral-ledger", stack.bus.topic_prefix),
+        partnerships: 5,
+        customers: 40,
+        rate: 100.0,
+        seconds: 2.0,
+        processes: vec![("test process".into(), std::process::id())],
+        timeout: Duration::from_secs(120),
+    };
+    let report = tandemctl::webhook_bench::measure(&settings)
+        .await
+        .expect("the webhook harness runs");
+    let latency = &report.latency;
+    assert_eq!(latency.purchases_sent, 200);
+    // Every purchase reached the ledger topic and its referrer's endpoint.
+    assert_eq!(latency.ledger_events, 200, "{latency:?}");
+    assert_eq!(latency.webhooks, 200, "{latency:?}");
+    for figure in [
+        &latency.gateway_answered,
+        &latency.ledger_event_read,
+        &latency.webhook_received,
+    ] {
+        assert!(
+            figure.p50_ms > 0.0 && figure.p99_ms >= figure.p50_ms,
+            "{figure:?}"
+        );
+    }
+    // Replays: each purchase's purchase.attributed once per referrer endpoint; the first
+    // referrer (the hot partnership) has half of them.
+    assert_eq!(
+        (
+            report.all_endpoints.endpoints,
+            report.all_endpoints.deliveries
+        ),
+        (5, 200)
+    );
+    assert_eq!(
+        (
+            report.one_endpoint.endpoints,
+            report.one_endpoint.deliveries
+        ),
+        (1, 100)
+    );
+    assert!(report.all_endpoints.per_second > 0.0 && report.one_endpoint.per_second > 0.0);
+    assert_eq!(report.unverified, 0);
+    assert_eq!(report.processes.len(), 1);
+    stack.stop().await;
+}

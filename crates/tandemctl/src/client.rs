@@ -8,7 +8,7 @@ use tonic::transport::Channel;
 use tonic::Request;
 
 /// Where the gateway is and the operator token it was started with.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct GatewayArgs {
     /// The merchant gateway's gRPC endpoint.
     #[arg(

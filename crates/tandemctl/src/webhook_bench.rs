@@ -134,27 +134,60 @@ fn collect(received: Received, arrivals: &Mutex<Arrivals>) {
     arrivals.all.push((received.at, received.id));
 }
 
+/// What one run measures, as a library call (the CLI and the test build one).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub gateway: GatewayArgs,
+    pub bus: tandem_bus::BusConfig,
+    pub ledger_group: String,
+    pub partnerships: usize,
+    pub customers: usize,
+    pub rate: f64,
+    pub seconds: f64,
+    /// (name, pid) of every process to measure.
+    pub processes: Vec<(String, u32)>,
+    pub timeout: Duration,
+}
+
 pub async fn run(args: WebhookBenchArgs) -> Result<(), String> {
     let short = args.short;
-    let (partnerships, customers, seconds) = if short {
-        (10, 200, 2.0)
-    } else {
-        (args.partnerships, args.customers, args.seconds)
-    };
-    let timeout = Duration::from_secs(args.timeout_secs);
-    let started_at = chrono::Utc::now();
-    let network = Network::build(&NetworkSettings {
-        gateway: args.gateway.gateway.clone(),
-        operator_token: args.gateway.operator_token.clone(),
+    let settings = Settings {
+        gateway: args.gateway.clone(),
         bus: args.bus.bus_config(),
         ledger_group: args.ledger_group.clone(),
+        partnerships: if short { 10 } else { args.partnerships },
+        customers: if short { 200 } else { args.customers },
+        rate: args.rate,
+        seconds: if short { 2.0 } else { args.seconds },
+        processes: process::from_pid_files(&args.pids_dir),
+        timeout: Duration::from_secs(args.timeout_secs),
+    };
+    let report = measure(&settings).await?;
+    print_report(&report);
+    let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+    std::fs::write(&args.json, json + "\n")
+        .map_err(|e| format!("write {}: {e}", args.json.display()))?;
+    println!("JSON result written to {}", args.json.display());
+    Ok(())
+}
+
+/// Runs every measurement.
+pub async fn measure(settings: &Settings) -> Result<Report, String> {
+    let (partnerships, customers, timeout) =
+        (settings.partnerships, settings.customers, settings.timeout);
+    let started_at = chrono::Utc::now();
+    let network = Network::build(&NetworkSettings {
+        gateway: settings.gateway.gateway.clone(),
+        operator_token: settings.gateway.operator_token.clone(),
+        bus: settings.bus.clone(),
+        ledger_group: settings.ledger_group.clone(),
         partnerships,
         customers,
         concurrency: 32,
         timeout,
     })
     .await?;
-    println!(
+    eprintln!(
         "network {}: 1 acceptor, {partnerships} referrers, {customers} referred customers",
         network.tag
     );
@@ -164,7 +197,7 @@ pub async fn run(args: WebhookBenchArgs) -> Result<(), String> {
         .await
         .map_err(|e| format!("bind the receiver: {e}"))?;
     let port = listener.local_addr().map_err(|e| e.to_string())?.port();
-    let channel = args.gateway.channel()?;
+    let channel = settings.gateway.channel()?;
     let hooks = NotificationServiceClient::new(channel);
     let registered = in_parallel(
         16,
@@ -215,8 +248,8 @@ pub async fn run(args: WebhookBenchArgs) -> Result<(), String> {
         }
     });
 
-    let latency = latency_run(&args, &network, &arrivals, seconds, timeout).await?;
-    println!(
+    let latency = latency_run(settings, &network, &arrivals).await?;
+    eprintln!(
         "latency at {:.0}/s: webhook p50 {:.1} ms, p99 {:.1} ms",
         latency.rate_per_second, latency.webhook_received.p50_ms, latency.webhook_received.p99_ms
     );
@@ -290,40 +323,35 @@ pub async fn run(args: WebhookBenchArgs) -> Result<(), String> {
     }
     let one_endpoint = throughput.pop().ok_or("no throughput run")?;
     let all_endpoints = throughput.pop().ok_or("no throughput run")?;
-    let report = Report {
+    let unverified = arrivals
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .unverified;
+    Ok(Report {
         started_at: started_at.to_rfc3339(),
         partnerships,
         customers,
         latency,
         all_endpoints,
         one_endpoint,
-        unverified: arrivals
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .unverified,
-        processes: process::from_pid_files(&args.pids_dir)
+        unverified,
+        processes: settings
+            .processes
             .iter()
             .filter_map(|(name, pid)| process::usage(name, *pid))
             .collect(),
-    };
-    print_report(&report);
-    let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
-    std::fs::write(&args.json, json + "\n")
-        .map_err(|e| format!("write {}: {e}", args.json.display()))?;
-    println!("JSON result written to {}", args.json.display());
-    Ok(())
+    })
 }
 
 async fn latency_run(
-    args: &WebhookBenchArgs,
+    settings: &Settings,
     network: &Network,
     arrivals: &Mutex<Arrivals>,
-    seconds: f64,
-    timeout: Duration,
 ) -> Result<LatencyRun, String> {
-    let rate = args.rate.max(1.0);
-    let count = ((rate * seconds).ceil() as usize).max(1);
-    let reader = LedgerReader::from_end(&args.bus.bus_config())?;
+    let timeout = settings.timeout;
+    let rate = settings.rate.max(1.0);
+    let count = ((rate * settings.seconds).ceil() as usize).max(1);
+    let reader = LedgerReader::from_end(&settings.bus)?;
     let read_until = tokio::time::Instant::now() + timeout;
     let ours = format!("bench-{}-hook-", network.tag);
     let reading = tokio::spawn(async move {

@@ -207,7 +207,7 @@ async fn record(
     for (due, outcome) in group {
         let succeeded = (200..300).contains(&outcome.status_code);
         let attempt = due.attempts; // already counted when leased
-        // The schedule counts the attempts of this round (a redelivery or replay starts one).
+                                    // The schedule counts the attempts of this round (a redelivery or replay starts one).
         let next = usize::try_from(attempt - due.round_start - 1)
             .ok()
             .and_then(|index| settings.schedule.get(index))
@@ -292,7 +292,11 @@ async fn record(
     }
     tx.commit().await?;
     for (endpoint_id, merchant_id) in disabled {
-        tracing::warn!(endpoint_id, merchant_id, "webhook endpoint disabled: its deliveries kept failing");
+        tracing::warn!(
+            endpoint_id,
+            merchant_id,
+            "webhook endpoint disabled: its deliveries kept failing"
+        );
     }
     Ok(())
 }
@@ -333,11 +337,12 @@ async fn failing(
         since,
         tandem_proto::time::truncate_to_micros(Utc::now()),
     );
-    let already: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM notifications WHERE notification_id = $1)")
-            .bind(notice.id)
-            .fetch_one(&mut *tx)
-            .await?;
+    let already: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM notifications WHERE notification_id = $1)",
+    )
+    .bind(notice.id)
+    .fetch_one(&mut *tx)
+    .await?;
     if already {
         return Ok(false);
     }
@@ -385,7 +390,13 @@ async fn lease(
         .iter()
         .map(|(id, n)| (id.clone(), i32::try_from(*n).unwrap_or(i32::MAX)))
         .unzip();
-    Ok(sqlx::query_as(
+    // A lease need not survive a crash of Postgres: if it is lost, the delivery is leased again
+    // sooner, which at-least-once delivery allows. So its commit does not wait for the disk.
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET LOCAL synchronous_commit = off")
+        .execute(&mut *tx)
+        .await?;
+    let due = sqlx::query_as(
         "WITH room AS ( \
            SELECT e.endpoint_id, $3::int - coalesce(b.busy, 0) AS room \
            FROM webhook_endpoints e LEFT JOIN unnest($4::text[], $5::int[]) AS b(endpoint_id, busy) USING (endpoint_id) \
@@ -414,8 +425,10 @@ async fn lease(
     .bind(&busy_ids)
     .bind(&busy_counts)
     .bind(only)
-    .fetch_all(pool)
-    .await?)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(due)
 }
 
 /// What this instance has in flight: requests per endpoint (until the answer), and deliveries
