@@ -179,10 +179,14 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     };
     let report = measure(&settings).await?;
     print_report(&report);
-    let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
-    std::fs::write(&args.json, json + "\n")
-        .map_err(|e| format!("write {}: {e}", args.json.display()))?;
-    println!("JSON result written to {}", args.json.display());
+    write_json(&args.json, &report)
+}
+
+/// Writes a benchmark's report as pretty JSON and says where.
+pub(crate) fn write_json(path: &std::path::Path, report: &impl Serialize) -> Result<(), String> {
+    let json = serde_json::to_string_pretty(report).map_err(|e| e.to_string())?;
+    std::fs::write(path, json + "\n").map_err(|e| format!("write {}: {e}", path.display()))?;
+    println!("JSON result written to {}", path.display());
     Ok(())
 }
 

@@ -164,11 +164,7 @@ pub async fn run(args: WebhookBenchArgs) -> Result<(), String> {
     };
     let report = measure(&settings).await?;
     print_report(&report);
-    let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
-    std::fs::write(&args.json, json + "\n")
-        .map_err(|e| format!("write {}: {e}", args.json.display()))?;
-    println!("JSON result written to {}", args.json.display());
-    Ok(())
+    crate::bench::write_json(&args.json, &report)
 }
 
 /// Runs every measurement.
