@@ -290,6 +290,9 @@ SEPAXML_VERSION="2.7.0"
 LXML_VERSION="6.1.3"
 STANDARDWEBHOOKS_PY_VERSION="1.1.0"
 STANDARDWEBHOOKS_NPM_VERSION="1.1.1"
+# Prometheus's promtool (from the Go module proxy): parses and lints the services' metrics and
+# checks the alerting rules and their unit tests.
+PROMETHEUS_VERSION=${PROMETHEUS_VERSION:-v0.316.0}
 ensure_checkers() {
   command -v pdftotext >/dev/null || apt_install poppler-utils
   local venv="$TANDEM_CACHE_DIR/checkers-sepaxml-$SEPAXML_VERSION-lxml-$LXML_VERSION"
@@ -316,6 +319,19 @@ ensure_checkers() {
       || die "installing the Node Standard Webhooks checker failed"
   fi
   export TANDEM_NODE_PATH="$npm_dir/node_modules"
+}
+
+# ensure_promtool: builds Prometheus's promtool from the Go module proxy once (a few minutes
+# on two cores; cached under ~/.cache/tandem) and exports TANDEM_PROMTOOL.
+ensure_promtool() {
+  local dir="$TANDEM_CACHE_DIR/promtool-$PROMETHEUS_VERSION"
+  if [[ ! -x "$dir/promtool" ]]; then
+    command -v go >/dev/null || apt_install golang-go
+    log "building promtool $PROMETHEUS_VERSION from the Go module proxy (once, a few minutes)"
+    GOBIN="$dir" go install "github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_VERSION" \
+      || die "building promtool failed"
+  fi
+  export TANDEM_PROMTOOL="$dir/promtool"
 }
 
 # stop_pidfile NAME [SECONDS]: stop a process these scripts started, politely (SIGTERM) then,

@@ -9,6 +9,7 @@ ensure_broker
 ensure_build_deps
 ensure_nextest
 ensure_checkers
+ensure_promtool
 cd "$REPO_ROOT"
 # Every test creates its own topics (prefix test-<uuid>); a reused broker would pile up thousands
 # of partitions run after run and slow down. Earlier runs' topics go first.

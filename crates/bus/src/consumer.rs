@@ -72,6 +72,9 @@ pub struct ConsumerSettings {
     /// applied.
     pub lanes: usize,
     pub membership: GroupMembership,
+    /// Set NOT_READY (condition `consumer <group>`) while the consumer is stalled because its
+    /// batches keep failing (a dependency is down), cleared when it moves again.
+    pub readiness: crate::Readiness,
 }
 
 /// How a consumer takes part in its group, and when it counts as stalled. Why these settings:
@@ -235,16 +238,22 @@ async fn run_member<H: BatchHandler>(
         stall_timeout_ms = stall_timeout.as_millis() as u64,
         "consumer started"
     );
+    let failing = Failing::default();
     let watchdog = Watchdog {
         config: config.clone(),
         group_id: settings.group_id.clone(),
         topics: topic_names.to_vec(),
         stall_timeout,
+        readiness: settings.readiness.clone(),
+        failing: failing.clone(),
     };
     let result = tokio::select! {
-        result = consume(consumer, config, settings, handler, shutdown, outage) => result,
+        result = consume(consumer, config, settings, handler, shutdown, outage, &failing) => result,
         stalled = watchdog.run(consumer) => Err(stalled),
     };
+    settings
+        .readiness
+        .set(&format!("consumer {}", settings.group_id), None);
     match &result {
         Ok(()) => tracing::info!(group_id = %settings.group_id, "consumer stopped"),
         Err(error) => {
@@ -262,6 +271,7 @@ async fn consume<H: BatchHandler>(
     handler: &H,
     shutdown: &CancellationToken,
     outage: &Outage,
+    failing: &Failing,
 ) -> Result<(), BusError> {
     let by_name: HashMap<String, Topic> = settings
         .topics
@@ -304,12 +314,11 @@ async fn consume<H: BatchHandler>(
             |delivery: &Delivery| usize::try_from(delivery.partition).unwrap_or(0) % lanes;
         batch.sort_by_key(|delivery| lane_of(delivery));
         let parts: Vec<&[Delivery]> = batch.chunk_by(|a, b| lane_of(a) == lane_of(b)).collect();
-        let applied = join_all(
-            parts
-                .into_iter()
-                .map(|part| apply_until_done(handler, part, shutdown)),
-        )
-        .await;
+        let applied =
+            join_all(parts.into_iter().map(|part| {
+                apply_until_done(handler, part, shutdown, &settings.group_id, failing)
+            }))
+            .await;
         if applied.iter().any(|done| !done) {
             return Ok(());
         }
@@ -332,18 +341,61 @@ async fn consume<H: BatchHandler>(
     }
 }
 
+/// Why the consumer's batches have been failing, since the last one that succeeded: the stall
+/// watchdog tells a consumer stuck on a dependency (which may recover) from one that stopped.
+#[derive(Clone, Default)]
+pub(crate) struct Failing(std::sync::Arc<std::sync::Mutex<Option<String>>>);
+
+impl Failing {
+    fn set(&self, error: Option<String>) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = error;
+    }
+
+    pub(crate) fn why(&self) -> Option<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
 /// Applies one part of a batch until it succeeds, retrying with backoff; `false` if shutdown
 /// came first.
 async fn apply_until_done<H: BatchHandler>(
     handler: &H,
     part: &[Delivery],
     shutdown: &CancellationToken,
+    group_id: &str,
+    failing: &Failing,
 ) -> bool {
     let mut backoff = Duration::from_millis(100);
+    let metrics = crate::metrics::metrics();
+    let group = [opentelemetry::KeyValue::new(
+        "messaging.consumer.group.name",
+        group_id.to_owned(),
+    )];
+    metrics.batch_size.record(part.len() as u64, &group);
     loop {
-        match handler.handle(part).await {
-            Ok(()) => return true,
+        let started = Instant::now();
+        let applied = handler.handle(part).await;
+        let outcome = if applied.is_ok() { "ok" } else { "error" };
+        metrics.process_duration.record(
+            started.elapsed().as_secs_f64(),
+            &[
+                group[0].clone(),
+                opentelemetry::KeyValue::new("outcome", outcome),
+            ],
+        );
+        match applied {
+            Ok(()) => {
+                failing.set(None);
+                return true;
+            }
             Err(error) => {
+                failing.set(Some(tandem_telemetry_error_chain(&error)));
                 tracing::warn!(error = %error, source = ?std::error::Error::source(&error), messages = part.len(), backoff_ms = backoff.as_millis() as u64, "batch not applied; retrying");
                 tokio::select! {
                     () = shutdown.cancelled() => return false,
@@ -353,6 +405,18 @@ async fn apply_until_done<H: BatchHandler>(
             }
         }
     }
+}
+
+/// `outer: inner: innermost`.
+fn tandem_telemetry_error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// Transient errors (a broker restarting) are logged and consumption goes on; librdkafka

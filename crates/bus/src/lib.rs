@@ -5,6 +5,8 @@
 mod config;
 mod consumer;
 mod lag;
+mod metrics;
+mod readiness;
 mod relay;
 mod topics;
 mod watchdog;
@@ -12,6 +14,7 @@ mod watchdog;
 pub use config::{BusConfig, ClientProperties};
 pub use consumer::{run_consumer, BatchHandler, ConsumerSettings, Delivery, GroupMembership};
 pub use lag::{group_monitor, group_positions, GroupPosition};
+pub use readiness::{watch_brokers, watch_database, Readiness};
 pub use relay::{run_outbox_relay, RelaySettings};
 pub use topics::{create_topics, Topic, TopicSettings};
 

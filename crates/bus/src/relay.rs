@@ -43,6 +43,28 @@ const RELAY_LOCK_ID: i32 = 0x7464_0001;
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How often a relay round reads the outbox from the start (see `run_outbox_relay`).
 const FULL_SCAN_EVERY: Duration = Duration::from_millis(250);
+/// How often the outbox's depth and oldest age are measured for the metrics.
+const MEASURE_EVERY: Duration = Duration::from_secs(5);
+
+/// Records `tandem.outbox.depth` (counted up to 100 000, so a large backlog costs a bounded
+/// scan) and `tandem.outbox.oldest_age` for the pool's schema. A failed query records nothing.
+async fn measure_outbox(pool: &PgPool) {
+    let measured: Result<(String, i64, Option<f64>), sqlx::Error> = sqlx::query_as(
+        "SELECT current_schema(), \
+           (SELECT count(*) FROM (SELECT 1 FROM outbox LIMIT 100000) AS waiting), \
+           (SELECT extract(epoch FROM now() - enqueued_at)::float8 FROM outbox ORDER BY id LIMIT 1)",
+    )
+    .fetch_one(pool)
+    .await;
+    if let Ok((schema, depth, oldest)) = measured {
+        let metrics = crate::metrics::metrics();
+        let schema = [opentelemetry::KeyValue::new("db.namespace", schema)];
+        metrics.outbox_depth.record(depth, &schema);
+        metrics
+            .outbox_oldest_age
+            .record(oldest.unwrap_or(0.0).max(0.0), &schema);
+    }
+}
 
 /// Runs until `shutdown` is cancelled. `wake` is notified by writers after they commit to the
 /// outbox, so a message is published at once rather than at the next poll.
@@ -78,9 +100,14 @@ pub async fn run_outbox_relay(
     let mut floor: i64 = 0;
     let mut next_floor: i64 = 0;
     let mut last_full_scan: Option<Instant> = None;
+    let mut last_measured: Option<Instant> = None;
     loop {
         if shutdown.is_cancelled() {
             break;
+        }
+        if last_measured.is_none_or(|at| at.elapsed() >= MEASURE_EVERY) {
+            last_measured = Some(Instant::now());
+            measure_outbox(&pool).await;
         }
         let full_scan = last_full_scan.is_none_or(|at| at.elapsed() >= FULL_SCAN_EVERY);
         if full_scan {
@@ -169,6 +196,19 @@ async fn publish_batch(
     });
     for result in join_all(sends).await {
         result.map_err(|(error, _message)| BusError::Kafka(error))?;
+    }
+    let mut per_topic: std::collections::BTreeMap<&str, u64> = Default::default();
+    for topic_name in &topic_names {
+        *per_topic.entry(topic_name.as_str()).or_default() += 1;
+    }
+    for (topic_name, count) in per_topic {
+        crate::metrics::metrics().sent.add(
+            count,
+            &[opentelemetry::KeyValue::new(
+                "messaging.destination.name",
+                topic_name.to_owned(),
+            )],
+        );
     }
     let ids: Vec<i64> = rows.iter().map(|row| row.id).collect();
     tandem_store::delete_outbox(pool, &ids).await?;

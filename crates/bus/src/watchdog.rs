@@ -11,6 +11,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use opentelemetry::KeyValue;
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use tokio::time::Instant;
 
@@ -25,6 +26,9 @@ pub(crate) struct Watchdog {
     pub group_id: String,
     pub topics: Vec<String>,
     pub stall_timeout: Duration,
+    pub readiness: crate::Readiness,
+    /// Why the consumer's batches are failing, if they are.
+    pub failing: crate::consumer::Failing,
 }
 
 impl Watchdog {
@@ -48,6 +52,21 @@ impl Watchdog {
                 }
             };
             let now = Instant::now();
+            let metrics = crate::metrics::metrics();
+            for position in &positions {
+                metrics.lag.record(
+                    position.lag,
+                    &[
+                        KeyValue::new("messaging.consumer.group.name", self.group_id.clone()),
+                        KeyValue::new("messaging.destination.name", position.topic.clone()),
+                        KeyValue::new(
+                            "messaging.destination.partition.id",
+                            position.partition.to_string(),
+                        ),
+                    ],
+                );
+            }
+            let condition = format!("consumer {}", self.group_id);
             let mut stalled = Vec::new();
             for position in positions {
                 let key = (position.topic.clone(), position.partition);
@@ -59,6 +78,20 @@ impl Watchdog {
                 }
             }
             if stalled.is_empty() {
+                self.readiness.set(&condition, None);
+                continue;
+            }
+            // Stalled because every batch fails (the database is down, say): not ready, and
+            // ready again once a batch goes through; restarting would not help.
+            if let Some(why) = self.failing.why() {
+                self.readiness.set(
+                    &condition,
+                    Some(format!(
+                        "no progress for {} s on {} partition(s) with messages waiting; applying batches fails: {why}",
+                        self.stall_timeout.as_secs(),
+                        stalled.len()
+                    )),
+                );
                 continue;
             }
             let assigned: HashSet<(String, i32)> = consumer

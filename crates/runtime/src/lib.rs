@@ -3,12 +3,17 @@
 //! SIGTERM or Ctrl-C.
 
 mod config;
+mod metrics_http;
+mod rpc_metrics;
 mod server;
+
+pub use metrics_http::serve_metrics;
+pub use rpc_metrics::RpcMetricsLayer;
 
 pub use config::{host_name, BusArgs, ConsumerArgs, DatabaseArgs, TopicArgs};
 pub use server::{
     grpc_metadata_trace_headers, link_request_span, serve, serve_health_only, shutdown_on_signal,
-    BackgroundTasks, BoxError, ServeError,
+    BackgroundTasks, BoxError, ServeError, LIVENESS,
 };
 
 mod secret;
@@ -27,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 pub fn service_main<C, F, Fut, E>(
     service_name: &'static str,
     listen_address: impl FnOnce(&C) -> SocketAddr,
+    metrics_address: impl FnOnce(&C) -> SocketAddr,
     run: F,
 ) -> ExitCode
 where
@@ -37,6 +43,7 @@ where
 {
     let config = C::parse();
     let address = listen_address(&config);
+    let metrics = metrics_address(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -66,6 +73,15 @@ where
             }
         };
         let shutdown = CancellationToken::new();
+        match TcpListener::bind(metrics).await {
+            Ok(listener) => {
+                tokio::spawn(serve_metrics(listener, shutdown.clone()));
+            }
+            Err(error) => {
+                tracing::error!(address = %metrics, error = %error, "cannot bind the metrics listener");
+                return ExitCode::FAILURE;
+            }
+        }
         shutdown_on_signal(shutdown.clone());
         match run(config, listener, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,

@@ -26,6 +26,10 @@ pub enum ServeError {
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
+/// The health service name that reports whether the process is alive (SERVING until it shuts
+/// down), for liveness probes; readiness is the overall status, "".
+pub const LIVENESS: &str = "liveness";
+
 /// How long health reports NOT_SERVING before the listener closes after a background task
 /// failed, so that load balancers and probes see it rather than only a refused connection.
 const FAILURE_DRAIN: Duration = Duration::from_secs(1);
@@ -39,9 +43,33 @@ const TASK_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Default)]
 pub struct BackgroundTasks {
     set: JoinSet<(String, Result<(), BoxError>)>,
+    readiness: tandem_bus::Readiness,
+    probes: Vec<Probe>,
+}
+
+/// A dependency whose reachability decides readiness.
+enum Probe {
+    Database(sqlx::PgPool),
+    Brokers(tandem_bus::BusConfig),
 }
 
 impl BackgroundTasks {
+    /// The service's readiness: hand it to consumers (`ConsumerSettings::readiness`); the
+    /// server reports NOT_SERVING while any of its conditions is set.
+    pub fn readiness(&self) -> tandem_bus::Readiness {
+        self.readiness.clone()
+    }
+
+    /// Not ready while Postgres does not answer (probed every 5 s).
+    pub fn probe_database(&mut self, pool: sqlx::PgPool) {
+        self.probes.push(Probe::Database(pool));
+    }
+
+    /// Not ready while no Kafka broker answers (probed every 5 s).
+    pub fn probe_brokers(&mut self, config: tandem_bus::BusConfig) {
+        self.probes.push(Probe::Brokers(config));
+    }
+
     pub fn spawn<E>(
         &mut self,
         name: impl Into<String>,
@@ -97,6 +125,7 @@ pub async fn serve(
     let shutting_down = shutdown.clone();
     let reporter = health_reporter.clone();
     let server = Server::builder()
+        .layer(crate::RpcMetricsLayer::new())
         .add_routes(routes)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             shutting_down.cancelled().await;
@@ -105,10 +134,41 @@ pub async fn serve(
                 .await;
         });
     tokio::pin!(server);
+    for probe in tasks.probes.drain(..) {
+        let (readiness, shutdown) = (tasks.readiness.clone(), shutdown.clone());
+        match probe {
+            Probe::Database(pool) => {
+                tokio::spawn(tandem_bus::watch_database(pool, readiness, shutdown));
+            }
+            Probe::Brokers(config) => {
+                tokio::spawn(tandem_bus::watch_brokers(config, readiness, shutdown));
+            }
+        }
+    }
+    // Readiness: the overall status ("") and every service's follow the conditions; `liveness`
+    // stays SERVING until shutdown, whatever they say.
+    health_reporter
+        .set_service_status(LIVENESS, tonic_health::ServingStatus::Serving)
+        .await;
+    let mut conditions = tasks.readiness.subscribe();
+    conditions.mark_changed();
     let mut failure: Option<ServeError> = None;
     let served = loop {
         tokio::select! {
             served = &mut server => break served,
+            Ok(()) = conditions.changed(), if failure.is_none() && !shutdown.is_cancelled() => {
+                let problems = conditions.borrow_and_update().clone();
+                let status = if problems.is_empty() {
+                    tracing::info!("ready: reporting SERVING");
+                    tonic_health::ServingStatus::Serving
+                } else {
+                    tracing::warn!(problems = ?problems, "not ready: reporting NOT_SERVING");
+                    tonic_health::ServingStatus::NotServing
+                };
+                for name in service_names.iter().copied().chain([""]) {
+                    health_reporter.set_service_status(name, status).await;
+                }
+            }
             Some(joined) = tasks.set.join_next(), if !tasks.set.is_empty() => {
                 if shutdown.is_cancelled() {
                     continue;

@@ -12,6 +12,9 @@
 
 use std::collections::HashMap;
 
+mod metrics;
+pub use metrics::{meter, prometheus_text};
+
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -25,6 +28,12 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
+    #[error("could not build the OTLP metric exporter for {endpoint}")]
+    MetricExporter {
+        endpoint: String,
+        #[source]
+        source: opentelemetry_otlp::ExporterBuildError,
+    },
     #[error("could not build the OTLP span exporter for {endpoint}")]
     Exporter {
         endpoint: String,
@@ -39,6 +48,7 @@ pub enum TelemetryError {
 #[must_use = "dropping the guard stops trace export"]
 pub struct TelemetryGuard {
     provider: SdkTracerProvider,
+    meters: Option<opentelemetry_sdk::metrics::SdkMeterProvider>,
 }
 
 impl Drop for TelemetryGuard {
@@ -46,12 +56,23 @@ impl Drop for TelemetryGuard {
         if let Err(error) = self.provider.shutdown() {
             eprintln!("telemetry: span export did not shut down cleanly: {error}");
         }
+        if let Some(Err(error)) = self.meters.as_ref().map(|m| m.shutdown()) {
+            eprintln!("telemetry: metric export did not shut down cleanly: {error}");
+        }
     }
 }
 
 /// Installs logging and tracing for the binary `service_name`.
 pub fn init(service_name: &'static str) -> Result<TelemetryGuard, TelemetryError> {
     let provider = tracer_provider(service_name)?;
+    let endpoint = otlp_endpoint();
+    let meters =
+        metrics::install(resource(service_name), endpoint.as_deref()).map_err(|source| {
+            TelemetryError::MetricExporter {
+                endpoint: endpoint.clone().unwrap_or_default(),
+                source,
+            }
+        })?;
     let tracer = provider.tracer(service_name);
     // The log filter applies to the logs only: spans are always recorded for tracing at INFO,
     // so that trace context keeps propagating whatever RUST_LOG says.
@@ -72,12 +93,13 @@ pub fn init(service_name: &'static str) -> Result<TelemetryGuard, TelemetryError
         .try_init()
         .map_err(TelemetryError::AlreadyInitialised)?;
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    Ok(TelemetryGuard { provider })
+    Ok(TelemetryGuard { provider, meters })
 }
 
 /// Installs human-readable logs for tests, shown only when `TEST_LOG` is set. Safe to call from
 /// every test: only the first call installs anything.
 pub fn init_for_tests() {
+    let _ = metrics::install(resource("tandem-tests"), None);
     let filter = if std::env::var_os("TEST_LOG").is_some() {
         "info"
     } else {
@@ -105,13 +127,20 @@ fn log_filter(default: &str) -> EnvFilter {
     EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default))
 }
 
-fn tracer_provider(service_name: &'static str) -> Result<SdkTracerProvider, TelemetryError> {
-    let resource = Resource::builder().with_service_name(service_name).build();
-    let builder = SdkTracerProvider::builder().with_resource(resource);
-    let endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
+fn resource(service_name: &'static str) -> Resource {
+    Resource::builder().with_service_name(service_name).build()
+}
+
+/// `OTEL_EXPORTER_OTLP_ENDPOINT`, when set and not empty.
+fn otlp_endpoint() -> Option<String> {
+    std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
         .ok()
-        .filter(|e| !e.is_empty());
-    let Some(endpoint) = endpoint else {
+        .filter(|e| !e.is_empty())
+}
+
+fn tracer_provider(service_name: &'static str) -> Result<SdkTracerProvider, TelemetryError> {
+    let builder = SdkTracerProvider::builder().with_resource(resource(service_name));
+    let Some(endpoint) = otlp_endpoint() else {
         return Ok(builder.build());
     };
     use opentelemetry_otlp::WithExportConfig;

@@ -52,6 +52,13 @@ pub struct Config {
     /// Address of the gRPC listener.
     #[arg(long, env = "TANDEM_GATEWAY_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    /// Address of the Prometheus scrape endpoint (`GET /metrics`).
+    #[arg(
+        long,
+        env = "TANDEM_GATEWAY_METRICS_LISTEN",
+        default_value = "127.0.0.1:9464"
+    )]
+    pub metrics_listen: SocketAddr,
     #[command(flatten)]
     pub database: DatabaseArgs,
     #[command(flatten)]
@@ -136,6 +143,16 @@ pub enum StartError {
 
 static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// The whole binary: configuration from flags and the environment, then [`run`] until SIGTERM.
+pub fn main() -> std::process::ExitCode {
+    tandem_runtime::service_main(
+        "merchant-gateway",
+        |config: &Config| config.listen,
+        |config: &Config| config.metrics_listen,
+        run,
+    )
+}
+
 /// Runs the gateway on `listener` until `shutdown` is cancelled: migrates its schema, starts the
 /// outbox relay and serves gRPC.
 pub async fn run(
@@ -177,6 +194,8 @@ pub async fn run(
     });
 
     let mut tasks = BackgroundTasks::default();
+    tasks.probe_database(pool.clone());
+    tasks.probe_brokers(bus.clone());
     let relay = run_outbox_relay(
         pool.clone(),
         producer,

@@ -228,6 +228,14 @@ async fn record(
         excerpts.push(outcome.excerpt.as_str());
         statuses.push(status);
         next_attempts.push(next_attempt_at);
+        let outcome_label = [opentelemetry::KeyValue::new(
+            "outcome",
+            if succeeded { "succeeded" } else { "failed" },
+        )];
+        crate::metrics::metrics().attempts.add(1, &outcome_label);
+        crate::metrics::metrics()
+            .duration
+            .record(outcome.latency.as_secs_f64(), &outcome_label);
         let entry = endpoints
             .entry(due.endpoint_id.as_str())
             .or_insert((false, due.merchant_id.as_str()));
@@ -292,6 +300,7 @@ async fn record(
     }
     tx.commit().await?;
     for (endpoint_id, merchant_id) in disabled {
+        crate::metrics::metrics().disabled.add(1, &[]);
         tracing::warn!(
             endpoint_id,
             merchant_id,
@@ -541,6 +550,24 @@ impl Lane {
     }
 }
 
+/// Records the queue's gauges (a failed query records nothing).
+async fn measure_queue(pool: &PgPool) {
+    let measured: Result<(i64, Option<f64>), sqlx::Error> = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM (SELECT 1 FROM webhook_deliveries WHERE status = 'pending' LIMIT 100000) AS waiting), \
+           (SELECT extract(epoch FROM now() - min(next_attempt_at))::float8 FROM webhook_deliveries \
+            WHERE status = 'pending' AND next_attempt_at <= now())",
+    )
+    .fetch_one(pool)
+    .await;
+    if let Ok((pending, oldest)) = measured {
+        let metrics = crate::metrics::metrics();
+        metrics.pending.record(pending, &[]);
+        metrics
+            .oldest_due_age
+            .record(oldest.unwrap_or(0.0).max(0.0), &[]);
+    }
+}
+
 /// Delivers until `shutdown`.
 pub async fn run(
     pool: PgPool,
@@ -568,7 +595,12 @@ pub async fn run(
     let per_endpoint = i32::try_from(settings.per_endpoint).unwrap_or(i32::MAX);
     // A lease outlives the slowest attempt with a margin.
     let lease_for = settings.timeout * 3;
+    let mut last_measured: Option<std::time::Instant> = None;
     loop {
+        if last_measured.is_none_or(|at| at.elapsed() >= Duration::from_secs(5)) {
+            last_measured = Some(std::time::Instant::now());
+            measure_queue(&pool).await;
+        }
         let woken = wake.notified();
         tokio::pin!(woken);
         woken.as_mut().enable();

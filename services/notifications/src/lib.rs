@@ -9,6 +9,7 @@ mod api;
 pub mod delivery;
 pub mod endpoints;
 pub mod intake;
+mod metrics;
 pub mod webhook;
 
 use std::net::SocketAddr;
@@ -35,6 +36,13 @@ pub struct Config {
         default_value = "127.0.0.1:50054"
     )]
     pub listen: SocketAddr,
+    /// Address of the Prometheus scrape endpoint (`GET /metrics`).
+    #[arg(
+        long,
+        env = "TANDEM_NOTIFICATIONS_METRICS_LISTEN",
+        default_value = "127.0.0.1:9467"
+    )]
+    pub metrics_listen: SocketAddr,
     #[command(flatten)]
     pub database: DatabaseArgs,
     #[command(flatten)]
@@ -100,7 +108,12 @@ static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// The whole binary: configuration from flags and the environment, then [`run`] until SIGTERM.
 pub fn main() -> std::process::ExitCode {
-    tandem_runtime::service_main("notifications", |config: &Config| config.listen, run)
+    tandem_runtime::service_main(
+        "notifications",
+        |config: &Config| config.listen,
+        |config: &Config| config.metrics_listen,
+        run,
+    )
 }
 
 /// Runs notifications until `shutdown` is cancelled: migrates, consumes, serves streams.
@@ -116,6 +129,8 @@ pub async fn run(
     let written = Arc::new(Notify::new());
     let queued = Arc::new(Notify::new());
     let mut tasks = BackgroundTasks::default();
+    tasks.probe_database(pool.clone());
+    tasks.probe_brokers(bus.clone());
     for (suffix, topic) in [("ledger", Topic::Ledger), ("settlement", Topic::Settlement)] {
         let group_id = format!("{}.{suffix}", config.consumer_group);
         tasks.spawn(
@@ -130,6 +145,7 @@ pub async fn run(
                     lanes: 1,
                     batch_gap: Duration::from_millis(2),
                     membership: membership.clone(),
+                    readiness: tasks.readiness(),
                 },
                 intake::Intake {
                     pool: pool.clone(),

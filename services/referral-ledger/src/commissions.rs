@@ -361,6 +361,7 @@ impl CommissionStage {
         tx.commit().await?;
         if !outbox.is_empty() {
             self.outbox_written.notify_one();
+            crate::metrics::count_committed(&outbox);
         }
         for book in books.values_mut() {
             book.saved();

@@ -12,6 +12,7 @@ mod book;
 mod commissions;
 mod events;
 mod facts;
+mod metrics;
 mod projection;
 mod query;
 mod rejected;
@@ -45,6 +46,13 @@ pub struct Config {
     /// Address of the internal gRPC listener.
     #[arg(long, env = "TANDEM_LEDGER_LISTEN", default_value = "127.0.0.1:50052")]
     pub listen: SocketAddr,
+    /// Address of the Prometheus scrape endpoint (`GET /metrics`).
+    #[arg(
+        long,
+        env = "TANDEM_LEDGER_METRICS_LISTEN",
+        default_value = "127.0.0.1:9465"
+    )]
+    pub metrics_listen: SocketAddr,
     #[command(flatten)]
     pub database: DatabaseArgs,
     #[command(flatten)]
@@ -153,7 +161,12 @@ pub enum StartError {
 /// The whole binary: configuration from flags and the environment, then [`run`] until SIGTERM.
 /// Exits non-zero when the ledger fails, a consumer included.
 pub fn main() -> std::process::ExitCode {
-    tandem_runtime::service_main("referral-ledger", |config: &Config| config.listen, run)
+    tandem_runtime::service_main(
+        "referral-ledger",
+        |config: &Config| config.listen,
+        |config: &Config| config.metrics_listen,
+        run,
+    )
 }
 
 static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -255,6 +268,8 @@ pub async fn run(
     let producer = tandem_bus::idempotent_producer(&bus)?;
     let outbox_written = Arc::new(Notify::new());
     let mut tasks = BackgroundTasks::default();
+    tasks.probe_database(pool.clone());
+    tasks.probe_brokers(bus.clone());
     for (suffix, topic) in [
         ("admin", Topic::Admin),
         ("activity", Topic::CustomerActivity),
@@ -272,6 +287,7 @@ pub async fn run(
                     lanes: config.consumer_lanes as usize,
                     batch_gap: Duration::from_millis(u64::from(config.batch_gap_ms)),
                     membership: membership.clone(),
+                    readiness: tasks.readiness(),
                 },
                 apply::Applier {
                     pool: pool.clone(),
@@ -295,6 +311,7 @@ pub async fn run(
                 lanes: config.consumer_lanes as usize,
                 batch_gap: Duration::from_millis(u64::from(config.batch_gap_ms)),
                 membership: membership.clone(),
+                readiness: tasks.readiness(),
             },
             stage,
             shutdown.clone(),

@@ -47,6 +47,9 @@ pub struct ClosureSummary {
     pub payout_instructions: u32,
     /// False when the cycle was already closed.
     pub closed_now: bool,
+    /// Commission settled by this closure, per currency (the receivable side of its statements;
+    /// every settled line is receivable on exactly one). Empty when read back from a closed cycle.
+    pub settled_minor: std::collections::BTreeMap<String, i64>,
 }
 
 /// Why a cycle cannot be closed now.
@@ -268,6 +271,7 @@ pub async fn close_cycle(
     let summary = project(readers, &mut tx, &closure, true).await?;
     tx.commit().await?;
     outbox_written.notify_one();
+    crate::metrics::settled(&summary.settled_minor);
     tracing::info!(
         cycle = %summary.cycle,
         statements = summary.statements,
@@ -366,6 +370,7 @@ pub(crate) fn summary_from_row(
         carried_forward_lines: u64::try_from(carried).unwrap_or(0),
         payout_instructions: u32::try_from(payouts).unwrap_or(0),
         closed_now: false,
+        settled_minor: Default::default(),
     }
 }
 
@@ -774,6 +779,13 @@ async fn project(
         carried_forward_lines: carried_lines.len() as u64,
         payout_instructions: u32::try_from(instructions.len()).unwrap_or(u32::MAX),
         closed_now: true,
+        settled_minor: issued
+            .iter()
+            .flat_map(|statement| statement.totals.iter())
+            .fold(Default::default(), |mut settled, total| {
+                *settled.entry(total.currency.clone()).or_default() += total.receivable_minor;
+                settled
+            }),
     };
     sqlx::query(
         "INSERT INTO cycles (cycle, statements, settled_lines, carried_forward_lines, payout_instructions) \

@@ -13,6 +13,7 @@ pub mod close;
 pub mod corrections;
 mod intake;
 mod lines;
+mod metrics;
 pub mod pain001;
 pub mod payouts;
 pub mod pdf;
@@ -50,6 +51,13 @@ pub struct Config {
         default_value = "127.0.0.1:50053"
     )]
     pub listen: SocketAddr,
+    /// Address of the Prometheus scrape endpoint (`GET /metrics`).
+    #[arg(
+        long,
+        env = "TANDEM_SETTLEMENT_METRICS_LISTEN",
+        default_value = "127.0.0.1:9466"
+    )]
+    pub metrics_listen: SocketAddr,
     #[command(flatten)]
     pub database: DatabaseArgs,
     #[command(flatten)]
@@ -127,7 +135,12 @@ pub async fn migrate(pool: &sqlx::PgPool) -> Result<(), tandem_store::StoreError
 
 /// The whole binary: configuration from flags and the environment, then [`run`] until SIGTERM.
 pub fn main() -> std::process::ExitCode {
-    tandem_runtime::service_main("settlement", |config: &Config| config.listen, run)
+    tandem_runtime::service_main(
+        "settlement",
+        |config: &Config| config.listen,
+        |config: &Config| config.metrics_listen,
+        run,
+    )
 }
 
 /// Runs settlement until `shutdown` is cancelled: migrates, consumes, closes cycles on schedule,
@@ -164,6 +177,8 @@ pub async fn run(
     let producer = tandem_bus::idempotent_producer(&bus)?;
     let outbox_written = Arc::new(Notify::new());
     let mut tasks = BackgroundTasks::default();
+    tasks.probe_database(pool.clone());
+    tasks.probe_brokers(bus.clone());
     for (suffix, topic) in [("admin", Topic::Admin), ("ledger", Topic::Ledger)] {
         let group_id = format!("{}.{suffix}", config.consumer_group);
         tasks.spawn(
@@ -178,6 +193,7 @@ pub async fn run(
                     lanes: 1,
                     batch_gap: Duration::from_millis(2),
                     membership: membership.clone(),
+                    readiness: tasks.readiness(),
                 },
                 intake::Intake { pool: pool.clone() },
                 shutdown.clone(),

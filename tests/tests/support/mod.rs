@@ -21,7 +21,7 @@ use tonic::transport::Channel;
 use tonic::Request;
 
 pub const OPERATOR_TOKEN: &str = "operator-token-for-tests";
-const NETWORK_KEY: &str = "1:000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+pub const NETWORK_KEY: &str = "1:000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
 
 /// A running service and the means to stop it.
 pub struct Running {
@@ -39,6 +39,11 @@ impl Running {
             .expect("service stops within 30 s")
             .expect("service task did not panic");
         result.expect("service ended without error");
+    }
+
+    /// Whether the service's task is still running.
+    pub fn is_running(&self) -> bool {
+        !self.task.is_finished()
     }
 
     /// Waits for the service to end by itself (without being told to stop) and returns how it
@@ -148,6 +153,7 @@ impl Stack {
         let address = listener.local_addr().unwrap();
         let config = merchant_gateway::Config {
             listen: address,
+            metrics_listen: "127.0.0.1:0".parse().unwrap(),
             database: self.database_args(),
             bus: self.bus_args(),
             schema: "gateway".into(),
@@ -180,6 +186,7 @@ impl Stack {
         let address = listener.local_addr().unwrap();
         let config = referral_ledger::Config {
             listen: address,
+            metrics_listen: "127.0.0.1:0".parse().unwrap(),
             database: self.database_args(),
             bus: self.bus_args(),
             schema: "ledger".into(),
@@ -246,6 +253,7 @@ impl Stack {
     ) -> settlement::Config {
         settlement::Config {
             listen: address,
+            metrics_listen: "127.0.0.1:0".parse().unwrap(),
             database: DatabaseArgs {
                 db_max_connections: 10,
                 ..self.database_args()
@@ -289,6 +297,7 @@ impl Stack {
         let address = listener.local_addr().unwrap();
         let config = notifications::Config {
             listen: address,
+            metrics_listen: "127.0.0.1:0".parse().unwrap(),
             database: DatabaseArgs {
                 db_max_connections: 10,
                 ..self.database_args()
@@ -324,6 +333,12 @@ impl Stack {
 
     pub fn notifications_address(&self) -> SocketAddr {
         self.notifications_address
+    }
+
+    /// Frees the settlement port the stack reserved, for a settlement process to bind.
+    pub fn release_settlement_port(&mut self) -> SocketAddr {
+        drop(self.settlement_listener.take());
+        self.settlement_address
     }
 
     /// Frees the notifications port the stack reserved, for a notifications process to bind.

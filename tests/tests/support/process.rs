@@ -28,6 +28,7 @@ pub async fn health(address: SocketAddr) -> Option<ServingStatus> {
 
 /// Health checks over one connection made in advance, so that a check answers within
 /// milliseconds even on a busy machine (for catching a short NOT_SERVING window).
+#[derive(Clone)]
 pub struct HealthProbe {
     client: HealthClient<tonic::transport::Channel>,
 }
@@ -54,10 +55,15 @@ impl HealthProbe {
 
     /// The overall status, or `None` if the service did not answer.
     pub async fn status(&mut self) -> Option<ServingStatus> {
+        self.service_status("").await
+    }
+
+    /// The status of one service name (`""`: overall), or `None` without an answer.
+    pub async fn service_status(&mut self, service: &str) -> Option<ServingStatus> {
         let status = self
             .client
             .check(HealthCheckRequest {
-                service: String::new(),
+                service: service.to_owned(),
             })
             .await
             .ok()?
@@ -104,6 +110,11 @@ impl ServiceProcess {
             ("TANDEM_KAFKA_BROKERS", stack.bus.brokers.clone()),
             ("TANDEM_TOPIC_PREFIX", stack.bus.topic_prefix.clone()),
             ("TANDEM_NOTIFICATIONS_LISTEN", address.to_string()),
+            // Any free port: tests run side by side.
+            (
+                "TANDEM_NOTIFICATIONS_METRICS_LISTEN",
+                "127.0.0.1:0".to_owned(),
+            ),
             (
                 "TANDEM_NOTIFICATIONS_CONSUMER_GROUP",
                 format!("{}-notifications", stack.bus.topic_prefix),
@@ -129,6 +140,99 @@ impl ServiceProcess {
         process
     }
 
+    /// Starts a merchant gateway process on `stack`'s database (its schema, shared with the
+    /// stack's own gateway), topics and service addresses, listening on `address`.
+    pub fn start_gateway(
+        stack: &Stack,
+        address: SocketAddr,
+        extra: &[(&'static str, String)],
+    ) -> ServiceProcess {
+        let mut environment = vec![
+            ("DATABASE_URL", stack.database.url.clone()),
+            ("TANDEM_KAFKA_BROKERS", stack.bus.brokers.clone()),
+            ("TANDEM_TOPIC_PREFIX", stack.bus.topic_prefix.clone()),
+            ("TANDEM_GATEWAY_LISTEN", address.to_string()),
+            ("TANDEM_GATEWAY_METRICS_LISTEN", "127.0.0.1:0".to_owned()),
+            (
+                "TANDEM_LEDGER_URL",
+                format!("http://{}", stack.ledger_address()),
+            ),
+            (
+                "TANDEM_SETTLEMENT_URL",
+                format!("http://{}", stack.settlement_address()),
+            ),
+            (
+                "TANDEM_NOTIFICATIONS_URL",
+                format!("http://{}", stack.notifications_address()),
+            ),
+            ("TANDEM_OPERATOR_TOKEN", super::OPERATOR_TOKEN.to_owned()),
+            ("TANDEM_NETWORK_KEY", super::NETWORK_KEY.to_owned()),
+            ("TANDEM_DB_MAX_CONNECTIONS", "5".to_owned()),
+            ("RUST_LOG", "info".to_owned()),
+        ];
+        environment.extend(extra.iter().cloned());
+        Self::launch(
+            stack,
+            "gateway",
+            address,
+            environment,
+            env!("CARGO_BIN_EXE_e2e-merchant-gateway"),
+        )
+    }
+
+    /// Starts settlement on `stack`'s database, topics and settlement address (`address`),
+    /// in consumer group `<prefix>-settlement`.
+    pub fn start_settlement(
+        stack: &Stack,
+        address: SocketAddr,
+        extra: &[(&'static str, String)],
+    ) -> ServiceProcess {
+        let mut environment = vec![
+            ("DATABASE_URL", stack.database.url.clone()),
+            ("TANDEM_KAFKA_BROKERS", stack.bus.brokers.clone()),
+            ("TANDEM_TOPIC_PREFIX", stack.bus.topic_prefix.clone()),
+            ("TANDEM_SETTLEMENT_LISTEN", address.to_string()),
+            ("TANDEM_SETTLEMENT_METRICS_LISTEN", "127.0.0.1:0".to_owned()),
+            (
+                "TANDEM_SETTLEMENT_CONSUMER_GROUP",
+                format!("{}-settlement", stack.bus.topic_prefix),
+            ),
+            ("TANDEM_DB_MAX_CONNECTIONS", "10".to_owned()),
+            ("RUST_LOG", "info".to_owned()),
+        ];
+        environment.extend(extra.iter().cloned());
+        Self::launch(
+            stack,
+            "settlement",
+            address,
+            environment,
+            env!("CARGO_BIN_EXE_e2e-settlement"),
+        )
+    }
+
+    fn launch(
+        stack: &Stack,
+        name: &str,
+        address: SocketAddr,
+        environment: Vec<(&'static str, String)>,
+        binary: &'static str,
+    ) -> ServiceProcess {
+        let log_path = std::env::temp_dir().join(format!(
+            "{}-{name}-{}.log",
+            stack.bus.topic_prefix,
+            address.port()
+        ));
+        let mut process = ServiceProcess {
+            child: None,
+            address,
+            log_path,
+            environment,
+            binary,
+        };
+        process.spawn();
+        process
+    }
+
     /// Starts the ledger on `stack`'s database, topics and ledger address, in consumer group
     /// prefix `group`, with the given extra settings (`TANDEM_…` variables).
     pub fn start(stack: &Stack, group: &str, extra: &[(&'static str, String)]) -> LedgerProcess {
@@ -144,6 +248,7 @@ impl ServiceProcess {
             ("TANDEM_KAFKA_BROKERS", stack.bus.brokers.clone()),
             ("TANDEM_TOPIC_PREFIX", stack.bus.topic_prefix.clone()),
             ("TANDEM_LEDGER_LISTEN", address.to_string()),
+            ("TANDEM_LEDGER_METRICS_LISTEN", "127.0.0.1:0".to_owned()),
             (
                 "TANDEM_LEDGER_CONSUMER_GROUP",
                 format!("{}-{group}", stack.bus.topic_prefix),
@@ -337,4 +442,11 @@ fn free_ports(nodes: u16) -> u16 {
         }
     }
     panic!("no free ports for a private Kafka cluster");
+}
+
+/// A local address no one listens on now (bound, then released): for a process to bind.
+pub fn free_address() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free local port")
 }
