@@ -79,7 +79,13 @@ pub async fn run_outbox_relay(
     let batch_size = settings.batch_size.clamp(1, 10_000);
     let mut backoff = Duration::from_millis(100);
     // Held for the relay's lifetime: its connection owns the advisory lock.
+    let mut waiting_measured: Option<Instant> = None;
     let mut lock_connection = loop {
+        // Every instance reports the outbox, the one publishing it or not.
+        if waiting_measured.is_none_or(|at| at.elapsed() >= MEASURE_EVERY) {
+            waiting_measured = Some(Instant::now());
+            measure_outbox(&pool).await;
+        }
         match try_take_lock(&pool).await {
             Ok(Some(connection)) => break connection,
             Ok(None) => tracing::info!("another outbox relay holds the lock; waiting"),

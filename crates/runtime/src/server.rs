@@ -26,6 +26,18 @@ pub enum ServeError {
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
+/// `tandem.ready` (gauge): 1 while the service reports SERVING, 0 while not ready.
+fn ready_gauge() -> &'static opentelemetry::metrics::Gauge<u64> {
+    static READY: std::sync::OnceLock<opentelemetry::metrics::Gauge<u64>> =
+        std::sync::OnceLock::new();
+    READY.get_or_init(|| {
+        tandem_telemetry::meter()
+            .u64_gauge("tandem.ready")
+            .with_description("1 while the service is ready (health SERVING), 0 while not.")
+            .build()
+    })
+}
+
 /// The health service name that reports whether the process is alive (SERVING until it shuts
 /// down), for liveness probes; readiness is the overall status, "".
 pub const LIVENESS: &str = "liveness";
@@ -158,6 +170,7 @@ pub async fn serve(
             served = &mut server => break served,
             Ok(()) = conditions.changed(), if failure.is_none() && !shutdown.is_cancelled() => {
                 let problems = conditions.borrow_and_update().clone();
+                ready_gauge().record(u64::from(problems.is_empty()), &[]);
                 let status = if problems.is_empty() {
                     tracing::info!("ready: reporting SERVING");
                     tonic_health::ServingStatus::Serving

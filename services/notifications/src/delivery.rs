@@ -588,6 +588,9 @@ pub async fn run(
         }
     };
     let client: HttpClient = Client::builder(TokioExecutor::new()).build(connector);
+    // The counter exists (at 0) before the first endpoint is disabled, so an alert on its
+    // increase has a series to look at.
+    crate::metrics::metrics().disabled.add(0, &[]);
     let in_flight: Arc<std::sync::Mutex<InFlight>> = Arc::default();
     let finished = Arc::new(Notify::new());
     let (outcomes, recorded) = tokio::sync::mpsc::channel(settings.concurrency.max(1));

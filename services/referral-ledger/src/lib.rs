@@ -331,6 +331,7 @@ pub async fn run(
         Ok::<(), std::convert::Infallible>(())
     });
     let timers = commissions::run_payable_timers(pool.clone(), outbox_written, shutdown.clone());
+    tokio::spawn(metrics::run_balance_check(pool.clone(), shutdown.clone()));
     tasks.spawn("the payable timers", async move {
         timers.await;
         Ok::<(), std::convert::Infallible>(())

@@ -3,6 +3,9 @@
 //! every attributed purchase) and `tandem.commission.reversed` (what refunds took back). With
 //! settlement's `tandem.commission.settled` a dashboard follows money from accrual to settlement;
 //! accrued − reversed is what the ledger's balances say merchants earned.
+//!
+//! `tandem.ledger.imbalance` (gauge, `{minor_unit}`, per currency): the sum of every posting of
+//! the double-entry ledger, measured every minute; anything but 0 is a bug an alert must raise.
 
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
@@ -65,6 +68,40 @@ pub(crate) fn count_committed(messages: &[OutboxMessage]) {
     for (counter, totals) in [(&money().accrued, accrued), (&money().reversed, reversed)] {
         for (currency, minor) in totals {
             counter.add(minor, &[KeyValue::new("currency", currency)]);
+        }
+    }
+}
+
+/// Measures `tandem.ledger.imbalance` every minute until `shutdown` (a full pass over the
+/// postings: about a second per ten million rows).
+pub async fn run_balance_check(pool: sqlx::PgPool, shutdown: tokio_util::sync::CancellationToken) {
+    let gauge = tandem_telemetry::meter()
+        .i64_gauge("tandem.ledger.imbalance")
+        .with_unit("{minor_unit}")
+        .with_description(
+            "Sum of every ledger posting per currency: 0 when the double-entry ledger balances.",
+        )
+        .build();
+    loop {
+        let sums: Result<Vec<(String, i64)>, sqlx::Error> = sqlx::query_as(
+            "SELECT currency, coalesce(sum(amount_minor), 0)::bigint FROM ledger_postings GROUP BY currency",
+        )
+        .fetch_all(&pool)
+        .await;
+        match sums {
+            Ok(sums) => {
+                for (currency, sum) in sums {
+                    if sum != 0 {
+                        tracing::error!(%currency, imbalance_minor = sum, "the ledger does not balance");
+                    }
+                    gauge.record(sum, &[KeyValue::new("currency", currency)]);
+                }
+            }
+            Err(error) => tracing::warn!(error = %error, "could not measure the ledger's balance"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
         }
     }
 }
