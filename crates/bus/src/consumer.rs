@@ -19,6 +19,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::watchdog::Watchdog;
 use crate::{BusConfig, BusError, Topic};
@@ -27,6 +28,8 @@ use crate::{BusConfig, BusError, Topic};
 #[derive(Debug, Clone)]
 pub struct Delivery {
     pub topic: Topic,
+    /// The topic's full name (with the deployment's prefix), as the broker knows it.
+    pub topic_name: String,
     pub partition: i32,
     pub offset: i64,
     pub key: Vec<u8>,
@@ -35,6 +38,27 @@ pub struct Delivery {
 }
 
 impl Delivery {
+    /// A `process` span for this message (OpenTelemetry messaging conventions), a child of the
+    /// `send` span that published it. `message_id` is the id the consumer deduplicates by.
+    pub fn process_span(&self, message_id: &str) -> tracing::Span {
+        let topic = &self.topic_name;
+        let span = tracing::info_span!(
+            "process",
+            "otel.name" = %format!("process {topic}"),
+            "otel.kind" = "consumer",
+            "messaging.system" = "kafka",
+            "messaging.operation.type" = "process",
+            "messaging.operation.name" = "process",
+            "messaging.destination.name" = %topic,
+            "messaging.destination.partition.id" = self.partition,
+            "messaging.kafka.offset" = self.offset,
+            "messaging.message.id" = %message_id,
+            trace_id = tracing::field::Empty,
+        );
+        self.link_span(&span);
+        span
+    }
+
     /// Makes `span` a child of the trace that produced this message, and records the trace id in
     /// its `trace_id` field if it has one.
     pub fn link_span(&self, span: &tracing::Span) {
@@ -314,10 +338,30 @@ async fn consume<H: BatchHandler>(
             |delivery: &Delivery| usize::try_from(delivery.partition).unwrap_or(0) % lanes;
         batch.sort_by_key(|delivery| lane_of(delivery));
         let parts: Vec<&[Delivery]> = batch.chunk_by(|a, b| lane_of(a) == lane_of(b)).collect();
+        // One span for the batch, linked to the trace of each message (at most 128 links).
+        let batch_span = tracing::info_span!(
+            "process batch",
+            "otel.name" = %format!("process {}", settings.group_id),
+            "otel.kind" = "consumer",
+            "messaging.system" = "kafka",
+            "messaging.operation.type" = "process",
+            "messaging.consumer.group.name" = %settings.group_id,
+            "messaging.batch.message_count" = batch.len(),
+        );
+        for delivery in batch.iter().take(128) {
+            tandem_telemetry::link_from_headers(
+                &batch_span,
+                delivery
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+            );
+        }
         let applied =
             join_all(parts.into_iter().map(|part| {
                 apply_until_done(handler, part, shutdown, &settings.group_id, failing)
             }))
+            .instrument(batch_span)
             .await;
         if applied.iter().any(|done| !done) {
             return Ok(());
@@ -470,6 +514,7 @@ fn push<M: Message>(batch: &mut Vec<Delivery>, message: &M, by_name: &HashMap<St
         .unwrap_or_default();
     batch.push(Delivery {
         topic,
+        topic_name: message.topic().to_owned(),
         partition: message.partition(),
         offset: message.offset(),
         key: message.key().map(<[u8]>::to_vec).unwrap_or_default(),

@@ -186,23 +186,70 @@ async fn publish_batch(
             .ok_or_else(|| BusError::UnknownTopic(row.topic.clone()))?;
         topic_names.push(topic.name(config));
     }
-    let sends = rows.iter().zip(&topic_names).map(|(row, topic_name)| {
-        let mut headers = OwnedHeaders::new_with_capacity(row.header_names.len());
-        for (name, value) in row.header_names.iter().zip(&row.header_values) {
-            headers = headers.insert(Header {
-                key: name,
-                value: Some(value.as_bytes()),
-            });
+    // A `send` span per message, in the trace of whatever wrote it (its stored `traceparent`);
+    // the message carries the span's own context on, so its consumers nest under it.
+    let spans: Vec<(tracing::Span, Vec<(String, String)>)> = rows
+        .iter()
+        .zip(&topic_names)
+        .map(|(row, topic_name)| {
+            let span = tracing::info_span!(
+                "send",
+                "otel.name" = %format!("send {topic_name}"),
+                "otel.kind" = "producer",
+                "messaging.system" = "kafka",
+                "messaging.operation.type" = "send",
+                "messaging.operation.name" = "send",
+                "messaging.destination.name" = %topic_name,
+                "tandem.outbox.id" = row.id,
+                "messaging.destination.partition.id" = tracing::field::Empty,
+                "messaging.kafka.offset" = tracing::field::Empty,
+            );
+            tandem_telemetry::set_parent_from_headers(
+                &span,
+                row.header_names
+                    .iter()
+                    .zip(&row.header_values)
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+            );
+            let mut headers: Vec<(String, String)> = row
+                .header_names
+                .iter()
+                .zip(&row.header_values)
+                .filter(|(name, _)| !matches!(name.as_str(), "traceparent" | "tracestate"))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            headers.extend(span.in_scope(tandem_telemetry::current_trace_headers));
+            (span, headers)
+        })
+        .collect();
+    let sends = rows
+        .iter()
+        .zip(&topic_names)
+        .zip(&spans)
+        .map(|((row, topic_name), (_, pairs))| {
+            let mut headers = OwnedHeaders::new_with_capacity(pairs.len());
+            for (name, value) in pairs {
+                headers = headers.insert(Header {
+                    key: name,
+                    value: Some(value.as_bytes()),
+                });
+            }
+            let record = FutureRecord::to(topic_name)
+                .key(&row.partition_key)
+                .payload(&row.payload)
+                .headers(headers);
+            producer.send(record, Timeout::After(Duration::from_secs(30)))
+        });
+    for (result, (span, _)) in join_all(sends).await.into_iter().zip(&spans) {
+        match result {
+            Ok(delivery) => {
+                span.record("messaging.destination.partition.id", delivery.partition);
+                span.record("messaging.kafka.offset", delivery.offset);
+            }
+            Err((error, _message)) => return Err(BusError::Kafka(error)),
         }
-        let record = FutureRecord::to(topic_name)
-            .key(&row.partition_key)
-            .payload(&row.payload)
-            .headers(headers);
-        producer.send(record, Timeout::After(Duration::from_secs(30)))
-    });
-    for result in join_all(sends).await {
-        result.map_err(|(error, _message)| BusError::Kafka(error))?;
     }
+    drop(spans);
     let mut per_topic: std::collections::BTreeMap<&str, u64> = Default::default();
     for topic_name in &topic_names {
         *per_topic.entry(topic_name.as_str()).or_default() += 1;

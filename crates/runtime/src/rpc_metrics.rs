@@ -3,6 +3,10 @@
 //! `rpc.system` = `grpc`, `rpc.service`, `rpc.method` and `rpc.grpc.status_code` (errors are the
 //! calls whose code is not 0).
 //!
+//! Each call (but health checks and reflection) also gets a server span named
+//! `<service>/<method>` with the same `rpc.*` attributes, a child of the caller's trace when its
+//! metadata carries `traceparent`; the handler's own span nests inside it.
+//!
 //! The call is measured until its response headers: the whole call for a unary RPC (tonic sends
 //! an error as a trailers-only response, whose headers carry `grpc-status`; a success carries it
 //! in the trailers, so headers without it mean 0), and until the stream opened for a streaming
@@ -92,30 +96,62 @@ where
         let (service, method) = split_path(request.uri().path());
         let started = Instant::now();
         let duration = self.duration.clone();
-        let future = self.inner.call(request);
-        Box::pin(async move {
-            let result = future.await;
-            // A transport failure never reached a handler: code 14 (UNAVAILABLE) as clients see it.
-            let code = match &result {
-                Ok(response) => response
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<i64>().ok())
-                    .unwrap_or(0),
-                Err(_) => 14,
-            };
-            duration.record(
-                started.elapsed().as_secs_f64(),
-                &[
-                    KeyValue::new("rpc.system", "grpc"),
-                    KeyValue::new("rpc.service", service),
-                    KeyValue::new("rpc.method", method),
-                    KeyValue::new("rpc.grpc.status_code", code),
-                ],
+        let traced =
+            !(service.starts_with("grpc.health.") || service.starts_with("grpc.reflection."));
+        let span = if traced {
+            let span = tracing::info_span!(
+                "rpc",
+                "otel.name" = %format!("{service}/{method}"),
+                "otel.kind" = "server",
+                "otel.status_code" = tracing::field::Empty,
+                "rpc.system" = "grpc",
+                "rpc.service" = %service,
+                "rpc.method" = %method,
+                "rpc.grpc.status_code" = tracing::field::Empty,
             );
-            result
-        })
+            let headers = request.headers();
+            tandem_telemetry::set_parent_from_headers(
+                &span,
+                ["traceparent", "tracestate"]
+                    .into_iter()
+                    .filter_map(|name| Some((name, headers.get(name)?.to_str().ok()?))),
+            );
+            span
+        } else {
+            tracing::Span::none()
+        };
+        let future = span.in_scope(|| self.inner.call(request));
+        Box::pin(tracing::Instrument::instrument(
+            async move {
+                let result = future.await;
+                // A transport failure never reached a handler: code 14 (UNAVAILABLE) as clients see it.
+                let code = match &result {
+                    Ok(response) => response
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<i64>().ok())
+                        .unwrap_or(0),
+                    Err(_) => 14,
+                };
+                let current = tracing::Span::current();
+                current.record("rpc.grpc.status_code", code);
+                if matches!(code, 2 | 4 | 13 | 14 | 15) {
+                    current.record("otel.status_code", "ERROR");
+                }
+                duration.record(
+                    started.elapsed().as_secs_f64(),
+                    &[
+                        KeyValue::new("rpc.system", "grpc"),
+                        KeyValue::new("rpc.service", service),
+                        KeyValue::new("rpc.method", method),
+                        KeyValue::new("rpc.grpc.status_code", code),
+                    ],
+                );
+                result
+            },
+            span,
+        ))
     }
 }
 

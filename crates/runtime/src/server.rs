@@ -281,13 +281,9 @@ pub fn grpc_metadata_trace_headers(metadata: &tonic::metadata::MetadataMap) -> V
         .collect()
 }
 
-/// Makes the current span (the handler's) a child of the caller's trace, if it sent one.
-/// Also records the trace id in the span's `trace_id` field, if it has one.
-pub fn link_request_span<T>(request: &tonic::Request<T>) {
-    let span = tracing::Span::current();
-    tandem_telemetry::set_parent_from_headers(
-        &span,
-        grpc_metadata_trace_headers(request.metadata()),
-    );
-    tandem_telemetry::record_trace_id(&span);
+/// Records the trace id in the current span's `trace_id` field (the handler's span), so its log
+/// lines name the trace. The span is already in the caller's trace: the server span around every
+/// call (`RpcMetricsLayer`) took the caller's `traceparent`, and the handler's span nests in it.
+pub fn link_request_span<T>(_request: &tonic::Request<T>) {
+    tandem_telemetry::record_trace_id(&tracing::Span::current());
 }

@@ -177,6 +177,24 @@ pub fn set_parent_from_headers<'a>(
     let _ = span.set_parent(context);
 }
 
+/// Adds to `span` a link to the trace context found in `headers` (a message of a batch the span
+/// processes), if there is a valid one.
+pub fn link_from_headers<'a>(
+    span: &tracing::Span,
+    headers: impl IntoIterator<Item = (&'a str, &'a str)>,
+) {
+    use opentelemetry::trace::TraceContextExt;
+    let carrier: HashMap<String, String> = headers
+        .into_iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.to_owned()))
+        .collect();
+    let context = TraceContextPropagator::new().extract(&HeaderMapView(&carrier));
+    let linked = context.span().span_context().clone();
+    if linked.is_valid() {
+        span.add_link(linked);
+    }
+}
+
 /// Writes the span's trace id into its `trace_id` field (declare it as
 /// `trace_id = tracing::field::Empty`), so that every log line inside the span names the trace an
 /// operator can open.

@@ -93,6 +93,8 @@ struct Due {
     /// Still signing during a rotation's overlap.
     previous_signing_secret: Option<String>,
     payload: String,
+    /// The W3C trace context of the notification (none for a test delivery).
+    traceparent: Option<String>,
 }
 
 /// What one attempt got.
@@ -109,7 +111,45 @@ type HttpClient = Client<
     Full<Bytes>,
 >;
 
+/// One attempt, in a client span (`POST`, OpenTelemetry HTTP conventions) in the trace of the
+/// event it announces. The span names the endpoint's host, never its path or query (a URL may
+/// carry the receiver's own token).
 async fn attempt(client: &HttpClient, due: &Due, settings: &DeliverySettings) -> Outcome {
+    let host = due
+        .url
+        .parse::<hyper::Uri>()
+        .ok()
+        .and_then(|uri| uri.host().map(str::to_owned))
+        .unwrap_or_default();
+    let span = tracing::info_span!(
+        "POST",
+        "otel.name" = "POST webhook",
+        "otel.kind" = "client",
+        "otel.status_code" = tracing::field::Empty,
+        "http.request.method" = "POST",
+        "server.address" = %host,
+        "http.response.status_code" = tracing::field::Empty,
+        "tandem.webhook.endpoint_id" = %due.endpoint_id,
+        "tandem.notification_id" = %due.notification_id,
+        "tandem.merchant_id" = %due.merchant_id,
+        "tandem.webhook.attempt" = due.attempts,
+    );
+    if let Some(traceparent) = &due.traceparent {
+        tandem_telemetry::set_parent_from_headers(&span, [("traceparent", traceparent.as_str())]);
+    }
+    let outcome =
+        tracing::Instrument::instrument(attempt_untraced(client, due, settings), span.clone())
+            .await;
+    if outcome.status_code > 0 {
+        span.record("http.response.status_code", outcome.status_code);
+    }
+    if !(200..300).contains(&outcome.status_code) {
+        span.record("otel.status_code", "ERROR");
+    }
+    outcome
+}
+
+async fn attempt_untraced(client: &HttpClient, due: &Due, settings: &DeliverySettings) -> Outcome {
     let started = Instant::now();
     let failed = |excerpt: String| Outcome {
         status_code: 0,
@@ -423,7 +463,7 @@ async fn lease(
            RETURNING d.endpoint_id, d.notification_id, d.attempts, d.round_start, d.merchant_id) \
          SELECT l.endpoint_id, l.notification_id, l.attempts, l.round_start, l.merchant_id, e.url, e.signing_secret, \
            CASE WHEN e.previous_expires_at > now() THEN e.previous_signing_secret END AS previous_signing_secret, \
-           coalesce(n.payload, t.payload) AS payload \
+           coalesce(n.payload, t.payload) AS payload, n.traceparent \
          FROM leased l JOIN webhook_endpoints e USING (endpoint_id) \
            LEFT JOIN notifications n ON n.notification_id = l.notification_id \
            LEFT JOIN webhook_test_messages t ON t.notification_id = l.notification_id",

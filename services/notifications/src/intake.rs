@@ -391,9 +391,22 @@ impl BatchHandler for Intake {
     async fn handle(&self, batch: &[Delivery]) -> Result<(), NotificationsError> {
         let mut ids = Vec::with_capacity(batch.len());
         let mut made = Vec::with_capacity(batch.len());
+        // A `process` span per message, open until the batch commits; each notification keeps
+        // its span's context, so its webhook deliveries join the same trace.
+        let mut spans = Vec::with_capacity(batch.len());
         for delivery in batch {
             match notifications_of(delivery) {
-                Ok((id, outgoing)) => {
+                Ok((id, mut outgoing)) => {
+                    let span = delivery.process_span(&id);
+                    let traceparent = span
+                        .in_scope(tandem_telemetry::current_trace_headers)
+                        .into_iter()
+                        .find(|(name, _)| name == "traceparent")
+                        .map(|(_, value)| value);
+                    for notification in &mut outgoing {
+                        notification.traceparent.clone_from(&traceparent);
+                    }
+                    spans.push(span);
                     ids.push(id);
                     made.push(outgoing);
                 }
@@ -422,6 +435,7 @@ impl BatchHandler for Intake {
         }
         let (written, queued) = store(&mut tx, &per_merchant).await?;
         tx.commit().await?;
+        drop(spans);
         if written > 0 {
             self.written.notify_waiters();
         }

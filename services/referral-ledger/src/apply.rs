@@ -148,8 +148,7 @@ impl Applier {
                 continue;
             }
             applied += 1;
-            let span = tracing::info_span!("apply_event", trace_id = tracing::field::Empty, message_id = %message_id, topic = delivery.topic.logical_name(), partition = delivery.partition, offset = delivery.offset);
-            delivery.link_span(&span);
+            let span = delivery.process_span(&message_id);
             let incoming = match incoming {
                 Ok(Incoming {
                     recorded_at,

@@ -279,7 +279,15 @@ impl CommissionStage {
             let before = loaded.remove(id).unwrap_or_default();
             let mut state = book.core.clone().with_facts(before.clone());
             for (message, delivery) in list {
-                let headers = delivery.headers.clone();
+                // This message's `process` span; the events it causes carry its context on.
+                let span = delivery.process_span(&message.message_id);
+                let mut headers: Vec<(String, String)> = delivery
+                    .headers
+                    .iter()
+                    .filter(|(name, _)| !matches!(name.as_str(), "traceparent" | "tracestate"))
+                    .cloned()
+                    .collect();
+                headers.extend(span.in_scope(tandem_telemetry::current_trace_headers));
                 match message.body {
                     Body::Terms { event_id, event } => {
                         appends.push(id, book, event_id, &event, message.recorded_at);

@@ -140,6 +140,7 @@ pub async fn take(
     tx.commit().await?;
     Ok(Some(tandem_bus::Delivery {
         topic,
+        topic_name: topic.logical_name().to_owned(),
         partition,
         offset,
         key,

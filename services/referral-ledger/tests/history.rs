@@ -37,6 +37,7 @@ impl Feed {
         self.offset += 1;
         Delivery {
             topic: Topic::Attributions,
+            topic_name: Topic::Attributions.logical_name().to_owned(),
             partition: 0,
             offset: self.offset,
             key: self.partnership.as_str().as_bytes().to_vec(),

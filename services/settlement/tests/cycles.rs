@@ -57,6 +57,7 @@ impl World {
     async fn deliver(&self, topic: Topic, key: &str, payload: Vec<u8>) {
         let delivery = Delivery {
             topic,
+            topic_name: topic.logical_name().to_owned(),
             partition: 0,
             offset: self.offset.fetch_add(1, Ordering::SeqCst),
             key: key.as_bytes().to_vec(),
@@ -72,6 +73,7 @@ impl World {
             .into_iter()
             .map(|payload| Delivery {
                 topic,
+                topic_name: topic.logical_name().to_owned(),
                 partition: 0,
                 offset: self.offset.fetch_add(1, Ordering::SeqCst),
                 key: key.as_bytes().to_vec(),
