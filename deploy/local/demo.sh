@@ -3,6 +3,6 @@
 # a referral at C's checkout, purchases at A, and what C learned.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-"$REPO_ROOT/deploy/local/up.sh"
+"$REPO_ROOT/deploy/local/up.sh" "$@"
 set -a; source "$TANDEM_HOME/secrets.env"; set +a
 exec "$CARGO_TARGET_DIR/release/tandemctl" demo --gateway http://127.0.0.1:50051

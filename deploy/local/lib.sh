@@ -293,6 +293,8 @@ STANDARDWEBHOOKS_NPM_VERSION="1.1.1"
 # Prometheus's promtool (from the Go module proxy): parses and lints the services' metrics and
 # checks the alerting rules and their unit tests.
 PROMETHEUS_VERSION=${PROMETHEUS_VERSION:-v0.316.0}
+# Jaeger (v2, on the OpenTelemetry Collector), the local stack's trace store and query API.
+JAEGER_VERSION=${JAEGER_VERSION:-v1.76.0}
 ensure_checkers() {
   command -v pdftotext >/dev/null || apt_install poppler-utils
   local venv="$TANDEM_CACHE_DIR/checkers-sepaxml-$SEPAXML_VERSION-lxml-$LXML_VERSION"
@@ -332,6 +334,67 @@ ensure_promtool() {
       || die "building promtool failed"
   fi
   export TANDEM_PROMTOOL="$dir/promtool"
+}
+
+# ensure_prometheus: builds the Prometheus server from the Go module proxy once (its API; the
+# web UI's assets are not part of a module build) and exports TANDEM_PROMETHEUS.
+ensure_prometheus() {
+  local dir="$TANDEM_CACHE_DIR/prometheus-$PROMETHEUS_VERSION"
+  if [[ ! -x "$dir/prometheus" ]]; then
+    command -v go >/dev/null || apt_install golang-go
+    log "building Prometheus $PROMETHEUS_VERSION from the Go module proxy (once, a few minutes)"
+    GOBIN="$dir" go install "github.com/prometheus/prometheus/cmd/prometheus@$PROMETHEUS_VERSION" \
+      || die "building Prometheus failed"
+  fi
+  export TANDEM_PROMETHEUS="$dir/prometheus"
+}
+
+# ensure_jaeger: builds Jaeger from the Go module proxy once (as a Go tool of a scratch module,
+# the way its module is meant to be built) and exports TANDEM_JAEGER.
+ensure_jaeger() {
+  local dir="$TANDEM_CACHE_DIR/jaeger-$JAEGER_VERSION"
+  if [[ ! -x "$dir/jaeger" ]]; then
+    command -v go >/dev/null || apt_install golang-go
+    log "building Jaeger $JAEGER_VERSION from the Go module proxy (once, several minutes)"
+    mkdir -p "$dir/module"
+    (
+      cd "$dir/module" \
+        && { [[ -f go.mod ]] || go mod init tandem.local/jaeger-tool; } \
+        && go get -tool "github.com/jaegertracing/jaeger/cmd/jaeger@$JAEGER_VERSION" \
+        && go build -o "$dir/jaeger" github.com/jaegertracing/jaeger/cmd/jaeger
+    ) || die "building Jaeger failed"
+  fi
+  export TANDEM_JAEGER="$dir/jaeger"
+}
+
+# start_observability: Jaeger (OTLP/gRPC on 127.0.0.1:4317, query API on 127.0.0.1:16686) and
+# Prometheus (127.0.0.1:9090, scraping the four services, with the alerting rules), unless
+# running; exports OTEL_EXPORTER_OTLP_ENDPOINT for the services started after it.
+start_observability() {
+  ensure_prometheus
+  ensure_jaeger
+  mkdir -p "$TANDEM_HOME/pids" "$TANDEM_HOME/logs" "$TANDEM_HOME/prometheus"
+  if [[ -f "$TANDEM_HOME/pids/jaeger.pid" ]] && pid_alive "$(cat "$TANDEM_HOME/pids/jaeger.pid")"; then
+    log "Jaeger is already running"
+  else
+    port_open 127.0.0.1 16686 && die "port 16686 is taken by another process; stop it or run down.sh"
+    log "starting Jaeger $JAEGER_VERSION (OTLP 127.0.0.1:4317, API 127.0.0.1:16686; log: $TANDEM_HOME/logs/jaeger.log)"
+    nohup "$TANDEM_JAEGER" >>"$TANDEM_HOME/logs/jaeger.log" 2>&1 &
+    echo $! >"$TANDEM_HOME/pids/jaeger.pid"
+  fi
+  if [[ -f "$TANDEM_HOME/pids/prometheus.pid" ]] && pid_alive "$(cat "$TANDEM_HOME/pids/prometheus.pid")"; then
+    log "Prometheus is already running"
+  else
+    port_open 127.0.0.1 9090 && die "port 9090 is taken by another process; stop it or run down.sh"
+    log "starting Prometheus $PROMETHEUS_VERSION on 127.0.0.1:9090 (log: $TANDEM_HOME/logs/prometheus.log)"
+    nohup "$TANDEM_PROMETHEUS" --config.file="$REPO_ROOT/deploy/prometheus/prometheus.yml" \
+      --storage.tsdb.path="$TANDEM_HOME/prometheus" --web.listen-address=127.0.0.1:9090 \
+      >>"$TANDEM_HOME/logs/prometheus.log" 2>&1 &
+    echo $! >"$TANDEM_HOME/pids/prometheus.pid"
+  fi
+  for _ in $(seq 1 100); do port_open 127.0.0.1 4317 && break; sleep 0.2; done
+  port_open 127.0.0.1 4317 || die "Jaeger did not open 127.0.0.1:4317; see $TANDEM_HOME/logs/jaeger.log"
+  export OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:4317"
 }
 
 # stop_pidfile NAME [SECONDS]: stop a process these scripts started, politely (SIGTERM) then,

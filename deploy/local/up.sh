@@ -1,7 +1,20 @@
 #!/usr/bin/env bash
 # Starts the whole local stack: Postgres, the broker, the topics and the four services, and waits
 # until every service reports healthy. Safe to run again: what is running is reused.
+#
+# --observability: also Jaeger (traces, OTLP on 127.0.0.1:4317, API on 127.0.0.1:16686) and
+# Prometheus (127.0.0.1:9090, with deploy/prometheus's rules), built from the Go module proxy
+# the first time; the services export their spans and metrics to Jaeger. Services already
+# running keep their settings: run down.sh first.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+observability=false
+for argument in "$@"; do
+  case "$argument" in
+    --observability) observability=true ;;
+    *) die "unknown argument $argument (up.sh takes --observability)" ;;
+  esac
+done
 
 export TANDEM_DATABASE_NAME="${TANDEM_DATABASE_NAME:-tandem}"
 export TANDEM_TOPIC_PREFIX="${TANDEM_TOPIC_PREFIX:-tandem}"
@@ -19,6 +32,9 @@ set -a; source "$secrets"; set +a
 ensure_postgres
 ensure_broker
 ensure_build_deps
+if $observability; then
+  start_observability
+fi
 
 cd "$REPO_ROOT"
 log "building the services (cargo build --release)"
@@ -55,4 +71,7 @@ start_service notifications 50054
 "$bin/tandemctl" wait-healthy --timeout-secs 60 \
   http://127.0.0.1:50051 http://127.0.0.1:50052 http://127.0.0.1:50053 http://127.0.0.1:50054 \
   || die "a service did not become healthy; see $TANDEM_HOME/logs/"
-log "Tandem is up: merchant gateway at 127.0.0.1:50051, logs in $TANDEM_HOME/logs/"
+log "Tandem is up: merchant gateway at 127.0.0.1:50051, logs in $TANDEM_HOME/logs/, metrics at 127.0.0.1:9464-9467/metrics"
+if $observability; then
+  log "traces: Jaeger's API at http://127.0.0.1:16686 (tandemctl trace <trace_id>); metrics and alerts: Prometheus at http://127.0.0.1:9090"
+fi

@@ -189,12 +189,25 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
             purchased_at: None,
         };
         let sent = std::time::Instant::now();
+        // The first purchase carries a trace context of the till's own, as an instrumented POS
+        // would: its trace id finds the whole trace in a trace store.
+        let trace_id = format!("{:032x}", uuid::Uuid::new_v4().as_u128());
         let recorded = call!(
             "record purchase at A",
-            pos.record_purchase(authorised(request.clone(), &acceptor.api_key)?)
+            pos.record_purchase({
+                let mut call = authorised(request.clone(), &acceptor.api_key)?;
+                if index == 0 {
+                    let traceparent = format!("00-{trace_id}-{:016x}-01", rand_span_id());
+                    if let Ok(value) = traceparent.parse() {
+                        call.metadata_mut().insert("traceparent", value);
+                    }
+                }
+                call
+            })
         )?;
         if index == 0 {
             first_purchase_recorded = Some((recorded.purchase_id.clone(), sent));
+            println!("  its trace: {trace_id} (with `up.sh --observability`: tandemctl trace {trace_id})");
         }
         println!(
             "customer {who} bought {} at A: {} ({transaction_id})",
@@ -410,4 +423,9 @@ fn par(bin_controller: &str, run_tag: &str, who: &str) -> String {
         par.push('7');
     }
     par
+}
+
+/// A random non-zero span id.
+fn rand_span_id() -> u64 {
+    (uuid::Uuid::new_v4().as_u128() as u64) | 1
 }

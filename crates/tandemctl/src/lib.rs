@@ -12,5 +12,6 @@ pub mod process;
 pub mod receiver;
 pub mod settlement_bench;
 pub mod statements;
+pub mod trace;
 pub mod webhook_bench;
 pub mod webhooks;

@@ -1,7 +1,9 @@
 //! `tandemctl`: the operator's command line. Creates topics, waits for services to report
 //! healthy, and runs the end-to-end demo against a running stack.
 
-use tandemctl::{bench, demo, import, settlement_bench, statements, webhook_bench, webhooks};
+use tandemctl::{
+    bench, demo, import, settlement_bench, statements, trace, webhook_bench, webhooks,
+};
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -82,6 +84,9 @@ enum Command {
     /// (p50/p99), and deliveries per second to a receiver that answers at once. A benchmark,
     /// not a test.
     WebhookBench(webhook_bench::WebhookBenchArgs),
+    /// Prints one trace from Jaeger (the local stack's with `up.sh --observability`): every span
+    /// in order, under its parent, with its service, start, duration and key attributes.
+    Trace(trace::TraceArgs),
 }
 
 #[tokio::main]
@@ -117,6 +122,7 @@ async fn main() -> ExitCode {
         Command::SettlementBench(args) => settlement_bench::run(args).await,
         Command::Webhooks(args) => webhooks::run(args).await,
         Command::WebhookBench(args) => webhook_bench::run(args).await,
+        Command::Trace(args) => trace::run(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
