@@ -85,9 +85,12 @@ impl BatchHandler for Intake {
     async fn handle(&self, batch: &[Delivery]) -> Result<(), SettlementError> {
         let mut ids = Vec::with_capacity(batch.len());
         let mut facts = Vec::with_capacity(batch.len());
+        // A `process` span per message, in its trace, open until the batch commits.
+        let mut spans = Vec::with_capacity(batch.len());
         for delivery in batch {
             match decode(delivery) {
                 Ok((id, fact)) => {
+                    spans.push(delivery.process_span(&id));
                     ids.push(id);
                     facts.push(fact);
                 }
@@ -120,6 +123,7 @@ impl BatchHandler for Intake {
         apply_admin(&mut tx, &facts).await?;
         apply_ledger(&mut tx, &facts).await?;
         tx.commit().await?;
+        drop(spans);
         Ok(())
     }
 }
