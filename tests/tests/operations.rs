@@ -13,7 +13,6 @@ use support::process::{free_address, wait_serving, HealthProbe, ServiceProcess};
 use support::*;
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::merchant_gateway_client::MerchantGatewayClient;
-use tandem_proto::v1::notification_service_client::NotificationServiceClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic_health::pb::health_check_response::ServingStatus;
 
@@ -276,29 +275,7 @@ async fn every_service_serves_metrics_prometheus_parses() {
         .connect()
         .await
         .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hook_url = format!("http://{}/hook", listener.local_addr().unwrap());
-    let created = NotificationServiceClient::new(channel.clone())
-        .create_webhook_endpoint(with_bearer(
-            pb::CreateWebhookEndpointRequest {
-                idempotency_key: "ops".into(),
-                url: hook_url,
-                types: vec!["purchase.attributed".into()],
-                ..Default::default()
-            },
-            &referrer_key,
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    let (sender, mut received) = tokio::sync::mpsc::channel(16);
-    tokio::spawn(tandemctl::receiver::serve(
-        listener,
-        tandemctl::receiver::Secrets::One(
-            notifications::webhook::SigningSecret::parse(&created.signing_secret).unwrap(),
-        ),
-        sender,
-    ));
+    let (created, mut received) = purchase_webhook(channel.clone(), &referrer_key, "ops").await;
     let mut pos = MerchantGatewayClient::new(channel);
     let who = customer("card-fingerprint-ops-1", "", "ops-1@example.com");
     pos.create_referral(with_bearer(

@@ -22,9 +22,7 @@ use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use support::process::{free_address, wait_serving, ServiceProcess};
 use support::*;
-use tandem_proto::v1 as pb;
 use tandem_proto::v1::merchant_gateway_client::MerchantGatewayClient;
-use tandem_proto::v1::notification_service_client::NotificationServiceClient;
 
 /// A span as received, with the service that sent it.
 #[derive(Clone, Debug)]
@@ -120,29 +118,7 @@ async fn one_purchase_is_one_trace_from_the_till_to_the_webhook() {
         .await
         .unwrap();
 
-    let hook_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hook_url = format!("http://{}/hook", hook_listener.local_addr().unwrap());
-    let created = NotificationServiceClient::new(channel.clone())
-        .create_webhook_endpoint(with_bearer(
-            pb::CreateWebhookEndpointRequest {
-                idempotency_key: "trace".into(),
-                url: hook_url,
-                types: vec!["purchase.attributed".into()],
-                ..Default::default()
-            },
-            &referrer_key,
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    let (sender, mut hooks) = tokio::sync::mpsc::channel(16);
-    tokio::spawn(tandemctl::receiver::serve(
-        hook_listener,
-        tandemctl::receiver::Secrets::One(
-            notifications::webhook::SigningSecret::parse(&created.signing_secret).unwrap(),
-        ),
-        sender,
-    ));
+    let (created, mut hooks) = purchase_webhook(channel.clone(), &referrer_key, "trace").await;
     let raw = [
         "card-fingerprint-trace-1",
         "+33 6 12 34 56 78",

@@ -439,7 +439,7 @@ async fn apply_until_done<H: BatchHandler>(
                 return true;
             }
             Err(error) => {
-                failing.set(Some(tandem_telemetry_error_chain(&error)));
+                failing.set(Some(tandem_telemetry::error_chain(&error)));
                 tracing::warn!(error = %error, source = ?std::error::Error::source(&error), messages = part.len(), backoff_ms = backoff.as_millis() as u64, "batch not applied; retrying");
                 tokio::select! {
                     () = shutdown.cancelled() => return false,
@@ -449,18 +449,6 @@ async fn apply_until_done<H: BatchHandler>(
             }
         }
     }
-}
-
-/// `outer: inner: innermost`.
-fn tandem_telemetry_error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// Transient errors (a broker restarting) are logged and consumption goes on; librdkafka

@@ -169,12 +169,28 @@ pub fn set_parent_from_headers<'a>(
     span: &tracing::Span,
     headers: impl IntoIterator<Item = (&'a str, &'a str)>,
 ) {
+    let _ = span.set_parent(extract(headers));
+}
+
+/// The trace context in `headers` (names in any case).
+fn extract<'a>(headers: impl IntoIterator<Item = (&'a str, &'a str)>) -> opentelemetry::Context {
     let carrier: HashMap<String, String> = headers
         .into_iter()
         .map(|(k, v)| (k.to_ascii_lowercase(), v.to_owned()))
         .collect();
-    let context = TraceContextPropagator::new().extract(&HeaderMapView(&carrier));
-    let _ = span.set_parent(context);
+    TraceContextPropagator::new().extract(&HeaderMapView(&carrier))
+}
+
+/// An error and all its causes, `outer: inner: innermost`.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// Adds to `span` a link to the trace context found in `headers` (a message of a batch the span
@@ -184,12 +200,7 @@ pub fn link_from_headers<'a>(
     headers: impl IntoIterator<Item = (&'a str, &'a str)>,
 ) {
     use opentelemetry::trace::TraceContextExt;
-    let carrier: HashMap<String, String> = headers
-        .into_iter()
-        .map(|(k, v)| (k.to_ascii_lowercase(), v.to_owned()))
-        .collect();
-    let context = TraceContextPropagator::new().extract(&HeaderMapView(&carrier));
-    let linked = context.span().span_context().clone();
+    let linked = extract(headers).span().span_context().clone();
     if linked.is_valid() {
         span.add_link(linked);
     }

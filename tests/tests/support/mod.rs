@@ -694,3 +694,41 @@ pub async fn wait_for_activity(
     )
     .await
 }
+
+/// A webhook receiver on a local port (tandemctl's, verifying every signature) and an endpoint
+/// of the merchant whose API key is `key`, registered through `channel` for `purchase.attributed`:
+/// the registration's answer and the deliveries as they arrive.
+pub async fn purchase_webhook(
+    channel: Channel,
+    key: &str,
+    idempotency_key: &str,
+) -> (
+    pb::CreateWebhookEndpointResponse,
+    tokio::sync::mpsc::Receiver<tandemctl::receiver::Received>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let created =
+        tandem_proto::v1::notification_service_client::NotificationServiceClient::new(channel)
+            .create_webhook_endpoint(with_bearer(
+                pb::CreateWebhookEndpointRequest {
+                    idempotency_key: idempotency_key.into(),
+                    url,
+                    types: vec!["purchase.attributed".into()],
+                    ..Default::default()
+                },
+                key,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+    let (sender, received) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(tandemctl::receiver::serve(
+        listener,
+        tandemctl::receiver::Secrets::One(
+            notifications::webhook::SigningSecret::parse(&created.signing_secret).unwrap(),
+        ),
+        sender,
+    ));
+    (created, received)
+}

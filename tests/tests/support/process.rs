@@ -98,6 +98,26 @@ pub struct ServiceProcess {
 }
 
 impl ServiceProcess {
+    /// What every service process of `stack` is given: its database, broker and topic prefix,
+    /// `connections` database connections, info logs, then `own` and the test's `extra`.
+    fn environment(
+        stack: &Stack,
+        connections: u32,
+        own: Vec<(&'static str, String)>,
+        extra: &[(&'static str, String)],
+    ) -> Vec<(&'static str, String)> {
+        let mut environment = vec![
+            ("DATABASE_URL", stack.database.url.clone()),
+            ("TANDEM_KAFKA_BROKERS", stack.bus.brokers.clone()),
+            ("TANDEM_TOPIC_PREFIX", stack.bus.topic_prefix.clone()),
+            ("TANDEM_DB_MAX_CONNECTIONS", connections.to_string()),
+            ("RUST_LOG", "info".to_owned()),
+        ];
+        environment.extend(own);
+        environment.extend(extra.iter().cloned());
+        environment
+    }
+
     /// Starts notifications on `stack`'s database and topics, listening on `address` (the
     /// address the stack's gateway calls), with the given extra settings.
     pub fn start_notifications(
@@ -105,10 +125,7 @@ impl ServiceProcess {
         address: SocketAddr,
         extra: &[(&'static str, String)],
     ) -> ServiceProcess {
-        let mut environment = vec![
-            ("DATABASE_URL", stack.database.url.clone()),
-            ("TANDEM_KAFKA_BROKERS", stack.bus.brokers.clone()),
-            ("TANDEM_TOPIC_PREFIX", stack.bus.topic_prefix.clone()),
+        let own = vec![
             ("TANDEM_NOTIFICATIONS_LISTEN", address.to_string()),
             // Any free port: tests run side by side.
             (
@@ -119,25 +136,15 @@ impl ServiceProcess {
                 "TANDEM_NOTIFICATIONS_CONSUMER_GROUP",
                 format!("{}-notifications", stack.bus.topic_prefix),
             ),
-            ("TANDEM_DB_MAX_CONNECTIONS", "10".to_owned()),
             ("TANDEM_WEBHOOKS_ALLOW_PRIVATE", "true".to_owned()),
-            ("RUST_LOG", "info".to_owned()),
         ];
-        environment.extend(extra.iter().cloned());
-        let log_path = std::env::temp_dir().join(format!(
-            "{}-notifications-{}.log",
-            stack.bus.topic_prefix,
-            address.port()
-        ));
-        let mut process = ServiceProcess {
-            child: None,
+        Self::launch(
+            stack,
+            "notifications",
             address,
-            log_path,
-            environment,
-            binary: env!("CARGO_BIN_EXE_e2e-notifications"),
-        };
-        process.spawn();
-        process
+            Self::environment(stack, 10, own, extra),
+            env!("CARGO_BIN_EXE_e2e-notifications"),
+        )
     }
 
     /// Starts a merchant gateway process on `stack`'s database (its schema, shared with the
@@ -147,10 +154,7 @@ impl ServiceProcess {
         address: SocketAddr,
         extra: &[(&'static str, String)],
     ) -> ServiceProcess {
-        let mut environment = vec![
-            ("DATABASE_URL", stack.database.url.clone()),
-            ("TANDEM_KAFKA_BROKERS", stack.bus.brokers.clone()),
-            ("TANDEM_TOPIC_PREFIX", stack.bus.topic_prefix.clone()),
+        let own = vec![
             ("TANDEM_GATEWAY_LISTEN", address.to_string()),
             ("TANDEM_GATEWAY_METRICS_LISTEN", "127.0.0.1:0".to_owned()),
             (
@@ -167,15 +171,12 @@ impl ServiceProcess {
             ),
             ("TANDEM_OPERATOR_TOKEN", super::OPERATOR_TOKEN.to_owned()),
             ("TANDEM_NETWORK_KEY", super::NETWORK_KEY.to_owned()),
-            ("TANDEM_DB_MAX_CONNECTIONS", "5".to_owned()),
-            ("RUST_LOG", "info".to_owned()),
         ];
-        environment.extend(extra.iter().cloned());
         Self::launch(
             stack,
             "gateway",
             address,
-            environment,
+            Self::environment(stack, 5, own, extra),
             env!("CARGO_BIN_EXE_e2e-merchant-gateway"),
         )
     }
@@ -187,25 +188,19 @@ impl ServiceProcess {
         address: SocketAddr,
         extra: &[(&'static str, String)],
     ) -> ServiceProcess {
-        let mut environment = vec![
-            ("DATABASE_URL", stack.database.url.clone()),
-            ("TANDEM_KAFKA_BROKERS", stack.bus.brokers.clone()),
-            ("TANDEM_TOPIC_PREFIX", stack.bus.topic_prefix.clone()),
+        let own = vec![
             ("TANDEM_SETTLEMENT_LISTEN", address.to_string()),
             ("TANDEM_SETTLEMENT_METRICS_LISTEN", "127.0.0.1:0".to_owned()),
             (
                 "TANDEM_SETTLEMENT_CONSUMER_GROUP",
                 format!("{}-settlement", stack.bus.topic_prefix),
             ),
-            ("TANDEM_DB_MAX_CONNECTIONS", "10".to_owned()),
-            ("RUST_LOG", "info".to_owned()),
         ];
-        environment.extend(extra.iter().cloned());
         Self::launch(
             stack,
             "settlement",
             address,
-            environment,
+            Self::environment(stack, 10, own, extra),
             env!("CARGO_BIN_EXE_e2e-settlement"),
         )
     }
@@ -243,34 +238,21 @@ impl ServiceProcess {
             .map_or(stack.ledger_address(), |(_, value)| {
                 value.parse().expect("TANDEM_LEDGER_LISTEN is an address")
             });
-        let mut environment = vec![
-            ("DATABASE_URL", stack.database.url.clone()),
-            ("TANDEM_KAFKA_BROKERS", stack.bus.brokers.clone()),
-            ("TANDEM_TOPIC_PREFIX", stack.bus.topic_prefix.clone()),
+        let own = vec![
             ("TANDEM_LEDGER_LISTEN", address.to_string()),
             ("TANDEM_LEDGER_METRICS_LISTEN", "127.0.0.1:0".to_owned()),
             (
                 "TANDEM_LEDGER_CONSUMER_GROUP",
                 format!("{}-{group}", stack.bus.topic_prefix),
             ),
-            ("TANDEM_DB_MAX_CONNECTIONS", "5".to_owned()),
-            ("RUST_LOG", "info".to_owned()),
         ];
-        environment.extend(extra.iter().cloned());
-        let log_path = std::env::temp_dir().join(format!(
-            "{}-ledger-{}.log",
-            stack.bus.topic_prefix,
-            address.port()
-        ));
-        let mut process = ServiceProcess {
-            child: None,
+        Self::launch(
+            stack,
+            "ledger",
             address,
-            log_path,
-            environment,
-            binary: env!("CARGO_BIN_EXE_e2e-referral-ledger"),
-        };
-        process.spawn();
-        process
+            Self::environment(stack, 5, own, extra),
+            env!("CARGO_BIN_EXE_e2e-referral-ledger"),
+        )
     }
 
     fn spawn(&mut self) {
