@@ -74,11 +74,11 @@ impl From<GatewayError> for Status {
             GatewayError::Aborted(message) => Status::aborted(message),
             GatewayError::Unavailable(message) => Status::unavailable(message),
             GatewayError::Upstream(status) => status,
-            GatewayError::Database(error) if is_unreachable(&error) => {
-                tracing::warn!(error = %tandem_runtime::error_chain(&error), "database unreachable");
-                Status::unavailable(
-                    "the database is unreachable; nothing was recorded, so retry with the same idempotency key",
-                )
+            GatewayError::Database(error) if is_unreachable(&error) => unreachable_status(&error),
+            GatewayError::Store(tandem_store::StoreError::Database(error))
+                if is_unreachable(&error) =>
+            {
+                unreachable_status(&error)
             }
             internal @ (GatewayError::Store(_)
             | GatewayError::Invariant(_)
@@ -95,16 +95,58 @@ impl From<GatewayError> for Status {
     }
 }
 
-/// Whether a database error says Postgres could not be reached (a client may retry), rather than
-/// that a statement failed.
-fn is_unreachable(error: &sqlx::Error) -> bool {
-    matches!(
-        error,
-        sqlx::Error::Io(_)
-            | sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::WorkerCrashed
+fn unreachable_status(error: &sqlx::Error) -> Status {
+    tracing::warn!(error = %tandem_runtime::error_chain(error), "database unreachable");
+    Status::unavailable(
+        "the database is unreachable; nothing was recorded, so retry with the same idempotency key",
     )
+}
+
+/// Whether a database error says Postgres could not be reached or is shutting down, restarting
+/// or out of connections (a client may retry), rather than that a statement failed: transport
+/// errors, pool timeouts, and SQLSTATE classes 08 (connection exception) and 57P (operator
+/// intervention: shutdown, crash recovery, cannot connect now) and 53300 (too many
+/// connections).
+pub(crate) fn is_unreachable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(database) => database.code().is_some_and(|code| {
+            code.starts_with("08") || code.starts_with("57P") || code == "53300"
+        }),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod unreachable_tests {
+    use super::*;
+
+    #[test]
+    fn outages_are_unavailable_and_statement_failures_are_not() {
+        let io = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert!(is_unreachable(&io));
+        assert!(is_unreachable(&sqlx::Error::PoolTimedOut));
+        assert_eq!(
+            Status::from(GatewayError::Database(sqlx::Error::PoolTimedOut)).code(),
+            Code::Unavailable
+        );
+        assert_eq!(
+            Status::from(GatewayError::Store(tandem_store::StoreError::Database(
+                sqlx::Error::PoolTimedOut
+            )))
+            .code(),
+            Code::Unavailable
+        );
+        assert!(!is_unreachable(&sqlx::Error::RowNotFound));
+        assert_eq!(
+            Status::from(GatewayError::Database(sqlx::Error::RowNotFound)).code(),
+            Code::Internal
+        );
+    }
 }
 
 impl From<PartnershipError> for GatewayError {
