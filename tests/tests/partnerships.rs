@@ -868,3 +868,72 @@ async fn a_refund_recorded_before_its_purchase_and_larger_than_it_claws_back_the
     );
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn a_list_filtered_on_a_partnership_not_the_callers_is_refused() {
+    let stack = Stack::start(true).await;
+    let (acceptor, acceptor_key) = stack.merchant("A").await;
+    let (referrer, referrer_key) = stack.merchant("C").await;
+    let (_, outsider_key) = stack.merchant("X").await;
+    let partnership = stack.partnership(&referrer, &acceptor, 500, 30).await;
+    let filtered = |role: pb::PartnershipRole, id: &str| pb::ListCommissionsRequest {
+        role: role as i32,
+        partnership_id: id.into(),
+        ..Default::default()
+    };
+    // The referrer's own filter works once the ledger knows the partnership.
+    tandem_testkit::eventually(
+        "the partnership reaches the ledger",
+        Duration::from_secs(60),
+        || async {
+            stack
+                .pos()
+                .await
+                .list_commissions(with_bearer(
+                    filtered(pb::PartnershipRole::Referrer, &partnership),
+                    &referrer_key,
+                ))
+                .await
+                .ok()
+        },
+    )
+    .await;
+    let mut pos = stack.pos().await;
+    let outsider = pos
+        .list_commissions(with_bearer(
+            filtered(pb::PartnershipRole::Referrer, &partnership),
+            &outsider_key,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(outsider.code(), Code::NotFound, "{outsider:?}");
+    let totals = pos
+        .get_commission_totals(with_bearer(
+            pb::GetCommissionTotalsRequest {
+                role: pb::PartnershipRole::Acceptor as i32,
+                partnership_id: partnership.clone(),
+                ..Default::default()
+            },
+            &outsider_key,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(totals.code(), Code::NotFound, "{totals:?}");
+    // A party asking in the other party's role is told which role it has.
+    let wrong_role = pos
+        .list_commissions(with_bearer(
+            filtered(pb::PartnershipRole::Referrer, &partnership),
+            &acceptor_key,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(wrong_role.code(), Code::InvalidArgument);
+    assert!(wrong_role.message().contains("ACCEPTOR"), "{wrong_role:?}");
+    pos.list_commissions(with_bearer(
+        filtered(pb::PartnershipRole::Acceptor, &partnership),
+        &acceptor_key,
+    ))
+    .await
+    .unwrap();
+    stack.stop().await;
+}

@@ -64,6 +64,48 @@ fn partnership_filter(partnership_id: &str) -> Result<Option<String>, Status> {
         .map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
+/// A filter on a partnership must name one of the caller's, in the role it asks about: another
+/// merchant's partnership (or one the ledger does not know) is NOT_FOUND, never an empty page
+/// that would look like "nothing earned".
+async fn check_partnership_filter(
+    pool: &PgPool,
+    merchant: &MerchantId,
+    column: &str,
+    partnership: Option<&str>,
+) -> Result<(), Status> {
+    let Some(partnership) = partnership else {
+        return Ok(());
+    };
+    let parties: Option<(String, String)> = sqlx::query_as(
+        "SELECT referrer_merchant_id, acceptor_merchant_id FROM partnerships WHERE partnership_id = $1",
+    )
+    .bind(partnership)
+    .fetch_optional(pool)
+    .await
+    .map_err(internal)?;
+    let merchant = merchant.as_str();
+    match parties {
+        Some((referrer, acceptor)) if referrer == merchant || acceptor == merchant => {
+            let (theirs, other) = if column == "referrer_merchant_id" {
+                (referrer == merchant, "ACCEPTOR")
+            } else {
+                (acceptor == merchant, "REFERRER")
+            };
+            if theirs {
+                Ok(())
+            } else {
+                Err(Status::invalid_argument(format!(
+                    "partnership_id: you are not the {} of {partnership}; ask with role {other}",
+                    if other == "ACCEPTOR" { "referrer" } else { "acceptor" }
+                )))
+            }
+        }
+        _ => Err(Status::not_found(format!(
+            "partnership_id: you have no partnership {partnership} (ListPartnerships shows yours; a new one takes a moment to reach the ledger)"
+        ))),
+    }
+}
+
 fn money(amount_minor: i64, currency: &str) -> Option<pb::Money> {
     Some(pb::Money {
         amount_minor,
@@ -406,6 +448,7 @@ impl ReferralLedger for LedgerQueries {
         let query = request.request.unwrap_or_default();
         let (column, _) = role_columns(query.role)?;
         let partnership = partnership_filter(&query.partnership_id)?;
+        check_partnership_filter(&self.pool, &merchant, column, partnership.as_deref()).await?;
         let period_start = match &query.period_start {
             None => None,
             Some(t) => Some(tandem_proto::time::datetime(t).ok_or_else(|| {
@@ -452,6 +495,7 @@ impl ReferralLedger for LedgerQueries {
         let query = request.request.unwrap_or_default();
         let (column, counterparty) = role_columns(query.role)?;
         let partnership = partnership_filter(&query.partnership_id)?;
+        check_partnership_filter(&self.pool, &merchant, column, partnership.as_deref()).await?;
         let size = page_size(query.page_size)?;
         let after = parse_totals_token(&query.page_token)?;
         type Row = (
