@@ -121,6 +121,33 @@ pub(crate) fn is_unreachable(error: &sqlx::Error) -> bool {
     }
 }
 
+impl From<PartnershipError> for GatewayError {
+    fn from(error: PartnershipError) -> Self {
+        match error {
+            PartnershipError::InvalidTerms(invalid) => GatewayError::Invalid(invalid),
+            PartnershipError::Retroactive { .. } => {
+                GatewayError::Invalid(ValidationError::new("effective_from", error.to_string()))
+            }
+            PartnershipError::NotAParty(_) => GatewayError::PermissionDenied(error.to_string()),
+            PartnershipError::NonPositiveRefund => GatewayError::Invalid(ValidationError::new(
+                "amount.amount_minor",
+                error.to_string(),
+            )),
+            PartnershipError::NotCreated
+            | PartnershipError::PartiesChanged
+            | PartnershipError::UnknownVersion(_)
+            | PartnershipError::AlreadyAccepted(_)
+            | PartnershipError::Superseded(_)
+            | PartnershipError::OwnProposal
+            | PartnershipError::Terminated(_)
+            | PartnershipError::RefundExceedsPurchase { .. }
+            | PartnershipError::RefundCurrency { .. } => {
+                GatewayError::FailedPrecondition(error.to_string())
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod unreachable_tests {
     use super::*;
@@ -146,32 +173,5 @@ mod unreachable_tests {
             Status::from(GatewayError::Database(sqlx::Error::RowNotFound)).code(),
             Code::Internal
         );
-    }
-}
-
-impl From<PartnershipError> for GatewayError {
-    fn from(error: PartnershipError) -> Self {
-        match error {
-            PartnershipError::InvalidTerms(invalid) => GatewayError::Invalid(invalid),
-            PartnershipError::Retroactive { .. } => {
-                GatewayError::Invalid(ValidationError::new("effective_from", error.to_string()))
-            }
-            PartnershipError::NotAParty(_) => GatewayError::PermissionDenied(error.to_string()),
-            PartnershipError::NonPositiveRefund => GatewayError::Invalid(ValidationError::new(
-                "amount.amount_minor",
-                error.to_string(),
-            )),
-            PartnershipError::NotCreated
-            | PartnershipError::PartiesChanged
-            | PartnershipError::UnknownVersion(_)
-            | PartnershipError::AlreadyAccepted(_)
-            | PartnershipError::Superseded(_)
-            | PartnershipError::OwnProposal
-            | PartnershipError::Terminated(_)
-            | PartnershipError::RefundExceedsPurchase { .. }
-            | PartnershipError::RefundCurrency { .. } => {
-                GatewayError::FailedPrecondition(error.to_string())
-            }
-        }
     }
 }
