@@ -1,0 +1,163 @@
+//! The authorisation matrix, generated from the service descriptors (so a new RPC cannot be
+//! forgotten): every method of every service the merchant gateway serves, called with each kind
+//! of wrong credentials, is refused with UNAUTHENTICATED or PERMISSION_DENIED and returns no
+//! data. A service the gateway does not serve (the internal APIs) answers UNIMPLEMENTED there.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+mod support;
+
+use bytes::{Buf, BufMut};
+use prost::Message as _;
+use support::*;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::Code;
+
+/// Messages as raw bytes: the matrix sends an empty request (all fields default) to every
+/// method, whatever its type.
+#[derive(Clone, Default)]
+struct RawCodec;
+
+impl Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), Self::Error> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Self::Error> {
+        let bytes = src.copy_to_bytes(src.remaining());
+        Ok(Some(bytes.to_vec()))
+    }
+}
+
+/// Calls `/service/method` with an empty message and `authorization` (if any); the status
+/// code, or `Ok` if the call (or the stream's opening) succeeded.
+async fn call(
+    channel: &tonic::transport::Channel,
+    service: &str,
+    method: &str,
+    streaming: bool,
+    authorization: Option<&str>,
+) -> Result<(), tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    grpc.ready().await.unwrap();
+    let mut request = tonic::Request::new(Vec::new());
+    if let Some(value) = authorization {
+        request
+            .metadata_mut()
+            .insert("authorization", value.parse().unwrap());
+    }
+    let path: tonic::codegen::http::uri::PathAndQuery =
+        format!("/{service}/{method}").parse().unwrap();
+    if streaming {
+        let mut stream = grpc
+            .server_streaming(request, path, RawCodec)
+            .await?
+            .into_inner();
+        // A stream that opened must not carry anything either.
+        match tokio::time::timeout(std::time::Duration::from_secs(2), stream.message()).await {
+            Ok(Ok(Some(_))) => Ok(()),
+            Ok(Err(status)) => Err(status),
+            _ => Err(tonic::Status::ok("stream opened but sent nothing")),
+        }
+    } else {
+        grpc.unary(request, path, RawCodec).await.map(|_| ())
+    }
+}
+
+#[tokio::test]
+async fn every_gateway_rpc_refuses_every_wrong_credential() {
+    let stack = Stack::start(true).await;
+    let (_, merchant_key) = stack.merchant("A").await;
+    let channel = stack.channel().await;
+    let descriptors =
+        prost_types::FileDescriptorSet::decode(tandem_proto::FILE_DESCRIPTOR_SET).unwrap();
+    let wrong: [(&str, Option<String>); 4] = [
+        ("no credentials", None),
+        ("malformed", Some("Basic dXNlcjpwYXNz".to_owned())),
+        (
+            "unknown key",
+            Some(format!(
+                "Bearer {}",
+                merchant_key.chars().rev().collect::<String>()
+            )),
+        ),
+        ("empty bearer", Some("Bearer ".to_owned())),
+    ];
+    let mut served = 0;
+    let mut internal = Vec::new();
+    for file in &descriptors.file {
+        let package = file.package();
+        for service in &file.service {
+            let name = format!("{package}.{}", service.name());
+            let operator_service = name == "tandem.v1.OperatorService";
+            for method in &service.method {
+                let (m, streaming) = (method.name(), method.server_streaming());
+                // Whether the gateway serves it at all: the internal APIs are not there.
+                let probe = call(&channel, &name, m, streaming, None).await;
+                if probe.as_ref().err().map(tonic::Status::code) == Some(Code::Unimplemented) {
+                    internal.push(format!("{name}/{m}"));
+                    continue;
+                }
+                served += 1;
+                let mut cases: Vec<(&str, Option<String>)> = wrong.to_vec();
+                if operator_service {
+                    cases.push((
+                        "a merchant's key on an operator call",
+                        Some(format!("Bearer {merchant_key}")),
+                    ));
+                } else {
+                    cases.push((
+                        "the operator token on a merchant call",
+                        Some(format!("Bearer {OPERATOR_TOKEN}")),
+                    ));
+                }
+                for (case, authorization) in cases {
+                    let answer =
+                        call(&channel, &name, m, streaming, authorization.as_deref()).await;
+                    let code = answer.as_ref().err().map(tonic::Status::code);
+                    assert!(
+                        matches!(code, Some(Code::Unauthenticated | Code::PermissionDenied)),
+                        "{name}/{m} with {case}: {answer:?}"
+                    );
+                }
+            }
+        }
+    }
+    assert!(served >= 30, "only {served} methods served by the gateway");
+    // Every method of the public services is served (so none escaped the matrix above).
+    for public in [
+        "MerchantGateway",
+        "OperatorService",
+        "PartnershipService",
+        "NotificationService",
+        "StatementService",
+    ] {
+        assert!(
+            !internal
+                .iter()
+                .any(|m| m.starts_with(&format!("tandem.v1.{public}/"))),
+            "{public} has methods the gateway does not serve: {internal:?}"
+        );
+    }
+    eprintln!("{served} gateway methods × 5 wrong credentials refused; {} internal methods not served by the gateway", internal.len());
+    stack.stop().await;
+}
