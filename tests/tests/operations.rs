@@ -16,11 +16,13 @@ use tandem_proto::v1::merchant_gateway_client::MerchantGatewayClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic_health::pb::health_check_response::ServingStatus;
 
-/// `GET /metrics` at `address`: the body, or `None` if nothing answered with 200.
-async fn scrape(address: SocketAddr) -> Option<String> {
+/// `GET <path>` at `address` over HTTP/1.1: the whole answer, head and body.
+async fn http_get(address: SocketAddr, path: &str) -> Option<String> {
     let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
     stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nhost: tandem\r\nconnection: close\r\n\r\n")
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: tandem\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
         .await
         .ok()?;
     let mut answer = Vec::new();
@@ -28,7 +30,12 @@ async fn scrape(address: SocketAddr) -> Option<String> {
         .await
         .ok()?
         .ok()?;
-    let answer = String::from_utf8(answer).ok()?;
+    String::from_utf8(answer).ok()
+}
+
+/// `GET /metrics` at `address`: the body, or `None` if nothing answered with 200.
+async fn scrape(address: SocketAddr) -> Option<String> {
+    let answer = http_get(address, "/metrics").await?;
     let (head, body) = answer.split_once("\r\n\r\n")?;
     if !head.starts_with("HTTP/1.1 200") {
         return None;
@@ -498,18 +505,7 @@ async fn every_service_serves_metrics_prometheus_parses() {
         100.0,
         "5 % of the EUR 20.00 refunded"
     );
-    let unknown = {
-        let mut stream = tokio::net::TcpStream::connect(metrics["gateway"])
-            .await
-            .unwrap();
-        stream
-            .write_all(b"GET /other HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut answer = String::new();
-        stream.read_to_string(&mut answer).await.unwrap();
-        answer
-    };
+    let unknown = http_get(metrics["gateway"], "/other").await.unwrap();
     assert!(unknown.starts_with("HTTP/1.1 404"), "{unknown}");
     for process in [
         &mut gateway,
@@ -533,18 +529,7 @@ async fn a_consumer_whose_batches_fail_is_not_ready_until_they_apply_again() {
     wait_serving(ledger.address, Duration::from_secs(30)).await;
     stack.merchant("First").await;
     let ledger_db = stack.schema("ledger").await;
-    tandem_testkit::eventually(
-        "the first admin event applied",
-        Duration::from_secs(30),
-        || async {
-            let applied: i64 = sqlx::query_scalar("SELECT applied_through FROM admin_progress")
-                .fetch_one(&ledger_db)
-                .await
-                .ok()?;
-            (applied >= 1).then_some(())
-        },
-    )
-    .await;
+    wait_admin_applied(&ledger_db, 1).await;
     // Every batch now fails (the table it records progress in is gone), while messages wait.
     sqlx::query("ALTER TABLE admin_progress RENAME TO admin_progress_away")
         .execute(&ledger_db)

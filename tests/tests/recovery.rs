@@ -330,18 +330,7 @@ async fn a_stalled_consumer_turns_the_ledger_not_serving_and_ends_it() {
     // Let the ledger migrate and apply what is there, then hold a lock its batches need.
     stack.merchant("First").await;
     let ledger_db = stack.schema("ledger").await;
-    tandem_testkit::eventually(
-        "the first admin event applied",
-        Duration::from_secs(30),
-        || async {
-            let applied: i64 = sqlx::query_scalar("SELECT applied_through FROM admin_progress")
-                .fetch_one(&ledger_db)
-                .await
-                .ok()?;
-            (applied >= 1).then_some(())
-        },
-    )
-    .await;
+    wait_admin_applied(&ledger_db, 1).await;
     let mut blocker = ledger_db.begin().await.unwrap();
     sqlx::query("LOCK TABLE admin_progress IN ACCESS EXCLUSIVE MODE")
         .execute(&mut *blocker)

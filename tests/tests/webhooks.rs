@@ -490,19 +490,8 @@ async fn secrets_rotate_with_an_overlap_endpoints_disable_and_missed_events_repl
     .await;
 
     // One delivery sent again: the receiver gets the same webhook-id once more.
-    let deliveries = api
-        .list_webhook_deliveries(with_bearer(
-            pb::ListWebhookDeliveriesRequest {
-                endpoint_id: good_id.clone(),
-                ..Default::default()
-            },
-            &referrer_key,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .deliveries;
-    let again = deliveries.last().unwrap().notification_id.clone();
+    let listed_before = deliveries(&stack, &referrer_key, &good_id, |_| true).await;
+    let again = listed_before.last().unwrap().notification_id.clone();
     let count = |id: &str| {
         ok.received
             .lock()
@@ -573,18 +562,7 @@ async fn secrets_rotate_with_an_overlap_endpoints_disable_and_missed_events_repl
         1,
         "one key, one test delivery"
     );
-    let listed = api
-        .list_webhook_deliveries(with_bearer(
-            pb::ListWebhookDeliveriesRequest {
-                endpoint_id: good_id.clone(),
-                ..Default::default()
-            },
-            &referrer_key,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .deliveries;
+    let listed = deliveries(&stack, &referrer_key, &good_id, |_| true).await;
     let listed = listed
         .iter()
         .find(|d| d.notification_id == sent.notification_id)

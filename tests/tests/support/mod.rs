@@ -732,3 +732,20 @@ pub async fn purchase_webhook(
     ));
     (created, received)
 }
+
+/// Waits until the ledger whose schema `ledger_db` is has applied admin events up to
+/// `sequence`.
+pub async fn wait_admin_applied(ledger_db: &sqlx::PgPool, sequence: i64) {
+    tandem_testkit::eventually(
+        "the admin events applied",
+        Duration::from_secs(30),
+        || async {
+            let applied: i64 = sqlx::query_scalar("SELECT applied_through FROM admin_progress")
+                .fetch_one(ledger_db)
+                .await
+                .ok()?;
+            (applied >= sequence).then_some(())
+        },
+    )
+    .await;
+}
