@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
+use crate::close::{close_off_runtime, CLOSE_WITHIN};
 use crate::watchdog::Watchdog;
 use crate::{BusConfig, BusError, Topic};
 
@@ -206,10 +207,11 @@ pub async fn run_consumer<H: BatchHandler>(
             {
                 rejoins.push(now);
                 tracing::warn!(group_id = %settings.group_id, "fenced right after the brokers were unreachable: rejoining the group");
-                drop(consumer);
+                close_off_runtime("consumer", &settings.group_id, consumer, CLOSE_WITHIN).await;
                 continue;
             }
         }
+        close_off_runtime("consumer", &settings.group_id, consumer, CLOSE_WITHIN).await;
         return result;
     }
 }
@@ -271,10 +273,12 @@ async fn run_member<H: BatchHandler>(
         readiness: settings.readiness.clone(),
         failing: failing.clone(),
     };
+    let monitor = watchdog.monitor()?;
     let result = tokio::select! {
         result = consume(consumer, config, settings, handler, shutdown, outage, &failing) => result,
-        stalled = watchdog.run(consumer) => Err(stalled),
+        stalled = watchdog.run(consumer, monitor.clone()) => Err(stalled),
     };
+    close_off_runtime("group monitor", &settings.group_id, monitor, CLOSE_WITHIN).await;
     settings
         .readiness
         .set(&format!("consumer {}", settings.group_id), None);

@@ -2,6 +2,7 @@
 //! outbox relay that publishes what services commit to Postgres, and the one consumer loop that
 //! applies messages in batches and stores offsets only after the batch's transaction commits.
 
+mod close;
 mod config;
 mod consumer;
 mod lag;

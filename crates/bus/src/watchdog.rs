@@ -32,12 +32,14 @@ pub(crate) struct Watchdog {
 }
 
 impl Watchdog {
-    /// Returns only when the consumer is stalled (or the monitor cannot be created).
-    pub async fn run(&self, consumer: &StreamConsumer) -> BusError {
-        let monitor = match group_monitor(&self.config, &self.group_id) {
-            Ok(monitor) => Arc::new(monitor),
-            Err(error) => return error,
-        };
+    /// A client that reads the group's committed offsets for [`Watchdog::run`]; the caller
+    /// closes it off the runtime when the watchdog ends (it has a `group.id`).
+    pub fn monitor(&self) -> Result<Arc<BaseConsumer>, BusError> {
+        Ok(Arc::new(group_monitor(&self.config, &self.group_id)?))
+    }
+
+    /// Returns only when the consumer is stalled.
+    pub async fn run(&self, consumer: &StreamConsumer, monitor: Arc<BaseConsumer>) -> BusError {
         let interval =
             (self.stall_timeout / 6).clamp(Duration::from_secs(1), Duration::from_secs(10));
         // Per partition: the committed offset last seen, and since when it has not moved.

@@ -64,6 +64,11 @@ impl Drop for TestDatabase {
                 let mut connection = PgConnection::connect(&server_url)
                     .await
                     .map_err(std::io::Error::other)?;
+                // Bounded: a drop that waits on a lock must not hold the test forever.
+                sqlx::query("SET statement_timeout = '30s'")
+                    .execute(&mut connection)
+                    .await
+                    .map_err(std::io::Error::other)?;
                 sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
                     .execute(&mut connection)
                     .await
