@@ -125,13 +125,7 @@ impl LoyaltyProgramme {
         check_digit: CheckDigit,
     ) -> Result<Self, ValidationError> {
         let programme_id = parse_scope("programme_id", programme_id)?;
-        let display_name = display_name.trim().to_owned();
-        if display_name.is_empty() || display_name.chars().count() > 200 {
-            return Err(ValidationError::new(
-                "display_name",
-                "must be 1 to 200 characters",
-            ));
-        }
+        let display_name = crate::text::parse_text("display_name", display_name, 200)?;
         if !(4..=32).contains(&min_length) || !(min_length..=32).contains(&max_length) {
             return Err(ValidationError::new(
                 "member_number_format",

@@ -7,7 +7,7 @@ use sha2::{Digest, Sha256};
 use tandem_domain::customer::CustomerKey;
 use tandem_domain::ids::MerchantId;
 use tandem_domain::money::Money;
-use tandem_domain::text::{parse_token, reject_card_number};
+use tandem_domain::text::parse_token;
 use tandem_domain::ValidationError;
 use tandem_proto::v1;
 
@@ -52,9 +52,7 @@ pub fn parse_create_referral(
     let referrer_reference = if request.referrer_reference.trim().is_empty() {
         String::new()
     } else {
-        let reference = parse_token("referrer_reference", &request.referrer_reference, 1, 128)?;
-        reject_card_number("referrer_reference", &reference)?;
-        reference
+        parse_token("referrer_reference", &request.referrer_reference, 1, 128)?
     };
     let referred_at = parse_instant("referred_at", request.referred_at.as_ref(), now)?;
     let fingerprint = fingerprint(&[

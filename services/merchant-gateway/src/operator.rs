@@ -144,10 +144,8 @@ impl OperatorApi {
     ) -> Result<pb::CreateMerchantResponse, GatewayError> {
         authenticate_operator(request.metadata(), self.state.operator_token.expose())?;
         let request = request.into_inner();
-        let display_name = request.display_name.trim().to_owned();
-        if display_name.is_empty() || display_name.chars().count() > 200 {
-            return Err(ValidationError::new("display_name", "must be 1 to 200 characters").into());
-        }
+        let display_name =
+            tandem_domain::text::parse_text("display_name", &request.display_name, 200)?;
         let currency = Currency::parse("settlement_currency", &request.settlement_currency)?;
         let time_zone = parse_time_zone(&request.time_zone)?;
         let captures =

@@ -422,11 +422,8 @@ impl Settlement for SettlementApi {
                 tandem_domain::money::MAX_AMOUNT_MINOR
             )));
         }
-        let reason = tandem_domain::text::parse_token("reason", &request.reason, 1, 200)
-            .and_then(|reason| {
-                tandem_domain::text::reject_card_number("reason", &reason).map(|()| reason)
-            })
-            .map_err(invalid)?;
+        let reason =
+            tandem_domain::text::parse_token("reason", &request.reason, 1, 200).map_err(invalid)?;
         let correction = crate::corrections::CorrectionRequest {
             idempotency_key,
             merchant_id,
