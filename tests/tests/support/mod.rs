@@ -2,6 +2,7 @@
 //! own, and gives typed clients for them.
 #![allow(dead_code, clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
+pub mod otlp;
 pub mod process;
 
 use std::net::SocketAddr;
