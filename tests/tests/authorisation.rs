@@ -9,6 +9,7 @@ mod support;
 use bytes::{Buf, BufMut};
 use prost::Message as _;
 use support::*;
+use tandem_proto::v1 as pb;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::Code;
 
@@ -88,9 +89,28 @@ async fn every_gateway_rpc_refuses_every_wrong_credential() {
     let stack = Stack::start(true).await;
     let (_, merchant_key) = stack.merchant("A").await;
     let channel = stack.channel().await;
+    // A key that worked once and was revoked.
+    let (revoked_merchant, revoked_key) = stack.merchant("Revoked").await;
+    let mut operator = stack.operator().await;
+    let keys = operator
+        .list_api_keys(as_operator(pb::ListApiKeysRequest {
+            merchant_id: revoked_merchant.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    operator
+        .revoke_api_key(as_operator(pb::RevokeApiKeyRequest {
+            merchant_id: revoked_merchant,
+            key_id: keys[0].key_id.clone(),
+        }))
+        .await
+        .unwrap();
     let descriptors =
         prost_types::FileDescriptorSet::decode(tandem_proto::FILE_DESCRIPTOR_SET).unwrap();
-    let wrong: [(&str, Option<String>); 4] = [
+    let wrong: [(&str, Option<String>); 5] = [
+        ("revoked key", Some(format!("Bearer {revoked_key}"))),
         ("no credentials", None),
         ("malformed", Some("Basic dXNlcjpwYXNz".to_owned())),
         (
@@ -158,6 +178,6 @@ async fn every_gateway_rpc_refuses_every_wrong_credential() {
             "{public} has methods the gateway does not serve: {internal:?}"
         );
     }
-    eprintln!("{served} gateway methods × 5 wrong credentials refused; {} internal methods not served by the gateway", internal.len());
+    eprintln!("{served} gateway methods × 6 wrong credentials refused; {} internal methods not served by the gateway", internal.len());
     stack.stop().await;
 }

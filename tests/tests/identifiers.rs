@@ -338,6 +338,7 @@ async fn partners_sharing_no_identifier_and_undeclared_identifiers_are_refused_p
             commission_rate_bps: 500,
             attribution_window_days: 30,
             effective_from: None,
+            idempotency_key: "stripe-adyen".into(),
             ..Default::default()
         }))
         .await

@@ -48,6 +48,7 @@ async fn merchant(channel: &Channel, name: &str) -> (String, String) {
             display_name: name.into(),
             settlement_currency: "EUR".into(),
             time_zone: "Europe/Paris".into(),
+            idempotency_key: uuid::Uuid::new_v4().to_string(),
             identifier_captures: ["card:test-processor", "phone", "email"]
                 .iter()
                 .map(|tag| capture(tag))
@@ -128,6 +129,7 @@ async fn no_raw_identifier_reaches_a_table_a_topic_a_log_a_trace_or_a_metric() {
             acceptor_merchant_id: acceptor.clone(),
             commission_rate_bps: 500,
             attribution_window_days: 30,
+            idempotency_key: "privacy-partnership".into(),
             ..Default::default()
         }))
         .await
@@ -248,6 +250,7 @@ async fn no_raw_identifier_reaches_a_table_a_topic_a_log_a_trace_or_a_metric() {
                     display_name: inside.clone(),
                     settlement_currency: "EUR".into(),
                     time_zone: "Europe/Paris".into(),
+                    idempotency_key: "privacy-merchant".into(),
                     identifier_captures: vec![capture("phone")],
                 }))
                 .await

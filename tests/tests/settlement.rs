@@ -42,6 +42,7 @@ async fn daily_partnership(stack: &Stack, referrer: &str, acceptor: &str, rate_b
             )),
             settlement_cycle: pb::SettlementCycle::Daily as i32,
             minimum_payout_minor: 0,
+            idempotency_key: uuid::Uuid::new_v4().to_string(),
         }))
         .await
         .unwrap()

@@ -71,6 +71,10 @@ prefixed_id!(
     /// A refund or void of (part of) a purchase.
     RefundId, "rfd_"
 );
+prefixed_id!(
+    /// One of a merchant's API keys (its id, never its secret).
+    ApiKeyId, "key_"
+);
 
 #[cfg(test)]
 mod tests {

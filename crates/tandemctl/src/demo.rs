@@ -36,6 +36,7 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         "create merchant A",
         operator.create_merchant(authorised(
             pb::CreateMerchantRequest {
+                idempotency_key: format!("demo-{run_tag}-merchant-a"),
                 display_name: "Atelier Bikes (A)".into(),
                 settlement_currency: "EUR".into(),
                 time_zone: "Europe/Paris".into(),
@@ -52,6 +53,7 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         "create merchant C",
         operator.create_merchant(authorised(
             pb::CreateMerchantRequest {
+                idempotency_key: format!("demo-{run_tag}-merchant-c"),
                 display_name: "Cafe Lumiere (C)".into(),
                 settlement_currency: "EUR".into(),
                 time_zone: "Europe/Paris".into(),
@@ -82,6 +84,7 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
                 commission_rate_bps: 750,
                 attribution_window_days: 30,
                 effective_from: None,
+                idempotency_key: format!("demo-{run_tag}-partnership"),
                 ..Default::default()
             },
             token,

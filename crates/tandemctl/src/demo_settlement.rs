@@ -130,6 +130,7 @@ pub async fn run(
                         display_name: name.into(),
                         settlement_currency: "EUR".into(),
                         time_zone: zone.into(),
+                        idempotency_key: uuid::Uuid::new_v4().to_string(),
                         identifier_captures: vec![pb::IdentifierCapture {
                             kind: pb::IdentifierKind::Email as i32,
                             scope: String::new(),
@@ -156,6 +157,7 @@ pub async fn run(
                     )),
                     settlement_cycle: pb::SettlementCycle::Daily as i32,
                     minimum_payout_minor: 0,
+                    idempotency_key: uuid::Uuid::new_v4().to_string(),
                 },
                 token,
             )?)

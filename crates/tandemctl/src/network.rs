@@ -80,6 +80,7 @@ impl Network {
                             display_name: name.clone(),
                             settlement_currency: "EUR".into(),
                             time_zone: "Europe/Paris".into(),
+                            idempotency_key: uuid::Uuid::new_v4().to_string(),
                             ..Default::default()
                         },
                         &token,

@@ -4,14 +4,18 @@
 
 use prost::Message;
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
-use tandem_domain::ids::MerchantId;
 
 use crate::{GatewayError, State};
+
+/// The owner of operator calls' idempotency keys (never a merchant id, which has a `mer_`
+/// prefix).
+pub const OPERATOR: &str = "operator";
 
 /// What identifies one idempotent write.
 #[derive(Debug, Clone, Copy)]
 pub struct Scope<'a> {
-    pub merchant: &'a MerchantId,
+    /// Whose key it is: a merchant id, or [`OPERATOR`] for operator calls.
+    pub owner: &'a str,
     pub key: &'a str,
     pub operation: &'static str,
     /// SHA-256 of the request after pseudonymisation.
@@ -33,7 +37,7 @@ pub async fn start<R: Message + Default>(
     let mut tx = pool.begin().await?;
     match begin(
         &mut tx,
-        scope.merchant,
+        scope.owner,
         scope.key,
         scope.operation,
         scope.fingerprint,
@@ -60,7 +64,7 @@ pub async fn complete<R: Message>(
 ) -> Result<(), GatewayError> {
     finish(
         &mut tx,
-        scope.merchant,
+        scope.owner,
         scope.key,
         scope.operation,
         scope.fingerprint,
@@ -81,7 +85,7 @@ pub async fn check<R: Message + Default>(
 ) -> Result<Option<R>, GatewayError> {
     begin(
         connection,
-        scope.merchant,
+        scope.owner,
         scope.key,
         scope.operation,
         scope.fingerprint,
@@ -99,7 +103,7 @@ pub async fn store<R: Message>(
 ) -> Result<(), GatewayError> {
     finish(
         connection,
-        scope.merchant,
+        scope.owner,
         scope.key,
         scope.operation,
         scope.fingerprint,
@@ -112,13 +116,13 @@ pub async fn store<R: Message>(
 /// same request, an error if it was used for a different one, and `None` for a new key.
 async fn begin(
     connection: &mut PgConnection,
-    merchant: &MerchantId,
+    owner: &str,
     idempotency_key: &str,
     operation: &str,
     fingerprint: &[u8],
 ) -> Result<Option<Vec<u8>>, GatewayError> {
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1 || ':' || $2, 0))")
-        .bind(merchant.as_str())
+        .bind(owner)
         .bind(idempotency_key)
         .execute(&mut *connection)
         .await?;
@@ -126,7 +130,7 @@ async fn begin(
         "SELECT operation, request_fingerprint, response FROM idempotency_records \
          WHERE merchant_id = $1 AND idempotency_key = $2",
     )
-    .bind(merchant.as_str())
+    .bind(owner)
     .bind(idempotency_key)
     .fetch_optional(&mut *connection)
     .await?;
@@ -147,7 +151,7 @@ async fn begin(
 /// Stores the answer to a new key, in the same transaction as the write.
 async fn finish(
     connection: &mut PgConnection,
-    merchant: &MerchantId,
+    owner: &str,
     idempotency_key: &str,
     operation: &str,
     fingerprint: &[u8],
@@ -158,7 +162,7 @@ async fn finish(
          (merchant_id, idempotency_key, operation, request_fingerprint, response) \
          VALUES ($1, $2, $3, $4, $5)",
     )
-    .bind(merchant.as_str())
+    .bind(owner)
     .bind(idempotency_key)
     .bind(operation)
     .bind(fingerprint)

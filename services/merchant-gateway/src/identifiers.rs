@@ -37,13 +37,14 @@ pub async fn authenticate_caller(
 ) -> Result<Caller, GatewayError> {
     let token = bearer_token(metadata)?;
     let row: Option<(String, Vec<String>)> = sqlx::query_as(
-        "SELECT merchant_id, identifier_captures FROM merchants WHERE api_key_sha256 = $1",
+        "SELECT m.merchant_id, m.identifier_captures FROM api_keys k JOIN merchants m USING (merchant_id) \
+         WHERE k.sha256 = $1 AND k.revoked_at IS NULL",
     )
     .bind(api_key_sha256(token))
     .fetch_optional(pool)
     .await?;
     let (merchant_id, captures) = row.ok_or(GatewayError::Unauthenticated(
-        "API key not recognised; check the key the operator issued",
+        "API key not recognised or revoked; check the key the operator issued",
     ))?;
     Ok(Caller {
         merchant: MerchantId::parse("merchant_id", &merchant_id)?,

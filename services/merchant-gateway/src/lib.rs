@@ -5,6 +5,7 @@
 //! The outbox relay then publishes it to Kafka. Raw customer identifiers never leave this crate's
 //! request parsing.
 
+mod audit;
 mod auth;
 mod bulk;
 mod commands;
@@ -13,6 +14,7 @@ mod events;
 mod idempotency;
 mod identifiers;
 mod ingest;
+mod keys;
 mod notifications;
 mod operator;
 mod partnerships;

@@ -144,7 +144,7 @@ pub async fn find_by_pair(
         .transpose()
 }
 
-fn fingerprint<M: Message>(operation: &str, message: &M) -> Vec<u8> {
+pub(crate) fn fingerprint<M: Message>(operation: &str, message: &M) -> Vec<u8> {
     let mut hasher = Sha256::new();
     hasher.update(operation.as_bytes());
     hasher.update(message.encode_to_vec());
@@ -240,7 +240,7 @@ impl PartnershipApi {
         let fingerprint = fingerprint("ProposeTerms", &request);
 
         let scope = idempotency::Scope {
-            merchant: &merchant,
+            owner: merchant.as_str(),
             key: &idempotency_key,
             operation: "ProposeTerms",
             fingerprint: &fingerprint,
@@ -409,7 +409,7 @@ impl PartnershipApi {
         let fingerprint = fingerprint(operation, request.get_ref());
         let now = tandem_proto::time::truncate_to_micros(Utc::now());
         let scope = idempotency::Scope {
-            merchant: &merchant,
+            owner: merchant.as_str(),
             key: &idempotency_key,
             operation,
             fingerprint: &fingerprint,

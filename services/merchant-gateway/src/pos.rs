@@ -259,7 +259,7 @@ impl PosApi {
         check_not_self_referral(&merchant, &command.acceptor)?;
 
         let scope = idempotency::Scope {
-            merchant: &merchant,
+            owner: merchant.as_str(),
             key: &parsed.idempotency_key,
             operation: "CreateReferral",
             fingerprint: &parsed.fingerprint,

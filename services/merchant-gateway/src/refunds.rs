@@ -192,7 +192,7 @@ async fn write_refund(
         fingerprint,
     } = prepared;
     let scope = idempotency::Scope {
-        merchant,
+        owner: merchant.as_str(),
         key: &idempotency_key,
         operation: "RecordRefund",
         fingerprint: &fingerprint,
@@ -312,7 +312,7 @@ pub async fn cancel_referral(
     let now = tandem_proto::time::truncate_to_micros(Utc::now());
 
     let scope = idempotency::Scope {
-        merchant: &merchant,
+        owner: merchant.as_str(),
         key: &idempotency_key,
         operation: "CancelReferral",
         fingerprint: &fingerprint,

@@ -411,6 +411,7 @@ impl Stack {
                 display_name: name.into(),
                 settlement_currency: "EUR".into(),
                 time_zone: "Europe/Paris".into(),
+                idempotency_key: uuid::Uuid::new_v4().to_string(),
                 identifier_captures: captures.iter().map(|tag| capture(tag)).collect(),
             }))
             .await
@@ -447,6 +448,7 @@ impl Stack {
                 commission_rate_bps: rate_bps,
                 attribution_window_days: window_days,
                 effective_from: effective_from.map(tandem_proto::time::timestamp),
+                idempotency_key: uuid::Uuid::new_v4().to_string(),
                 ..Default::default()
             }))
             .await
