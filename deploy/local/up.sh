@@ -27,6 +27,10 @@ if [[ ! -f "$secrets" ]]; then
     echo "TANDEM_NETWORK_KEY=1:$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')"
   } >"$secrets"
 fi
+# The service token the internal APIs require of the gateway (added to older secrets files too).
+if ! grep -q '^TANDEM_SERVICE_TOKEN=' "$secrets"; then
+  (umask 077; echo "TANDEM_SERVICE_TOKEN=svc_$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')" >>"$secrets")
+fi
 set -a; source "$secrets"; set +a
 
 ensure_postgres

@@ -181,3 +181,113 @@ async fn every_gateway_rpc_refuses_every_wrong_credential() {
     eprintln!("{served} gateway methods × 6 wrong credentials refused; {} internal methods not served by the gateway", internal.len());
     stack.stop().await;
 }
+
+/// The internal APIs (ledger, settlement, notifications) trust the merchant id in each request,
+/// so they serve only callers with the deployment's service token: every method of theirs
+/// refuses no token, a wrong token, a merchant's API key and the operator token; health checks
+/// stay open; the gateway, which has the token, gets through.
+#[tokio::test]
+async fn internal_apis_refuse_every_caller_without_the_service_token() {
+    let mut stack = Stack::start(true).await;
+    stack.start_settlement(3600).await;
+    stack.start_notifications().await;
+    let (_, merchant_key) = stack.merchant("A").await;
+    let descriptors =
+        prost_types::FileDescriptorSet::decode(tandem_proto::FILE_DESCRIPTOR_SET).unwrap();
+    let wrong: [(&str, Option<String>); 5] = [
+        ("no token", None),
+        (
+            "a wrong token",
+            Some(format!("Bearer {}", SERVICE_TOKEN.replace('0', "1"))),
+        ),
+        ("a merchant's key", Some(format!("Bearer {merchant_key}"))),
+        (
+            "the operator token",
+            Some(format!("Bearer {OPERATOR_TOKEN}")),
+        ),
+        ("the token without Bearer", Some(SERVICE_TOKEN.to_owned())),
+    ];
+    let mut refused = 0;
+    for (service, address) in [
+        ("tandem.v1.ReferralLedger", stack.ledger_address()),
+        ("tandem.v1.Settlement", stack.settlement_address()),
+        ("tandem.v1.Notifications", stack.notifications_address()),
+    ] {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let methods = descriptors
+            .file
+            .iter()
+            .flat_map(|file| {
+                file.service
+                    .iter()
+                    .map(move |s| (format!("{}.{}", file.package(), s.name()), s))
+            })
+            .find(|(name, _)| name == service)
+            .unwrap_or_else(|| panic!("{service} not in the descriptors"))
+            .1
+            .method
+            .clone();
+        assert!(!methods.is_empty());
+        for method in &methods {
+            for (case, authorization) in &wrong {
+                let answer = call(
+                    &channel,
+                    service,
+                    method.name(),
+                    method.server_streaming(),
+                    authorization.as_deref(),
+                )
+                .await;
+                assert_eq!(
+                    answer.as_ref().err().map(tonic::Status::code),
+                    Some(Code::Unauthenticated),
+                    "{service}/{} with {case}: {answer:?}",
+                    method.name()
+                );
+                refused += 1;
+            }
+        }
+        // Health stays open to orchestrators.
+        assert_eq!(
+            support::process::HealthProbe::connect(address)
+                .await
+                .service_status(service)
+                .await,
+            Some(tonic_health::pb::health_check_response::ServingStatus::Serving),
+            "{service} health"
+        );
+        // With the token, the call reaches the handler (which refuses the empty request on
+        // its merits, never as unauthenticated).
+        let method = &methods[0];
+        let answer = call(
+            &channel,
+            service,
+            method.name(),
+            method.server_streaming(),
+            Some(&format!("Bearer {SERVICE_TOKEN}")),
+        )
+        .await;
+        assert_ne!(
+            answer.as_ref().err().map(tonic::Status::code),
+            Some(Code::Unauthenticated),
+            "{service}/{} with the token: {answer:?}",
+            method.name()
+        );
+    }
+    // And the gateway, holding the token, reaches them: a merchant's query through it works.
+    stack
+        .pos()
+        .await
+        .list_referrals(with_bearer(
+            pb::ListReferralsRequest::default(),
+            &merchant_key,
+        ))
+        .await
+        .unwrap();
+    eprintln!("{refused} calls to the internal APIs without the service token refused");
+    stack.stop().await;
+}

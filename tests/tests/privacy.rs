@@ -335,6 +335,52 @@ async fn no_raw_identifier_reaches_a_table_a_topic_a_log_a_trace_or_a_metric() {
         }
     }
 
+    // Id fields are not free text: a raw identifier sent as an id is refused as a malformed id,
+    // and must not reach a span or a log line either.
+    for pollutant in [CARD_NUMBER, PHONE, EMAIL] {
+        let refused = [
+            OperatorServiceClient::new(channel.clone())
+                .close_settlement_cycle(as_operator(pb::CloseCycleRequest {
+                    cycle: pollutant.into(),
+                }))
+                .await
+                .map(drop),
+            pos.explain_commission(with_bearer(
+                pb::ExplainCommissionRequest {
+                    purchase_id: pollutant.into(),
+                },
+                &referrer_key,
+            ))
+            .await
+            .map(drop),
+            tandem_proto::v1::partnership_service_client::PartnershipServiceClient::new(
+                channel.clone(),
+            )
+            .get_partnership(with_bearer(
+                pb::GetPartnershipRequest {
+                    partnership_id: pollutant.into(),
+                },
+                &referrer_key,
+            ))
+            .await
+            .map(drop),
+            OperatorServiceClient::new(channel.clone())
+                .issue_api_key(as_operator(pb::IssueApiKeyRequest {
+                    merchant_id: pollutant.into(),
+                    idempotency_key: "privacy-key".into(),
+                }))
+                .await
+                .map(drop),
+        ];
+        for answer in refused {
+            assert_eq!(
+                answer.unwrap_err().code(),
+                Code::InvalidArgument,
+                "{pollutant:?} as an id"
+            );
+        }
+    }
+
     // Spans flushed (the batch exporter runs every 100 ms) and the last lines logged.
     tandem_testkit::eventually(
         "the webhook's span exported",

@@ -120,6 +120,25 @@ pub fn parse_text(field: &str, value: &str, max_chars: usize) -> Result<String, 
     Ok(trimmed.to_owned())
 }
 
+/// What a span or log line may record of an id field as the client sent it, before it was
+/// validated: the value if it is shaped like an id (1 to 100 letters, digits and `_ - : . /`,
+/// nothing shaped like a customer identifier), else a placeholder. Spans name the ids a call
+/// was about; a refused call's "id" could be anything the till typed.
+pub fn loggable_id(value: &str) -> &str {
+    let id_shaped = (1..=100).contains(&value.len())
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-:./".contains(&b))
+        && reject_personal_data("", value).is_ok();
+    if id_shaped {
+        value
+    } else if value.is_empty() {
+        ""
+    } else {
+        "<not an id>"
+    }
+}
+
 /// Refuses a free-text value with something shaped like a card number, an e-mail address or a
 /// phone number in it (see the module's documentation for the shapes), naming the field and
 /// saying where such a value belongs.
@@ -432,6 +451,25 @@ mod tests {
             "Café Lumière"
         );
         assert!(parse_text("display_name", "two\nlines", 200).is_err());
+    }
+
+    #[test]
+    fn only_id_shaped_values_are_logged() {
+        assert_eq!(loggable_id("mer_0123abcd"), "mer_0123abcd");
+        assert_eq!(
+            loggable_id("monthly:Europe/Paris:2026-03-01"),
+            "monthly:Europe/Paris:2026-03-01"
+        );
+        assert_eq!(loggable_id(""), "");
+        for raw in [
+            "+33698765432",
+            "jane@example.com",
+            "4111111111111111",
+            "a b",
+            "06.12.34.56.78",
+        ] {
+            assert_eq!(loggable_id(raw), "<not an id>", "{raw}");
+        }
     }
 
     #[test]

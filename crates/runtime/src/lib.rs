@@ -6,9 +6,13 @@ mod config;
 mod metrics_http;
 mod rpc_metrics;
 mod server;
+mod service_auth;
 
 pub use metrics_http::serve_metrics;
 pub use rpc_metrics::RpcMetricsLayer;
+pub use service_auth::{
+    parse_service_token, InternalChannel, ServiceAuthLayer, ServiceCredential, SERVICE_TOKEN_ENV,
+};
 
 pub use config::{host_name, BusArgs, ConsumerArgs, DatabaseArgs, TopicArgs};
 pub use server::{

@@ -99,10 +99,12 @@ impl BackgroundTasks {
 
 /// Serves `routes` on `listener`, with gRPC health (each name in `service_names` reported as
 /// serving, and the overall "" status) and server reflection v1 and v1alpha, until `shutdown` is
-/// cancelled or one of `tasks` ends. In-flight calls finish before this returns.
+/// cancelled or one of `tasks` ends. In-flight calls finish before this returns. `access` says
+/// whether calls need the service token (the internal APIs) or not (the merchant gateway).
 pub async fn serve(
     listener: TcpListener,
     routes: Routes,
+    access: crate::ServiceAuthLayer,
     service_names: &[&str],
     mut tasks: BackgroundTasks,
     shutdown: CancellationToken,
@@ -138,6 +140,7 @@ pub async fn serve(
     let reporter = health_reporter.clone();
     let server = Server::builder()
         .layer(crate::RpcMetricsLayer::new())
+        .layer(access)
         .add_routes(routes)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             shutting_down.cancelled().await;
@@ -224,6 +227,7 @@ pub async fn serve_health_only(
     serve(
         listener,
         Routes::default(),
+        crate::ServiceAuthLayer::open(),
         &[],
         BackgroundTasks::default(),
         shutdown,

@@ -20,6 +20,15 @@ pub struct Entry<'a> {
     pub outcome: &'a Result<(), Status>,
 }
 
+/// Free text as the audit row keeps it: as sent if it passes the free-text guard, else a
+/// placeholder (a refused call's text may hold the very identifier it was refused for).
+pub fn text(value: &str) -> serde_json::Value {
+    match tandem_domain::text::reject_personal_data("", value) {
+        Ok(()) => serde_json::Value::String(value.to_owned()),
+        Err(_) => serde_json::Value::String("<withheld: shaped like a customer identifier>".into()),
+    }
+}
+
 /// Records `entry`; a failure to record is logged, never returned (the call already happened).
 pub async fn record(pool: &PgPool, entry: Entry<'_>) {
     let outcome = match entry.outcome {
@@ -27,18 +36,23 @@ pub async fn record(pool: &PgPool, entry: Entry<'_>) {
         Err(status) => status_name(status.code()).to_owned(),
     };
     let trace_id = current_trace_id();
+    // The target of a refused call is what the caller sent: guarded like free text.
+    let target = match text(&entry.target) {
+        serde_json::Value::String(target) => target,
+        _ => String::new(),
+    };
     let written = sqlx::query(
         "INSERT INTO operator_audit (action, target, outcome, detail, trace_id) VALUES ($1, $2, $3, $4::jsonb, $5)",
     )
     .bind(entry.action)
-    .bind(&entry.target)
+    .bind(&target)
     .bind(&outcome)
     .bind(entry.detail.to_string())
     .bind(&trace_id)
     .execute(pool)
     .await;
     if let Err(error) = written {
-        tracing::error!(action = entry.action, target = %entry.target, outcome = %outcome, error = %error, "operator action not recorded in the audit log");
+        tracing::error!(action = entry.action, target = %target, outcome = %outcome, error = %error, "operator action not recorded in the audit log");
     }
 }
 

@@ -61,6 +61,10 @@ pub struct Config {
         default_value = "127.0.0.1:9464"
     )]
     pub metrics_listen: SocketAddr,
+    /// The deployment's service token (`TANDEM_SERVICE_TOKEN`, 32+ characters), presented on
+    /// every call to the internal APIs (ledger, settlement, notifications).
+    #[arg(long, env = "TANDEM_SERVICE_TOKEN", hide_env_values = true, value_parser = tandem_runtime::parse_service_token)]
+    pub service_token: tandem_runtime::Secret,
     #[command(flatten)]
     pub database: DatabaseArgs,
     #[command(flatten)]
@@ -141,6 +145,8 @@ pub enum StartError {
     BackendUrl(String, #[source] tonic::transport::Error),
     #[error("gRPC server")]
     Serve(#[from] tandem_runtime::ServeError),
+    #[error("{0}")]
+    ServiceToken(String),
 }
 
 static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -183,6 +189,8 @@ pub async fn run(
             .map_err(|error| StartError::BackendUrl(config.notifications_url.clone(), error))?
             .connect_timeout(std::time::Duration::from_secs(5))
             .connect_lazy();
+    let credential = tandem_runtime::ServiceCredential::new(&config.service_token)
+        .map_err(StartError::ServiceToken)?;
     let outbox_written = Arc::new(Notify::new());
     let group_commit =
         ingest::GroupCommit::start(pool.clone(), config.group_commit, outbox_written.clone());
@@ -213,7 +221,7 @@ pub async fn run(
     });
     let routes = Routes::new(MerchantGatewayServer::new(pos::PosApi {
         state: state.clone(),
-        ledger: ReferralLedgerClient::new(ledger_channel),
+        ledger: ReferralLedgerClient::with_interceptor(ledger_channel, credential.clone()),
     }))
     .add_service(PartnershipServiceServer::new(
         partnerships::PartnershipApi {
@@ -222,22 +230,29 @@ pub async fn run(
     ))
     .add_service(StatementServiceServer::new(statements::StatementApi {
         state: state.clone(),
-        settlement: SettlementClient::new(settlement_channel.clone()),
+        settlement: SettlementClient::with_interceptor(
+            settlement_channel.clone(),
+            credential.clone(),
+        ),
     }))
     .add_service(NotificationServiceServer::new(
         notifications::NotificationApi {
             state: state.clone(),
-            notifications: NotificationsClient::new(notifications_channel),
+            notifications: NotificationsClient::with_interceptor(
+                notifications_channel,
+                credential.clone(),
+            ),
             shutdown: shutdown.clone(),
         },
     ))
     .add_service(OperatorServiceServer::new(operator::OperatorApi {
         state,
-        settlement: SettlementClient::new(settlement_channel),
+        settlement: SettlementClient::with_interceptor(settlement_channel, credential),
     }));
     let served = tandem_runtime::serve(
         listener,
         routes,
+        tandem_runtime::ServiceAuthLayer::open(),
         &[
             <MerchantGatewayServer<pos::PosApi> as NamedService>::NAME,
             <OperatorServiceServer<operator::OperatorApi> as NamedService>::NAME,

@@ -9,7 +9,6 @@ use futures::StreamExt;
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::notification_service_server::NotificationService;
 use tandem_proto::v1::notifications_client::NotificationsClient;
-use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
 use crate::auth::{authenticate_merchant, check_acting_as};
@@ -18,7 +17,7 @@ use crate::State;
 
 pub struct NotificationApi {
     pub state: Arc<State>,
-    pub notifications: NotificationsClient<Channel>,
+    pub notifications: NotificationsClient<tandem_runtime::InternalChannel>,
     /// Open streams end when the gateway shuts down (subscribers reconnect with their cursor),
     /// so a graceful shutdown never waits for them.
     pub shutdown: tokio_util::sync::CancellationToken,
@@ -117,7 +116,7 @@ impl NotificationService for NotificationApi {
             .await;
         Ok(Response::new(relay_status("notifications", answer)?))
     }
-    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id, endpoint_id = %request.get_ref().endpoint_id))]
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id, endpoint_id = %tandem_domain::text::loggable_id(&request.get_ref().endpoint_id)))]
     async fn rotate_webhook_secret(
         &self,
         request: Request<pb::RotateWebhookSecretRequest>,
@@ -138,7 +137,7 @@ impl NotificationService for NotificationApi {
         Ok(Response::new(relay_status("notifications", answer)?))
     }
 
-    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id, endpoint_id = %request.get_ref().endpoint_id))]
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id, endpoint_id = %tandem_domain::text::loggable_id(&request.get_ref().endpoint_id)))]
     async fn set_webhook_endpoint_enabled(
         &self,
         request: Request<pb::SetWebhookEndpointEnabledRequest>,
@@ -159,7 +158,7 @@ impl NotificationService for NotificationApi {
         Ok(Response::new(relay_status("notifications", answer)?))
     }
 
-    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id, endpoint_id = %request.get_ref().endpoint_id))]
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id, endpoint_id = %tandem_domain::text::loggable_id(&request.get_ref().endpoint_id)))]
     async fn redeliver_webhook(
         &self,
         request: Request<pb::RedeliverWebhookRequest>,
@@ -180,7 +179,7 @@ impl NotificationService for NotificationApi {
         Ok(Response::new(relay_status("notifications", answer)?))
     }
 
-    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id, endpoint_id = %request.get_ref().endpoint_id))]
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id, endpoint_id = %tandem_domain::text::loggable_id(&request.get_ref().endpoint_id)))]
     async fn send_test_webhook(
         &self,
         request: Request<pb::SendTestWebhookRequest>,
@@ -201,7 +200,7 @@ impl NotificationService for NotificationApi {
         Ok(Response::new(relay_status("notifications", answer)?))
     }
 
-    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id, endpoint_id = %request.get_ref().endpoint_id))]
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id, endpoint_id = %tandem_domain::text::loggable_id(&request.get_ref().endpoint_id)))]
     async fn replay_webhooks(
         &self,
         request: Request<pb::ReplayWebhooksRequest>,

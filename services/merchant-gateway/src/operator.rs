@@ -14,7 +14,6 @@ use tandem_proto::v1 as pb;
 use tandem_proto::v1::event_envelope::Payload;
 use tandem_proto::v1::operator_service_server::OperatorService;
 use tandem_proto::v1::settlement_client::SettlementClient;
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use serde_json::json;
@@ -30,7 +29,7 @@ use tandem_domain::text::parse_token;
 
 pub struct OperatorApi {
     pub state: Arc<State>,
-    pub settlement: SettlementClient<Channel>,
+    pub settlement: SettlementClient<tandem_runtime::InternalChannel>,
 }
 
 #[tonic::async_trait]
@@ -44,11 +43,11 @@ impl OperatorService for OperatorApi {
         self.authenticate(&request)?;
         let asked = request.get_ref();
         let detail = json!({
-            "display_name": asked.display_name,
-            "settlement_currency": asked.settlement_currency,
-            "time_zone": asked.time_zone,
+            "display_name": audit::text(&asked.display_name),
+            "settlement_currency": audit::text(&asked.settlement_currency),
+            "time_zone": audit::text(&asked.time_zone),
             "identifier_captures": asked.identifier_captures.len(),
-            "idempotency_key": asked.idempotency_key,
+            "idempotency_key": audit::text(&asked.idempotency_key),
         });
         let answer = self.create_merchant(request).await.map_err(Status::from);
         self.audited("CreateMerchant", String::new(), detail, answer, |r| {
@@ -57,7 +56,7 @@ impl OperatorService for OperatorApi {
         .await
     }
 
-    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, programme_id = %request.get_ref().programme_id))]
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, programme_id = %tandem_domain::text::loggable_id(&request.get_ref().programme_id)))]
     async fn register_loyalty_programme(
         &self,
         request: Request<pb::RegisterLoyaltyProgrammeRequest>,
@@ -66,7 +65,7 @@ impl OperatorService for OperatorApi {
         self.authenticate(&request)?;
         let asked = request.get_ref();
         let target = asked.programme_id.clone();
-        let detail = json!({ "display_name": asked.display_name });
+        let detail = json!({ "display_name": audit::text(&asked.display_name) });
         let answer = identifiers::register_programme(&self.state.pool, asked)
             .await
             .map_err(Status::from);
@@ -85,13 +84,13 @@ impl OperatorService for OperatorApi {
         self.authenticate(&request)?;
         let asked = request.get_ref();
         let detail = json!({
-            "referrer_merchant_id": asked.referrer_merchant_id,
-            "acceptor_merchant_id": asked.acceptor_merchant_id,
+            "referrer_merchant_id": audit::text(&asked.referrer_merchant_id),
+            "acceptor_merchant_id": audit::text(&asked.acceptor_merchant_id),
             "commission_rate_bps": asked.commission_rate_bps,
             "attribution_window_days": asked.attribution_window_days,
             "settlement_cycle": asked.settlement_cycle,
             "minimum_payout_minor": asked.minimum_payout_minor,
-            "idempotency_key": asked.idempotency_key,
+            "idempotency_key": audit::text(&asked.idempotency_key),
         });
         let answer = self.create_partnership(request).await.map_err(Status::from);
         self.audited("CreatePartnership", String::new(), detail, answer, |r| {
@@ -100,7 +99,7 @@ impl OperatorService for OperatorApi {
         .await
     }
 
-    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, cycle = %request.get_ref().cycle))]
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, cycle = %tandem_domain::text::loggable_id(&request.get_ref().cycle)))]
     async fn close_settlement_cycle(
         &self,
         request: Request<pb::CloseCycleRequest>,
@@ -135,7 +134,7 @@ impl OperatorService for OperatorApi {
         Ok(Response::new(relay_status("settlement", answer)?))
     }
 
-    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, cycle = %request.get_ref().cycle))]
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, cycle = %tandem_domain::text::loggable_id(&request.get_ref().cycle)))]
     async fn list_payout_instructions(
         &self,
         request: Request<pb::ListPayoutInstructionsRequest>,
@@ -150,7 +149,7 @@ impl OperatorService for OperatorApi {
         Ok(Response::new(relay_status("settlement", answer)?))
     }
 
-    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, cycle = %request.get_ref().cycle))]
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, cycle = %tandem_domain::text::loggable_id(&request.get_ref().cycle)))]
     async fn get_payout_file(
         &self,
         request: Request<pb::GetPayoutFileRequest>,
@@ -161,8 +160,8 @@ impl OperatorService for OperatorApi {
         let asked = request.get_ref();
         let target = asked.cycle.clone();
         let detail = json!({
-            "currency": asked.currency,
-            "requested_execution_date": asked.requested_execution_date,
+            "currency": audit::text(&asked.currency),
+            "requested_execution_date": audit::text(&asked.requested_execution_date),
         });
         let answer = self
             .settlement
@@ -174,7 +173,7 @@ impl OperatorService for OperatorApi {
             .await
     }
 
-    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id = %request.get_ref().merchant_id))]
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id = %tandem_domain::text::loggable_id(&request.get_ref().merchant_id)))]
     async fn issue_settlement_correction(
         &self,
         request: Request<pb::IssueCorrectionRequest>,
@@ -185,11 +184,11 @@ impl OperatorService for OperatorApi {
         let target = asked.merchant_id.clone();
         let detail = json!({
             "statement_number": asked.statement_number,
-            "partnership_id": asked.partnership_id,
+            "partnership_id": audit::text(&asked.partnership_id),
             "amount_minor": asked.amount.as_ref().map(|m| m.amount_minor),
-            "currency": asked.amount.as_ref().map(|m| m.currency.clone()),
-            "reason": asked.reason,
-            "idempotency_key": asked.idempotency_key,
+            "currency": asked.amount.as_ref().map(|m| audit::text(&m.currency)),
+            "reason": audit::text(&asked.reason),
+            "idempotency_key": audit::text(&asked.idempotency_key),
         });
         let answer = self
             .settlement
@@ -203,7 +202,7 @@ impl OperatorService for OperatorApi {
         .await
     }
 
-    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id = %request.get_ref().merchant_id))]
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id = %tandem_domain::text::loggable_id(&request.get_ref().merchant_id)))]
     async fn issue_api_key(
         &self,
         request: Request<pb::IssueApiKeyRequest>,
@@ -212,7 +211,7 @@ impl OperatorService for OperatorApi {
         self.authenticate(&request)?;
         let asked = request.into_inner();
         let target = asked.merchant_id.clone();
-        let detail = json!({ "idempotency_key": asked.idempotency_key });
+        let detail = json!({ "idempotency_key": audit::text(&asked.idempotency_key) });
         let answer = self.issue_api_key(asked).await.map_err(Status::from);
         self.audited("IssueApiKey", target, detail, answer, |r| {
             r.key
@@ -223,7 +222,7 @@ impl OperatorService for OperatorApi {
         .await
     }
 
-    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id = %request.get_ref().merchant_id))]
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id = %tandem_domain::text::loggable_id(&request.get_ref().merchant_id)))]
     async fn revoke_api_key(
         &self,
         request: Request<pb::RevokeApiKeyRequest>,
@@ -247,7 +246,7 @@ impl OperatorService for OperatorApi {
             .await
     }
 
-    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id = %request.get_ref().merchant_id))]
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id = %tandem_domain::text::loggable_id(&request.get_ref().merchant_id)))]
     async fn list_api_keys(
         &self,
         request: Request<pb::ListApiKeysRequest>,

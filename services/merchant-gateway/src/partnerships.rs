@@ -176,7 +176,7 @@ impl PartnershipService for PartnershipApi {
         Ok(Response::new(self.propose(request).await?))
     }
 
-    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id, partnership_id = %request.get_ref().partnership_id))]
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id, partnership_id = %tandem_domain::text::loggable_id(&request.get_ref().partnership_id)))]
     async fn accept_terms(
         &self,
         request: Request<pb::AcceptTermsRequest>,
@@ -185,7 +185,7 @@ impl PartnershipService for PartnershipApi {
         Ok(Response::new(self.accept(request).await?))
     }
 
-    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id, partnership_id = %request.get_ref().partnership_id))]
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id, partnership_id = %tandem_domain::text::loggable_id(&request.get_ref().partnership_id)))]
     async fn terminate_partnership(
         &self,
         request: Request<pb::TerminatePartnershipRequest>,
@@ -194,7 +194,7 @@ impl PartnershipService for PartnershipApi {
         Ok(Response::new(self.terminate(request).await?))
     }
 
-    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id, partnership_id = %request.get_ref().partnership_id))]
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id, partnership_id = %tandem_domain::text::loggable_id(&request.get_ref().partnership_id)))]
     async fn get_partnership(
         &self,
         request: Request<pb::GetPartnershipRequest>,

@@ -10,7 +10,6 @@ use tandem_proto::time::timestamp;
 use tandem_proto::v1::event_envelope::Payload;
 use tandem_proto::v1::merchant_gateway_server::MerchantGateway;
 use tandem_proto::v1::{self as pb, referral_ledger_client::ReferralLedgerClient};
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::auth::{authenticate_merchant, check_acting_as};
@@ -28,7 +27,7 @@ const MAX_PAGE_SIZE: u32 = 500;
 
 pub struct PosApi {
     pub state: Arc<State>,
-    pub ledger: ReferralLedgerClient<Channel>,
+    pub ledger: ReferralLedgerClient<tandem_runtime::InternalChannel>,
 }
 
 #[tonic::async_trait]
@@ -106,7 +105,7 @@ impl MerchantGateway for PosApi {
         ))
     }
 
-    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id, referral_id = %request.get_ref().referral_id))]
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id, referral_id = %tandem_domain::text::loggable_id(&request.get_ref().referral_id)))]
     async fn cancel_referral(
         &self,
         request: Request<pb::CancelReferralRequest>,
@@ -163,7 +162,7 @@ impl MerchantGateway for PosApi {
         Ok(Response::new(response))
     }
 
-    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id, purchase_id = %request.get_ref().purchase_id))]
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id, purchase_id = %tandem_domain::text::loggable_id(&request.get_ref().purchase_id)))]
     async fn explain_commission(
         &self,
         request: Request<pb::ExplainCommissionRequest>,

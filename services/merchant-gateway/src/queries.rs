@@ -5,7 +5,6 @@
 use std::future::Future;
 
 use tandem_proto::v1::referral_ledger_client::ReferralLedgerClient;
-use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
 use crate::auth::authenticate_merchant;
@@ -32,12 +31,12 @@ pub fn traced<T>(message: T) -> Request<T> {
 /// other failure becomes UNAVAILABLE.
 pub async fn forward<Req, Resp, F, Fut>(
     state: &State,
-    ledger: &ReferralLedgerClient<Channel>,
+    ledger: &ReferralLedgerClient<tandem_runtime::InternalChannel>,
     request: Request<Req>,
     call: F,
 ) -> Result<Resp, GatewayError>
 where
-    F: FnOnce(ReferralLedgerClient<Channel>, String, Req) -> Fut,
+    F: FnOnce(ReferralLedgerClient<tandem_runtime::InternalChannel>, String, Req) -> Fut,
     Fut: Future<Output = Result<Response<Resp>, Status>>,
 {
     let merchant = authenticate_merchant(&state.pool, request.metadata()).await?;

@@ -10,7 +10,6 @@ use tandem_proto::v1 as pb;
 use tandem_proto::v1::event_envelope::Payload;
 use tandem_proto::v1::settlement_client::SettlementClient;
 use tandem_proto::v1::statement_service_server::StatementService;
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::auth::{authenticate_merchant, check_acting_as};
@@ -20,7 +19,7 @@ use crate::{GatewayError, State};
 
 pub struct StatementApi {
     pub state: Arc<State>,
-    pub settlement: SettlementClient<Channel>,
+    pub settlement: SettlementClient<tandem_runtime::InternalChannel>,
 }
 
 const SETTLEMENT: &str = "settlement";

@@ -43,6 +43,11 @@ pub struct Config {
         default_value = "127.0.0.1:9467"
     )]
     pub metrics_listen: SocketAddr,
+    /// The deployment's service token (`TANDEM_SERVICE_TOKEN`, 32+ characters): every call to
+    /// this internal API must present it as `authorization: Bearer <token>` (health checks
+    /// excepted). The merchant gateway is configured with the same token.
+    #[arg(long, env = "TANDEM_SERVICE_TOKEN", hide_env_values = true, value_parser = tandem_runtime::parse_service_token)]
+    pub service_token: tandem_runtime::Secret,
     #[command(flatten)]
     pub database: DatabaseArgs,
     #[command(flatten)]
@@ -179,6 +184,7 @@ pub async fn run(
     let served = tandem_runtime::serve(
         listener,
         routes,
+        tandem_runtime::ServiceAuthLayer::require(&config.service_token),
         &[<NotificationsServer<api::NotificationsApi> as NamedService>::NAME],
         tasks,
         shutdown.clone(),

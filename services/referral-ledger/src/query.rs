@@ -292,7 +292,7 @@ impl LineRow {
 
 #[tonic::async_trait]
 impl ReferralLedger for LedgerQueries {
-    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id = %request.get_ref().referrer_merchant_id))]
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id = %tandem_domain::text::loggable_id(&request.get_ref().referrer_merchant_id)))]
     async fn list_referral_activity(
         &self,
         request: Request<pb::ListReferrerActivityRequest>,
@@ -358,7 +358,7 @@ impl ReferralLedger for LedgerQueries {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id = %request.get_ref().merchant_id))]
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id = %tandem_domain::text::loggable_id(&request.get_ref().merchant_id)))]
     async fn list_referrals(
         &self,
         request: Request<pb::LedgerListReferralsRequest>,
@@ -437,7 +437,7 @@ impl ReferralLedger for LedgerQueries {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id = %request.get_ref().merchant_id))]
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id = %tandem_domain::text::loggable_id(&request.get_ref().merchant_id)))]
     async fn list_commissions(
         &self,
         request: Request<pb::LedgerListCommissionsRequest>,
@@ -484,7 +484,7 @@ impl ReferralLedger for LedgerQueries {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id = %request.get_ref().merchant_id))]
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id = %tandem_domain::text::loggable_id(&request.get_ref().merchant_id)))]
     async fn get_commission_totals(
         &self,
         request: Request<pb::LedgerGetCommissionTotalsRequest>,
@@ -575,7 +575,7 @@ impl ReferralLedger for LedgerQueries {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id = %request.get_ref().merchant_id))]
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id = %tandem_domain::text::loggable_id(&request.get_ref().merchant_id)))]
     async fn explain_commission(
         &self,
         request: Request<pb::LedgerExplainCommissionRequest>,
@@ -662,7 +662,7 @@ impl ReferralLedger for LedgerQueries {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id = %request.get_ref().merchant_id))]
+    #[tracing::instrument(skip_all, fields(trace_id = tracing::field::Empty, merchant_id = %tandem_domain::text::loggable_id(&request.get_ref().merchant_id)))]
     async fn get_balances(
         &self,
         request: Request<pb::LedgerGetBalancesRequest>,

@@ -22,6 +22,8 @@ use tonic::transport::Channel;
 use tonic::Request;
 
 pub const OPERATOR_TOKEN: &str = "operator-token-for-tests";
+/// What the internal APIs require of their callers (the gateway) in the tests' stacks.
+pub const SERVICE_TOKEN: &str = "service-token-for-tests-0123456789abcdef";
 pub const NETWORK_KEY: &str = "1:000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
 
 /// A running service and the means to stop it.
@@ -153,6 +155,7 @@ impl Stack {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let config = merchant_gateway::Config {
+            service_token: Secret::new(SERVICE_TOKEN),
             listen: address,
             metrics_listen: "127.0.0.1:0".parse().unwrap(),
             database: self.database_args(),
@@ -186,6 +189,7 @@ impl Stack {
     pub fn spawn_ledger(&self, listener: TcpListener, group: &str) -> Running {
         let address = listener.local_addr().unwrap();
         let config = referral_ledger::Config {
+            service_token: Secret::new(SERVICE_TOKEN),
             listen: address,
             metrics_listen: "127.0.0.1:0".parse().unwrap(),
             database: self.database_args(),
@@ -253,6 +257,7 @@ impl Stack {
         grace_secs: u32,
     ) -> settlement::Config {
         settlement::Config {
+            service_token: Secret::new(SERVICE_TOKEN),
             listen: address,
             metrics_listen: "127.0.0.1:0".parse().unwrap(),
             database: DatabaseArgs {
@@ -297,6 +302,7 @@ impl Stack {
     fn spawn_notifications(&self, listener: TcpListener) -> Running {
         let address = listener.local_addr().unwrap();
         let config = notifications::Config {
+            service_token: Secret::new(SERVICE_TOKEN),
             listen: address,
             metrics_listen: "127.0.0.1:0".parse().unwrap(),
             database: DatabaseArgs {

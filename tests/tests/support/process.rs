@@ -112,6 +112,7 @@ impl ServiceProcess {
             ("TANDEM_TOPIC_PREFIX", stack.bus.topic_prefix.clone()),
             ("TANDEM_DB_MAX_CONNECTIONS", connections.to_string()),
             ("RUST_LOG", "info".to_owned()),
+            ("TANDEM_SERVICE_TOKEN", super::SERVICE_TOKEN.to_owned()),
         ];
         environment.extend(own);
         environment.extend(extra.iter().cloned());
