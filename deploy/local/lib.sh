@@ -441,3 +441,18 @@ stop_kafka() {
   done
   log "stopped ${names[*]}"
 }
+
+# cargo-deny (from crates.io, into $TANDEM_CACHE_DIR): the supply-chain policy in deny.toml.
+CARGO_DENY_VERSION="0.20.2"
+ensure_cargo_deny() {
+  local root="$TANDEM_CACHE_DIR/cargo-deny-$CARGO_DENY_VERSION"
+  export TANDEM_CARGO_DENY="$root/bin/cargo-deny"
+  if [[ -x "$TANDEM_CARGO_DENY" ]]; then
+    return
+  fi
+  log "installing cargo-deny $CARGO_DENY_VERSION (once)"
+  mkdir -p "$TANDEM_HOME/logs"
+  cargo install cargo-deny --version "$CARGO_DENY_VERSION" --locked --root "$root" \
+    >"$TANDEM_HOME/logs/cargo-deny-install.log" 2>&1 \
+    || { tail -n 30 "$TANDEM_HOME/logs/cargo-deny-install.log" >&2; die "installing cargo-deny failed"; }
+}

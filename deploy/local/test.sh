@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every test of the workspace against the real Postgres and the real Apache Kafka broker,
-# starting (and if needed installing or fetching) both first. Extra arguments go to
+# Checks the supply chain (cargo deny), then runs every test of the workspace against the real
+# Postgres and the real Apache Kafka broker, starting (and if needed installing or fetching)
+# both first. Extra arguments go to
 # `cargo nextest run`.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -11,6 +12,8 @@ ensure_nextest
 ensure_checkers
 ensure_promtool
 cd "$REPO_ROOT"
+# The supply-chain policy first: advisories, licences, duplicate versions, sources.
+bash deploy/local/deny.sh
 # Every test creates its own topics (prefix test-<uuid>); a reused broker would pile up thousands
 # of partitions run after run and slow down. Earlier runs' topics go first.
 cargo build --quiet -p tandemctl

@@ -12,7 +12,7 @@
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
-use rand::RngCore;
+use rand::TryRngCore as _;
 use sha2::Sha256;
 
 const PREFIX: &str = "whsec_";
@@ -31,7 +31,12 @@ impl SigningSecret {
     /// A new secret of 32 random bytes.
     pub fn generate() -> Self {
         let mut bytes = vec![0u8; 32];
-        rand::rngs::OsRng.fill_bytes(&mut bytes);
+        // The operating system's generator; a machine that cannot give 32 random bytes cannot
+        // make secrets at all.
+        #[allow(clippy::expect_used)]
+        rand::rngs::OsRng
+            .try_fill_bytes(&mut bytes)
+            .expect("the operating system's random number generator");
         Self(bytes)
     }
 
