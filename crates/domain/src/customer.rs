@@ -293,6 +293,11 @@ impl RawIdentifier {
         self.kind
     }
 
+    /// The normalised value: raw customer data, for deriving its key in this process only.
+    pub fn normalised(&self) -> &str {
+        &self.normalised
+    }
+
     /// A phone number in international format: `+` or `00`, then the country code and number.
     /// Spaces, dots, dashes and parentheses are ignored. Normalised to E.164 (`+` and digits) by
     /// libphonenumber's metadata (the `phonenumber` crate), which also drops a national trunk
@@ -363,6 +368,15 @@ impl RawIdentifier {
             }
         }
         let normalised = parsed.format().mode(phonenumber::Mode::E164).to_string();
+        // The same rule for the number as stored: with the trunk prefix dropped, a number
+        // written at the edge of the length rule can fall below it (found by fuzzing:
+        // "+44 (0)20 790" would have become "+4420790", which this function refuses as input).
+        if !(8..=15).contains(&normalised.len().saturating_sub(1)) {
+            return Err(ValidationError::new(
+                field,
+                "must have 8 to 15 digits in all (E.164) once the national trunk prefix is dropped",
+            ));
+        }
         Ok(Self {
             kind: IdentifierKind::Phone,
             scope: String::new(),
@@ -836,6 +850,22 @@ mod tests {
             CheckDigit::Luhn,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn a_normalised_phone_is_itself_a_valid_phone() {
+        // Found by fuzzing: accepted, but normalised below the E.164 length rule.
+        let error = RawIdentifier::phone("phone", "+44 (0)20 790").unwrap_err();
+        assert!(error.reason.contains("trunk prefix"), "{}", error.reason);
+        for written in [
+            "+44 (0)20 7946 0958",
+            "0033 06 12 34 56 78",
+            "+1 415 555 2671",
+        ] {
+            let phone = RawIdentifier::phone("phone", written).unwrap();
+            let again = RawIdentifier::phone("phone", phone.normalised()).unwrap();
+            assert_eq!(again.normalised(), phone.normalised());
+        }
     }
 
     #[test]

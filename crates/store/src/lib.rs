@@ -28,6 +28,25 @@ pub enum StoreError {
     InvalidSchema(String),
 }
 
+/// Whether a database error says Postgres could not be reached or is shutting down, restarting
+/// or out of connections (worth retrying), rather than that a statement failed: transport
+/// errors, pool timeouts, and SQLSTATE classes 08 (connection exception) and 57P (operator
+/// intervention: shutdown, crash recovery, cannot connect now) and 53300 (too many
+/// connections).
+pub fn is_unreachable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(database) => database.code().is_some_and(|code| {
+            code.starts_with("08") || code.starts_with("57P") || code == "53300"
+        }),
+        _ => false,
+    }
+}
+
 /// True if `error` is a violation of a unique constraint (SQLSTATE 23505).
 pub fn is_unique_violation(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(db) if db.code().as_deref() == Some("23505"))

@@ -33,7 +33,7 @@ pub async fn connect(config: &StoreConfig) -> Result<PgPool, StoreError> {
         return Err(StoreError::InvalidSchema(schema.clone()));
     }
     let options = PgConnectOptions::from_str(&config.database_url)?;
-    let mut connection = sqlx::PgConnection::connect_with(&options).await?;
+    let mut connection = first_connection(&options).await?;
     // Several services may start at once against one database; the race on CREATE SCHEMA is
     // harmless but can raise a unique violation, which we treat as success.
     let create = format!("CREATE SCHEMA IF NOT EXISTS {schema}");
@@ -49,6 +49,37 @@ pub async fn connect(config: &StoreConfig) -> Result<PgPool, StoreError> {
         .connect_with(options.options([("search_path", schema.as_str())]))
         .await?;
     Ok(pool)
+}
+
+/// How long a starting service waits for Postgres to answer (it may be starting too, or
+/// restarting) before it gives up and exits.
+const STARTUP_PATIENCE: Duration = Duration::from_secs(120);
+
+/// The first connection, waited for with exponential backoff (0.2 s doubling to 5 s) while
+/// Postgres is unreachable, for at most [`STARTUP_PATIENCE`]. A wrong URL, password or database
+/// name fails at once: waiting would not fix it.
+async fn first_connection(options: &PgConnectOptions) -> Result<sqlx::PgConnection, sqlx::Error> {
+    let started = std::time::Instant::now();
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match sqlx::PgConnection::connect_with(options).await {
+            Ok(connection) => {
+                if started.elapsed() > Duration::from_secs(1) {
+                    tracing::info!(
+                        waited_ms = started.elapsed().as_millis() as u64,
+                        "Postgres answers"
+                    );
+                }
+                return Ok(connection);
+            }
+            Err(error) if crate::is_unreachable(&error) && started.elapsed() < STARTUP_PATIENCE => {
+                tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "Postgres is not reachable yet; waiting for it");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(error) => return Err(error),
+        }
+    }
 }
 
 /// Applies the shared infrastructure migrations (versions below 1000), then the service's own

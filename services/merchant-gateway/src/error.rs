@@ -102,23 +102,10 @@ fn unreachable_status(error: &sqlx::Error) -> Status {
     )
 }
 
-/// Whether a database error says Postgres could not be reached or is shutting down, restarting
-/// or out of connections (a client may retry), rather than that a statement failed: transport
-/// errors, pool timeouts, and SQLSTATE classes 08 (connection exception) and 57P (operator
-/// intervention: shutdown, crash recovery, cannot connect now) and 53300 (too many
-/// connections).
+/// Postgres unreachable, shutting down, restarting or out of connections: see
+/// [`tandem_store::is_unreachable`].
 pub(crate) fn is_unreachable(error: &sqlx::Error) -> bool {
-    match error {
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(database) => database.code().is_some_and(|code| {
-            code.starts_with("08") || code.starts_with("57P") || code == "53300"
-        }),
-        _ => false,
-    }
+    tandem_store::is_unreachable(error)
 }
 
 impl From<PartnershipError> for GatewayError {

@@ -8,7 +8,8 @@
 mod audit;
 mod auth;
 mod bulk;
-mod commands;
+/// Request parsing and validation of the POS writes (public for the fuzz targets).
+pub mod commands;
 mod error;
 mod events;
 mod idempotency;

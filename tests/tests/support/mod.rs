@@ -4,6 +4,7 @@
 
 pub mod otlp;
 pub mod process;
+pub mod proxy;
 
 use std::net::SocketAddr;
 use std::time::Duration;
