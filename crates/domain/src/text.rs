@@ -14,8 +14,8 @@
 //!   numeric id of card length passes Luhn one time in ten, so integrations that number
 //!   receipts that way should separate the digits (`/`, `:`, `_` or a letter) into shorter runs.
 //! - **E-mail address**: `local@domain.tld`, a top-level domain of two letters or more.
-//! - **Phone number**: international (`+` and 8 to 15 digits; `00` and a number libphonenumber
-//!   knows to be valid), or national shapes with the separators people type: an area code in
+//! - **Phone number**: international (`+` and 8 to 15 digits; `00`, a country code and 8 to 15
+//!   digits written in groups), or national shapes with the separators people type: an area code in
 //!   parentheses (`(415) 555-2671`), North American `415-555-2671` / `1-800-555-0199`, or a
 //!   trunk-`0` number in groups (`020 7946 0958`, `06 12 34 56 78`). Bare digit runs without
 //!   `+`, parentheses or grouping are not refused: receipt and order numbers look like that.
@@ -289,13 +289,14 @@ impl NumberRun {
         if self.plus {
             return (8..=15).contains(&count);
         }
+        // `00` and a country code, grouped as people write phone numbers. Ungrouped `00…` runs
+        // are zero-padded ids as often as numbers, and are let through.
         if let Some(international) = digits.strip_prefix("00") {
-            if (10..=17).contains(&count) && !international.starts_with('0') {
-                if let Ok(number) = phonenumber::parse(None, format!("+{international}")) {
-                    if phonenumber::is_valid(&number) {
-                        return true;
-                    }
-                }
+            if (10..=17).contains(&count)
+                && !international.starts_with('0')
+                && self.groups.len() >= 2
+            {
+                return true;
             }
         }
         if self.parenthesised && (7..=15).contains(&count) && self.groups.len() >= 2 {
@@ -419,6 +420,7 @@ mod tests {
             "order 4155552671",
             "000000123456789",
             "0012345678",
+            "00447946095812",
             "R-20261124-0001",
             "f47ac10b-58cc-4372-a567-0e02b2c3d479",
             "12345678-1234-1234-1234-123456789012",

@@ -16,6 +16,7 @@ mod idempotency;
 mod identifiers;
 mod ingest;
 mod keys;
+mod limits;
 mod notifications;
 mod operator;
 mod partnerships;
@@ -43,10 +44,12 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
+use tonic::service::interceptor::InterceptedService;
 use tonic::service::Routes;
 
 pub use error::GatewayError;
 pub use ingest::GroupCommitSettings;
+pub use limits::LimitSettings;
 
 /// Configuration: every setting is a flag and an environment variable.
 #[derive(Debug, Clone, clap::Parser)]
@@ -99,6 +102,8 @@ pub struct Config {
     pub operator_token: Secret,
     #[command(flatten)]
     pub group_commit: ingest::GroupCommitSettings,
+    #[command(flatten)]
+    pub limits: LimitSettings,
     /// Key customer keys are derived with, `<version>:<secret in hex, at least 32 bytes>`.
     #[arg(long, env = "TANDEM_NETWORK_KEY", hide_env_values = true, value_parser = parse_network_key)]
     pub network_key: NetworkKey,
@@ -220,36 +225,55 @@ pub async fn run(
         relay.await;
         Ok::<(), std::convert::Infallible>(())
     });
-    let routes = Routes::new(MerchantGatewayServer::new(pos::PosApi {
-        state: state.clone(),
-        ledger: ReferralLedgerClient::with_interceptor(ledger_channel, credential.clone()),
-    }))
-    .add_service(PartnershipServiceServer::new(
-        partnerships::PartnershipApi {
+    // Every public service: the per-credential rate limit first, then the size limit.
+    let limiter = limits::RateLimiter::new(&config.limits);
+    let max_bytes = config.limits.max_request_bytes;
+    let routes = Routes::new(InterceptedService::new(
+        MerchantGatewayServer::new(pos::PosApi {
             state: state.clone(),
-        },
+            ledger: ReferralLedgerClient::with_interceptor(ledger_channel, credential.clone()),
+        })
+        .max_decoding_message_size(max_bytes),
+        limiter.clone(),
     ))
-    .add_service(StatementServiceServer::new(statements::StatementApi {
-        state: state.clone(),
-        settlement: SettlementClient::with_interceptor(
-            settlement_channel.clone(),
-            credential.clone(),
-        ),
-    }))
-    .add_service(NotificationServiceServer::new(
-        notifications::NotificationApi {
+    .add_service(InterceptedService::new(
+        PartnershipServiceServer::new(partnerships::PartnershipApi {
+            state: state.clone(),
+        })
+        .max_decoding_message_size(max_bytes),
+        limiter.clone(),
+    ))
+    .add_service(InterceptedService::new(
+        StatementServiceServer::new(statements::StatementApi {
+            state: state.clone(),
+            settlement: SettlementClient::with_interceptor(
+                settlement_channel.clone(),
+                credential.clone(),
+            ),
+        })
+        .max_decoding_message_size(max_bytes),
+        limiter.clone(),
+    ))
+    .add_service(InterceptedService::new(
+        NotificationServiceServer::new(notifications::NotificationApi {
             state: state.clone(),
             notifications: NotificationsClient::with_interceptor(
                 notifications_channel,
                 credential.clone(),
             ),
             shutdown: shutdown.clone(),
-        },
+        })
+        .max_decoding_message_size(max_bytes),
+        limiter.clone(),
     ))
-    .add_service(OperatorServiceServer::new(operator::OperatorApi {
-        state,
-        settlement: SettlementClient::with_interceptor(settlement_channel, credential),
-    }));
+    .add_service(InterceptedService::new(
+        OperatorServiceServer::new(operator::OperatorApi {
+            state,
+            settlement: SettlementClient::with_interceptor(settlement_channel, credential),
+        })
+        .max_decoding_message_size(max_bytes),
+        limiter,
+    ));
     let served = tandem_runtime::serve(
         listener,
         routes,

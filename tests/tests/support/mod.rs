@@ -80,6 +80,8 @@ pub struct Stack {
     pub webhook_concurrency: u32,
     /// Longest wait for a webhook answer (2 s unless a test changes it).
     pub webhook_timeout_ms: u64,
+    /// The gateway's per-credential rate limit (calls per second; bursts of twice that).
+    pub rate_limit_per_second: u32,
     notifications_listener: Option<TcpListener>,
     /// How ledgers started from now on take part in their consumer groups.
     pub consumer_args: ConsumerArgs,
@@ -113,6 +115,7 @@ impl Stack {
             webhook_disable_after: Duration::from_secs(3600),
             webhook_concurrency: 64,
             webhook_timeout_ms: 2_000,
+            rate_limit_per_second: 2_000,
             notifications_listener: Some(notifications_listener),
             consumer_args: ConsumerArgs {
                 instance_id: None,
@@ -156,6 +159,11 @@ impl Stack {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let config = merchant_gateway::Config {
+            limits: merchant_gateway::LimitSettings {
+                per_second: self.rate_limit_per_second,
+                burst: self.rate_limit_per_second.saturating_mul(2),
+                max_request_bytes: 2 * 1024 * 1024,
+            },
             service_token: Secret::new(SERVICE_TOKEN),
             listen: address,
             metrics_listen: "127.0.0.1:0".parse().unwrap(),
