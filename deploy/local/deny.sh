@@ -25,5 +25,8 @@ GIT_AUTHOR_DATE="$taken" GIT_COMMITTER_DATE="$taken" \
   git -C "$db" -c user.name=tandem -c user.email=tandem@localhost commit -q -m "RustSec snapshot $(sed -n 's/^commit //p' "$snapshot/SNAPSHOT")"
 # The database's age is the snapshot's, not the unpacking's.
 touch -d "$taken" "$db/.git/FETCH_HEAD" "$db/.git/HEAD"
+# cargo deny reads the crates' manifests offline: have them downloaded (a fresh machine that
+# runs only the test command has built nothing yet).
+cargo fetch --locked --quiet
 log "cargo deny (advisories as of $taken)"
 "$TANDEM_CARGO_DENY" deny --offline check

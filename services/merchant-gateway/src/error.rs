@@ -74,9 +74,11 @@ impl From<GatewayError> for Status {
             GatewayError::Aborted(message) => Status::aborted(message),
             GatewayError::Unavailable(message) => Status::unavailable(message),
             GatewayError::Upstream(status) => status,
-            GatewayError::Database(error) if is_unreachable(&error) => unreachable_status(&error),
+            GatewayError::Database(error) if tandem_store::is_unreachable(&error) => {
+                unreachable_status(&error)
+            }
             GatewayError::Store(tandem_store::StoreError::Database(error))
-                if is_unreachable(&error) =>
+                if tandem_store::is_unreachable(&error) =>
             {
                 unreachable_status(&error)
             }
@@ -100,12 +102,6 @@ fn unreachable_status(error: &sqlx::Error) -> Status {
     Status::unavailable(
         "the database is unreachable; nothing was recorded, so retry with the same idempotency key",
     )
-}
-
-/// Postgres unreachable, shutting down, restarting or out of connections: see
-/// [`tandem_store::is_unreachable`].
-pub(crate) fn is_unreachable(error: &sqlx::Error) -> bool {
-    tandem_store::is_unreachable(error)
 }
 
 impl From<PartnershipError> for GatewayError {
@@ -142,8 +138,8 @@ mod unreachable_tests {
     #[test]
     fn outages_are_unavailable_and_statement_failures_are_not() {
         let io = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
-        assert!(is_unreachable(&io));
-        assert!(is_unreachable(&sqlx::Error::PoolTimedOut));
+        assert!(tandem_store::is_unreachable(&io));
+        assert!(tandem_store::is_unreachable(&sqlx::Error::PoolTimedOut));
         assert_eq!(
             Status::from(GatewayError::Database(sqlx::Error::PoolTimedOut)).code(),
             Code::Unavailable
@@ -155,7 +151,7 @@ mod unreachable_tests {
             .code(),
             Code::Unavailable
         );
-        assert!(!is_unreachable(&sqlx::Error::RowNotFound));
+        assert!(!tandem_store::is_unreachable(&sqlx::Error::RowNotFound));
         assert_eq!(
             Status::from(GatewayError::Database(sqlx::Error::RowNotFound)).code(),
             Code::Internal
