@@ -22,31 +22,70 @@
 
 use crate::ValidationError;
 
-/// True if `value` contains a run of 13 to 19 digits (spaces and dashes between digits allowed)
-/// that starts with a card major industry identifier (2 to 6) and passes the Luhn check: that is
-/// what a payment card number looks like, and such a value must never be stored.
+/// True if `value` contains a card number: a run of 13 to 19 digits that starts with a card
+/// major industry identifier (2 to 6) and passes the Luhn check, standing on its own (not glued
+/// to a letter, as the digits of a hex token or a UUID are), and if written with spaces or
+/// dashes, grouped as cards are printed (4-4-4-4[-1..4], or 4-6-5 / 4-6-4). Such a value must
+/// never be stored.
 pub fn contains_card_number(value: &str) -> bool {
-    let mut digits: Vec<u8> = Vec::with_capacity(value.len());
-    let flush = |digits: &mut Vec<u8>| -> bool {
-        let found =
-            (13..=19).contains(&digits.len()) && (2..=6).contains(&digits[0]) && luhn_valid(digits);
-        digits.clear();
-        found
-    };
     let bytes = value.as_bytes();
-    for (index, &byte) in bytes.iter().enumerate() {
-        if byte.is_ascii_digit() {
-            digits.push(byte - b'0');
-        } else if (byte == b' ' || byte == b'-')
-            && !digits.is_empty()
-            && bytes.get(index + 1).is_some_and(u8::is_ascii_digit)
+    let mut index = 0;
+    while index < bytes.len() {
+        if !bytes[index].is_ascii_digit() {
+            index += 1;
+            continue;
+        }
+        // A maximal run: digits, and single spaces or dashes between digits.
+        let start = index;
+        let mut digits: Vec<u8> = Vec::new();
+        let mut groups: Vec<usize> = vec![0];
+        while index < bytes.len() {
+            let byte = bytes[index];
+            if byte.is_ascii_digit() {
+                digits.push(byte - b'0');
+                *groups.last_mut().unwrap_or(&mut 0) += 1;
+            } else if (byte == b' ' || byte == b'-')
+                && bytes.get(index + 1).is_some_and(u8::is_ascii_digit)
+            {
+                groups.push(0);
+            } else {
+                break;
+            }
+            index += 1;
+        }
+        let standalone = !continues_token(bytes, start.checked_sub(1), index);
+        let printed_as_a_card = match groups.as_slice() {
+            [_] => true,
+            [4, 6, 5] | [4, 6, 4] => true,
+            [init @ .., last] => init.iter().all(|g| *g == 4) && (1..=4).contains(last),
+            [] => false,
+        };
+        if standalone
+            && printed_as_a_card
+            && (13..=19).contains(&digits.len())
+            && (2..=6).contains(&digits[0])
+            && luhn_valid(&digits)
         {
-            // A separator inside a digit run, as in "4111 1111 1111 1111".
-        } else if flush(&mut digits) {
             return true;
         }
     }
-    flush(&mut digits)
+    false
+}
+
+/// Whether the digit run ending before `end` (or starting after `start`) continues a longer
+/// token: a letter right next to it, or `-`, `_` or `.` followed (preceded) by a letter or digit,
+/// as in UUIDs, hex tokens and `txn-…` ids.
+fn continues_token(bytes: &[u8], before_start: Option<usize>, end: usize) -> bool {
+    let joiner = |b: u8| b == b'-' || b == b'_' || b == b'.';
+    let before = before_start.is_some_and(|at| {
+        bytes[at].is_ascii_alphabetic()
+            || (joiner(bytes[at]) && at > 0 && bytes[at - 1].is_ascii_alphanumeric())
+    });
+    let after = bytes.get(end).is_some_and(|&b| {
+        b.is_ascii_alphabetic()
+            || (joiner(b) && bytes.get(end + 1).is_some_and(u8::is_ascii_alphanumeric))
+    });
+    before || after
 }
 
 pub(crate) fn luhn_valid(digits: &[u8]) -> bool {
@@ -192,8 +231,14 @@ pub fn contains_phone_number(value: &str) -> bool {
     let mut index = 0;
     while index < chars.len() {
         let c = chars[index];
-        let starts = (c.is_ascii_digit() || c == '+' || c == '(')
-            && (index == 0 || !chars[index - 1].is_ascii_alphanumeric());
+        let joiner = |c: char| c == '-' || c == '_' || c == '.';
+        // Not the inside of a longer token ("abc123", "d79bdee2-0102-…").
+        let inside_token = index > 0
+            && (chars[index - 1].is_ascii_alphanumeric()
+                || (joiner(chars[index - 1])
+                    && index > 1
+                    && chars[index - 2].is_ascii_alphanumeric()));
+        let starts = (c.is_ascii_digit() || c == '+' || c == '(') && !inside_token;
         if !starts {
             index += 1;
             continue;
@@ -268,7 +313,13 @@ fn number_run(chars: &[char], start: usize) -> (NumberRun, usize) {
     }
     // Digits glued to a letter after them ("555-2671x") are still a run; a run that ends
     // inside a word ("2671abc") is part of an id, not a phone number.
-    let glued = chars.get(index).is_some_and(|c| c.is_ascii_alphabetic());
+    let glued = chars.get(index).is_some_and(|c| {
+        c.is_ascii_alphabetic()
+            || (matches!(c, '-' | '_' | '.')
+                && chars
+                    .get(index + 1)
+                    .is_some_and(char::is_ascii_alphanumeric))
+    });
     if glued {
         run.groups.clear();
     }
@@ -355,6 +406,34 @@ mod tests {
         assert!(!contains_card_number("txn-2026-11-24-000123"));
         assert!(!contains_card_number("411111111111")); // 12 digits: too short
         assert!(!contains_card_number(""));
+    }
+
+    #[test]
+    fn uuids_and_hex_tokens_are_not_card_numbers() {
+        // Digit runs inside UUIDs, however they fall, are glued to hex letters or grouped
+        // as no card is printed (found by the benchmark's UUID idempotency keys).
+        for value in [
+            "a1b2c3d4-4111-1111-1111-111111111111",
+            "4111-1111-1111-1111-11111111111a",
+            "abcd1234-5500-0055-5555-5559abcdef12",
+            "12345678-4111-1111-1111-1111e2b3c4d5",
+            "deadbeef4111111111111111",
+        ] {
+            assert!(!contains_card_number(value), "{value}");
+        }
+        // Cards as people print them are still found.
+        for value in [
+            "4111 1111 1111 1111",
+            "3782 822463 10005",
+            "card: 4111-1111-1111-1111.",
+        ] {
+            assert!(contains_card_number(value), "{value}");
+        }
+        // Random UUIDs never trip the guard.
+        for _ in 0..20_000 {
+            let id = uuid::Uuid::new_v4().to_string();
+            assert!(reject_personal_data("idempotency_key", &id).is_ok(), "{id}");
+        }
     }
 
     #[test]
