@@ -11,12 +11,13 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::close::{close_off_runtime, CLOSE_WITHIN};
 use crate::{BusConfig, BusError, Topic};
 
 /// Tuning of the relay. Every number is bounded.
@@ -70,7 +71,7 @@ async fn measure_outbox(pool: &PgPool) {
 /// outbox, so a message is published at once rather than at the next poll.
 pub async fn run_outbox_relay(
     pool: PgPool,
-    producer: FutureProducer,
+    mut producer: FutureProducer,
     config: BusConfig,
     settings: RelaySettings,
     wake: Arc<Notify>,
@@ -139,6 +140,23 @@ pub async fn run_outbox_relay(
             }
             Err(error) => {
                 tracing::warn!(error = %error, source = ?std::error::Error::source(&error), backoff_ms = backoff.as_millis() as u64, "outbox batch not published; retrying");
+                // An idempotent producer that hit a fatal error (its sequence broken by a broker
+                // that lost its state, say) refuses every later send: without a new one the
+                // outbox would only grow. The new producer gets a new producer id; what the old
+                // one may already have written is sent again and deduplicated by message id.
+                if let Some((code, reason)) = producer.client().fatal_error() {
+                    tracing::error!(code = ?code, reason = %reason, "the Kafka producer failed fatally; replacing it");
+                    match crate::idempotent_producer(&config) {
+                        Ok(fresh) => {
+                            let failed = std::mem::replace(&mut producer, fresh);
+                            close_off_runtime("producer", "outbox relay", failed, CLOSE_WITHIN)
+                                .await;
+                        }
+                        Err(error) => {
+                            tracing::error!(error = %error, "could not create a new Kafka producer; retrying");
+                        }
+                    }
+                }
                 tokio::select! {
                     () = shutdown.cancelled() => break,
                     () = tokio::time::sleep(backoff) => {}

@@ -5,7 +5,8 @@
 //! ([`crate::lag`]). A partition is stalled when it has messages past the committed offset and
 //! that offset has not moved for the stall timeout. The consumer fails when a stalled partition is
 //! assigned to it, or when it has no partition at all while one is stalled (the group left it out,
-//! or the coordinator lost track of it). When the broker cannot be asked, nothing is concluded.
+//! or the coordinator lost track of it). When the broker cannot be asked, nothing is concluded,
+//! and the stall clocks start again once it answers.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -50,6 +51,11 @@ impl Watchdog {
                 Ok(positions) => positions,
                 Err(error) => {
                     tracing::debug!(group_id = %self.group_id, error = %error, "watchdog could not read the group's positions");
+                    // What happened while the broker could not be asked is unknown: the clocks
+                    // start again once it answers. Otherwise a broker outage longer than the
+                    // stall timeout would end the consumer the moment the broker is back, while
+                    // it rejoins the group, as if it had stalled all along.
+                    seen.clear();
                     continue;
                 }
             };
