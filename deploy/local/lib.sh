@@ -174,6 +174,10 @@ transaction.state.log.replication.factor=$replication
 transaction.state.log.min.isr=$min_isr
 share.coordinator.state.topic.replication.factor=$replication
 share.coordinator.state.topic.min.isr=$min_isr
+# Committed offsets of an empty group are kept 30 days (Kafka's default is 7): a group whose
+# offsets expire starts again from the beginning of its topics, and the consumers' marks of
+# applied messages are pruned after 7 days (docs/SECURITY.md, "Bookkeeping retention").
+offsets.retention.minutes=43200
 # A new consumer group starts at once instead of waiting 3 s for more members.
 group.initial.rebalance.delay.ms=0
 # Two cores: fewer threads than the defaults (3 network, 8 I/O).

@@ -20,6 +20,46 @@ pub struct DatabaseArgs {
     /// Connections in the pool.
     #[arg(long, env = "TANDEM_DB_MAX_CONNECTIONS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=200))]
     pub db_max_connections: u32,
+    #[command(flatten)]
+    pub retention: RetentionArgs,
+}
+
+/// How long the bookkeeping tables keep their rows, and how often they are pruned. Why these
+/// bounds keep exactly-once: docs/SECURITY.md, "Bookkeeping retention".
+#[derive(Debug, Clone, clap::Args)]
+pub struct RetentionArgs {
+    /// Seconds between two prunings of the bookkeeping tables.
+    #[arg(long, env = "TANDEM_PRUNE_EVERY_SECS", default_value_t = 3_600, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub prune_every_secs: u64,
+    /// Hours a consumer keeps the mark of a message it applied (`applied_messages`): a copy of
+    /// the message delivered again within that time is recognised and skipped. At least a day.
+    #[arg(long, env = "TANDEM_APPLIED_MESSAGES_RETENTION_HOURS", default_value_t = 168, value_parser = clap::value_parser!(u64).range(24..=87_600))]
+    pub applied_messages_retention_hours: u64,
+}
+
+impl Default for RetentionArgs {
+    fn default() -> Self {
+        Self {
+            prune_every_secs: 3_600,
+            applied_messages_retention_hours: 168,
+        }
+    }
+}
+
+impl RetentionArgs {
+    pub fn prune_every(&self) -> Duration {
+        Duration::from_secs(self.prune_every_secs)
+    }
+
+    /// The retention of `applied_messages`.
+    pub fn applied_messages(&self) -> tandem_store::Retention {
+        tandem_store::Retention::applied_messages(hours(self.applied_messages_retention_hours))
+    }
+}
+
+/// `count` hours.
+pub fn hours(count: u64) -> Duration {
+    Duration::from_secs(count.saturating_mul(3_600))
 }
 
 impl DatabaseArgs {

@@ -14,7 +14,7 @@ pub use service_auth::{
     parse_service_token, InternalChannel, ServiceAuthLayer, ServiceCredential, SERVICE_TOKEN_ENV,
 };
 
-pub use config::{host_name, BusArgs, ConsumerArgs, DatabaseArgs, TopicArgs};
+pub use config::{host_name, hours, BusArgs, ConsumerArgs, DatabaseArgs, RetentionArgs, TopicArgs};
 pub use server::{
     grpc_metadata_trace_headers, link_request_span, serve, serve_health_only, shutdown_on_signal,
     BackgroundTasks, BoxError, ServeError, LIVENESS,

@@ -95,6 +95,43 @@ impl BackgroundTasks {
             (name, result)
         });
     }
+
+    /// Prunes `tables` every `every` until `shutdown`, the first time one period after start. A
+    /// prune that fails (Postgres away) is logged and tried again at the next period; it never
+    /// ends the service.
+    pub fn prune(
+        &mut self,
+        pool: sqlx::PgPool,
+        tables: Vec<tandem_store::Retention>,
+        every: Duration,
+        shutdown: CancellationToken,
+    ) {
+        self.spawn("bookkeeping pruning", async move {
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok::<(), std::convert::Infallible>(()),
+                    () = tokio::time::sleep(every) => {}
+                }
+                for table in &tables {
+                    let started = std::time::Instant::now();
+                    match tandem_store::prune(&pool, table).await {
+                        Ok(deleted) => tracing::info!(
+                            table = table.table,
+                            deleted,
+                            retention_secs = table.keep_for.as_secs(),
+                            duration_ms = started.elapsed().as_millis() as u64,
+                            "pruned bookkeeping rows past their retention"
+                        ),
+                        Err(error) => tracing::warn!(
+                            table = table.table,
+                            error = %crate::error_chain(&error),
+                            "could not prune bookkeeping rows; trying again at the next period"
+                        ),
+                    }
+                }
+            }
+        });
+    }
 }
 
 /// Serves `routes` on `listener`, with gRPC health (each name in `service_names` reported as

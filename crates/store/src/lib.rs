@@ -7,11 +7,13 @@ mod applied;
 mod events;
 mod outbox;
 mod pool;
+mod prune;
 
 pub use applied::claim_unapplied;
 pub use events::{append_events, NewEvent};
 pub use outbox::{delete_outbox, enqueue_outbox, fetch_outbox, OutboxMessage, OutboxRow};
 pub use pool::{connect, create_database, migrate, url_with_database, StoreConfig};
+pub use prune::{prune, Retention};
 
 /// Errors from the storage layer, with the cause chain kept.
 #[derive(Debug, thiserror::Error)]

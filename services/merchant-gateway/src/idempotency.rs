@@ -11,6 +11,17 @@ use crate::{GatewayError, State};
 /// prefix).
 pub const OPERATOR: &str = "operator";
 
+/// The retention of merchants' idempotency records; operators' are kept (a second merchant
+/// created by a retry a week later would be a second merchant).
+pub fn retention(keep_for: std::time::Duration) -> tandem_store::Retention {
+    tandem_store::Retention {
+        table: "idempotency_records",
+        written_at: "recorded_at",
+        prunable: "merchant_id <> 'operator'",
+        keep_for,
+    }
+}
+
 /// What identifies one idempotent write.
 #[derive(Debug, Clone, Copy)]
 pub struct Scope<'a> {
@@ -170,4 +181,15 @@ async fn finish(
     .execute(connection)
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pruning_keeps_the_operators_records() {
+        let retention = retention(std::time::Duration::from_secs(86_400));
+        assert_eq!(retention.prunable, format!("merchant_id <> '{OPERATOR}'"));
+    }
 }

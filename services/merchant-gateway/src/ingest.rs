@@ -297,7 +297,7 @@ fn different_request(key: &str, operation: &str) -> String {
 
 fn already_recorded(transaction_id: &str) -> GatewayError {
     GatewayError::AlreadyExists(format!(
-        "transaction_id {transaction_id:?} was already recorded with another idempotency key; a transaction is recorded once"
+        "transaction_id {transaction_id:?} was already recorded, under another idempotency key or under this one longer ago than keys are remembered; a transaction is recorded once"
     ))
 }
 

@@ -76,6 +76,11 @@ pub struct Config {
     /// Postgres schema of the gateway.
     #[arg(long, env = "TANDEM_GATEWAY_SCHEMA", default_value = "gateway")]
     pub schema: String,
+    /// Hours a merchant's idempotency key is remembered: a retry within that time gets the
+    /// first answer; after it, the key may be used again. At least a day. Operators' keys are
+    /// never forgotten.
+    #[arg(long, env = "TANDEM_IDEMPOTENCY_RETENTION_HOURS", default_value_t = 168, value_parser = clap::value_parser!(u64).range(24..=87_600))]
+    pub idempotency_retention_hours: u64,
     /// URL of the referral ledger's gRPC API.
     #[arg(
         long,
@@ -211,6 +216,16 @@ pub async fn run(
 
     let mut tasks = BackgroundTasks::default();
     tasks.probe_database(pool.clone());
+    let retention = &config.database.retention;
+    tasks.prune(
+        pool.clone(),
+        vec![
+            retention.applied_messages(),
+            idempotency::retention(tandem_runtime::hours(config.idempotency_retention_hours)),
+        ],
+        retention.prune_every(),
+        shutdown.clone(),
+    );
     tasks.probe_brokers(bus.clone());
     let relay = run_outbox_relay(
         pool.clone(),

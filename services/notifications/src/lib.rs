@@ -135,6 +135,13 @@ pub async fn run(
     let queued = Arc::new(Notify::new());
     let mut tasks = BackgroundTasks::default();
     tasks.probe_database(pool.clone());
+    let retention = &config.database.retention;
+    tasks.prune(
+        pool.clone(),
+        vec![retention.applied_messages()],
+        retention.prune_every(),
+        shutdown.clone(),
+    );
     tasks.probe_brokers(bus.clone());
     for (suffix, topic) in [("ledger", Topic::Ledger), ("settlement", Topic::Settlement)] {
         let group_id = format!("{}.{suffix}", config.consumer_group);

@@ -274,6 +274,13 @@ pub async fn run(
     let outbox_written = Arc::new(Notify::new());
     let mut tasks = BackgroundTasks::default();
     tasks.probe_database(pool.clone());
+    let retention = &config.database.retention;
+    tasks.prune(
+        pool.clone(),
+        vec![retention.applied_messages()],
+        retention.prune_every(),
+        shutdown.clone(),
+    );
     tasks.probe_brokers(bus.clone());
     for (suffix, topic) in [
         ("admin", Topic::Admin),

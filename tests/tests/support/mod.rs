@@ -14,7 +14,7 @@ use tandem_bus::BusConfig;
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::merchant_gateway_client::MerchantGatewayClient;
 use tandem_proto::v1::operator_service_client::OperatorServiceClient;
-use tandem_runtime::{BusArgs, ConsumerArgs, DatabaseArgs, Secret};
+use tandem_runtime::{BusArgs, ConsumerArgs, DatabaseArgs, RetentionArgs, Secret};
 use tandem_testkit::TestDatabase;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -82,6 +82,8 @@ pub struct Stack {
     pub webhook_timeout_ms: u64,
     /// The gateway's per-credential rate limit (calls per second; bursts of twice that).
     pub rate_limit_per_second: u32,
+    /// Pruning of the bookkeeping tables in every in-process service.
+    pub retention: RetentionArgs,
     notifications_listener: Option<TcpListener>,
     /// How ledgers started from now on take part in their consumer groups.
     pub consumer_args: ConsumerArgs,
@@ -92,8 +94,21 @@ impl Stack {
         Self::start_on(with_ledger, tandem_testkit::test_bus(4).await).await
     }
 
+    /// As [`Stack::start`], with settings changed by `configure` before any service starts.
+    pub async fn start_configured(with_ledger: bool, configure: impl FnOnce(&mut Stack)) -> Stack {
+        Self::start_on_configured(with_ledger, tandem_testkit::test_bus(4).await, configure).await
+    }
+
     /// As [`Stack::start`], on the topics of `bus` (for a test's private broker).
     pub async fn start_on(with_ledger: bool, bus: BusConfig) -> Stack {
+        Self::start_on_configured(with_ledger, bus, |_| {}).await
+    }
+
+    async fn start_on_configured(
+        with_ledger: bool,
+        bus: BusConfig,
+        configure: impl FnOnce(&mut Stack),
+    ) -> Stack {
         let database = TestDatabase::create().await;
         let ledger_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let ledger_address = ledger_listener.local_addr().unwrap();
@@ -116,6 +131,7 @@ impl Stack {
             webhook_concurrency: 64,
             webhook_timeout_ms: 2_000,
             rate_limit_per_second: 2_000,
+            retention: RetentionArgs::default(),
             notifications_listener: Some(notifications_listener),
             consumer_args: ConsumerArgs {
                 instance_id: None,
@@ -123,6 +139,7 @@ impl Stack {
                 consumer_stall_timeout_ms: 60_000,
             },
         };
+        configure(&mut stack);
         if with_ledger {
             stack.ledger = Some(stack.spawn_ledger(ledger_listener, "referral-ledger"));
         }
@@ -138,6 +155,7 @@ impl Stack {
         DatabaseArgs {
             database_url: self.database.url.clone(),
             db_max_connections: 5,
+            retention: self.retention.clone(),
         }
     }
 
@@ -170,6 +188,7 @@ impl Stack {
             database: self.database_args(),
             bus: self.bus_args(),
             schema: "gateway".into(),
+            idempotency_retention_hours: 168,
             ledger_url: format!("http://{}", self.ledger_address),
             settlement_url: format!("http://{}", self.settlement_address),
             notifications_url: format!("http://{}", self.notifications_address),
