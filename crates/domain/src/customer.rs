@@ -349,9 +349,15 @@ impl RawIdentifier {
         // allocated. E.164 is stricter: where a country's trunk prefix is 0 and no national
         // number of it starts with 0, a 0 right after the country code is always the trunk prefix,
         // in unallocated ranges too (so that one number has one key, whatever range it is in).
-        let code = parsed.country().code();
-        let national = digits.get(code.to_string().len()..).unwrap_or_default();
-        if let Some(rest) = national.strip_prefix('0') {
+        // Every such 0 goes, not only the first: "+44 0044…" kept one and normalised again to a
+        // different number (found by fuzzing).
+        let mut digits = digits;
+        loop {
+            let code = parsed.country().code();
+            let national = digits.get(code.to_string().len()..).unwrap_or_default();
+            let Some(rest) = national.strip_prefix('0') else {
+                break;
+            };
             let trunk_zero =
                 phonenumber::metadata::DATABASE
                     .by_code(&code)
@@ -363,9 +369,11 @@ impl RawIdentifier {
                                 .iter()
                                 .any(|region| region.descriptors().general().is_match(national))
                     });
-            if trunk_zero && !rest.is_empty() {
-                parsed = parse(&format!("{code}{rest}"))?;
+            if !trunk_zero || rest.is_empty() {
+                break;
             }
+            digits = format!("{code}{rest}");
+            parsed = parse(&digits)?;
         }
         let normalised = parsed.format().mode(phonenumber::Mode::E164).to_string();
         // The same rule for the number as stored: with the trunk prefix dropped, a number
@@ -861,6 +869,9 @@ mod tests {
             "+44 (0)20 7946 0958",
             "0033 06 12 34 56 78",
             "+1 415 555 2671",
+            // Found by fuzzing: two zeros after the country code; one was kept, and normalising
+            // the result dropped it.
+            "+44  ()0044 220 0 08958",
         ] {
             let phone = RawIdentifier::phone("phone", written).unwrap();
             let again = RawIdentifier::phone("phone", phone.normalised()).unwrap();
