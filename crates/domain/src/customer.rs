@@ -351,7 +351,6 @@ impl RawIdentifier {
         // in unallocated ranges too (so that one number has one key, whatever range it is in).
         // Every such 0 goes, not only the first: "+44 0044…" kept one and normalised again to a
         // different number (found by fuzzing).
-        let mut digits = digits;
         loop {
             let code = parsed.country().code();
             let national = digits.get(code.to_string().len()..).unwrap_or_default();
