@@ -157,3 +157,45 @@ async fn the_webhook_harness_short_form_reports_every_figure() {
     assert_eq!(report.processes.len(), 1);
     stack.stop().await;
 }
+
+/// The soak's seconds-long form: every window has its figures, and every purchase sent was
+/// acknowledged and announced by the ledger in its window.
+#[tokio::test]
+async fn the_soak_short_form_reports_every_window() {
+    let stack = Stack::start(true).await;
+    let settings = tandemctl::soak::Settings {
+        gateway: format!("http://{}", stack.gateway_address()),
+        operator_token: OPERATOR_TOKEN.into(),
+        bus: stack.bus.clone(),
+        ledger_group: format!("{}-referral-ledger", stack.bus.topic_prefix),
+        partnerships: 3,
+        customers: 30,
+        rate: 40.0,
+        duration: Duration::from_secs(6),
+        window: Duration::from_secs(2),
+        processes: vec![("test process".into(), std::process::id())],
+    };
+    let report = tandemctl::soak::soak(&settings)
+        .await
+        .expect("the soak runs");
+    assert_eq!(report.windows.len(), 3);
+    for window in &report.windows {
+        assert!(window.purchases_sent >= 70, "{window:?}");
+        assert_eq!(
+            window.purchases_acknowledged, window.purchases_sent,
+            "{window:?}"
+        );
+        assert_eq!(
+            window.purchases_announced, window.purchases_sent,
+            "{window:?}"
+        );
+        assert!(window.end_to_end.p99_ms >= window.end_to_end.p50_ms);
+        assert!(
+            window.ledger_lag >= 0,
+            "the lag could not be read: {window:?}"
+        );
+        assert_eq!(window.rss_mib.len(), 1);
+        assert!(window.rss_mib[0].1 > 1.0);
+    }
+    stack.stop().await;
+}

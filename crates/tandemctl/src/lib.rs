@@ -11,6 +11,7 @@ pub mod network;
 pub mod process;
 pub mod receiver;
 pub mod settlement_bench;
+pub mod soak;
 pub mod statements;
 pub mod trace;
 pub mod webhook_bench;

@@ -2,7 +2,7 @@
 //! healthy, and runs the end-to-end demo against a running stack.
 
 use tandemctl::{
-    bench, demo, import, settlement_bench, statements, trace, webhook_bench, webhooks,
+    bench, demo, import, settlement_bench, soak, statements, trace, webhook_bench, webhooks,
 };
 
 use std::process::ExitCode;
@@ -84,6 +84,10 @@ enum Command {
     /// (p50/p99), and deliveries per second to a receiver that answers at once. A benchmark,
     /// not a test.
     WebhookBench(webhook_bench::WebhookBenchArgs),
+    /// A long run at a fixed rate (default: half the benchmark's sustained rate, 10 minutes),
+    /// reported per minute: latencies, the ledger's lag, each process's memory and CPU; the first
+    /// and last minute side by side. Writes soak-result.json.
+    Soak(soak::SoakArgs),
     /// Prints one trace from Jaeger (the local stack's with `up.sh --observability`): every span
     /// in order, under its parent, with its service, start, duration and key attributes.
     Trace(trace::TraceArgs),
@@ -122,6 +126,7 @@ async fn main() -> ExitCode {
         Command::SettlementBench(args) => settlement_bench::run(args).await,
         Command::Webhooks(args) => webhooks::run(args).await,
         Command::WebhookBench(args) => webhook_bench::run(args).await,
+        Command::Soak(args) => soak::run(args).await,
         Command::Trace(args) => trace::run(args).await,
     };
     match result {
