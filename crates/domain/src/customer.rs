@@ -545,6 +545,11 @@ impl CustomerKey {
         &self.0
     }
 
+    /// The version of the network key it was derived with.
+    pub fn version(&self) -> Option<u16> {
+        self.0.strip_prefix("ck")?.split_once('_')?.0.parse().ok()
+    }
+
     /// The kind of identifier the key was derived from; `None` for a key derived before keys
     /// named their kind.
     pub fn kind(&self) -> Option<IdentifierKind> {
@@ -577,8 +582,14 @@ impl fmt::Debug for NetworkKey {
 }
 
 impl NetworkKey {
-    /// At least 32 bytes of secret, as HMAC-SHA256 wants.
+    /// At least 32 bytes of secret, as HMAC-SHA256 wants; version 0 to 65534.
     pub fn new(version: u16, secret: Vec<u8>) -> Result<Self, ValidationError> {
+        if version == u16::MAX {
+            return Err(ValidationError::new(
+                "network_key",
+                "version must be from 0 to 65534 (65535 is reserved)",
+            ));
+        }
         if secret.len() < 32 {
             return Err(ValidationError::new(
                 "network_key",
@@ -811,10 +822,20 @@ impl CustomerIdentifiers {
 
     /// The customer keys, sorted and without duplicates.
     pub fn keys(&self, network_key: &NetworkKey) -> Vec<CustomerKey> {
-        let mut keys: Vec<CustomerKey> = self
-            .0
+        self.keys_under(std::slice::from_ref(network_key))
+    }
+
+    /// The keys under every one of `network_keys`: during a rotation of the network secret the
+    /// gateway derives each identifier's key under the new version and the old ones, so that a
+    /// referral recorded under either matches (docs/IDENTIFIERS.md, "Rotating the network key").
+    pub fn keys_under(&self, network_keys: &[NetworkKey]) -> Vec<CustomerKey> {
+        let mut keys: Vec<CustomerKey> = network_keys
             .iter()
-            .map(|identifier| network_key.customer_key(identifier))
+            .flat_map(|network_key| {
+                self.0
+                    .iter()
+                    .map(|identifier| network_key.customer_key(identifier))
+            })
             .collect();
         keys.sort();
         keys.dedup();
@@ -876,6 +897,29 @@ mod tests {
             let again = RawIdentifier::phone("phone", phone.normalised()).unwrap();
             assert_eq!(again.normalised(), phone.normalised());
         }
+    }
+
+    #[test]
+    fn keys_under_two_versions_hold_both_and_name_their_version() {
+        let captures = everything();
+        let raw = RawCustomer {
+            phone: "+44 20 7946 0958",
+            email: "a@example.org",
+            ..Default::default()
+        };
+        let identifiers = CustomerIdentifiers::parse("customer", &raw, &captures, None).unwrap();
+        let old = network_key();
+        let new = NetworkKey::new(2, vec![9; 32]).unwrap();
+        let both = identifiers.keys_under(&[new.clone(), old.clone()]);
+        assert_eq!(both.len(), 4);
+        let mut expected = identifiers.keys(&old);
+        expected.extend(identifiers.keys(&new));
+        expected.sort();
+        assert_eq!(both, expected);
+        assert_eq!(
+            both.iter().map(|key| key.version()).collect::<Vec<_>>(),
+            [Some(1), Some(1), Some(2), Some(2)]
+        );
     }
 
     #[test]

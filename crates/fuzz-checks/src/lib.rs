@@ -112,7 +112,13 @@ pub mod gateway_requests {
                 assert!(reject_personal_data("", &parsed.command.transaction_id).is_ok());
                 assert!(reject_personal_data("", &parsed.idempotency_key).is_ok());
                 assert!(parsed.command.purchased_at <= now + chrono::Duration::minutes(5));
-                assert_eq!(parsed.fingerprint.len(), 32);
+                assert!(
+                    parsed.fingerprint.len() >= 34 && parsed.fingerprint.len().is_multiple_of(34)
+                );
+                assert!(merchant_gateway::commands::same_request(
+                    &parsed.fingerprint,
+                    &parsed.fingerprint
+                ));
             }
         }
         if let Ok(request) = pb::CreateReferralRequest::decode(data) {

@@ -55,13 +55,15 @@ pub fn parse_create_referral(
         parse_token("referrer_reference", &request.referrer_reference, 1, 128)?
     };
     let referred_at = parse_instant("referred_at", request.referred_at.as_ref(), now)?;
-    let fingerprint = fingerprint(&[
-        "create_referral",
-        acceptor.as_str(),
-        &join_keys(&customer_keys),
-        &referrer_reference,
-        &instant_as_sent(request.referred_at.as_ref()),
-    ]);
+    let fingerprint = keyed_fingerprint(
+        &[
+            "create_referral",
+            acceptor.as_str(),
+            &referrer_reference,
+            &instant_as_sent(request.referred_at.as_ref()),
+        ],
+        &customer_keys,
+    );
     Ok(Parsed {
         idempotency_key,
         command: CreateReferral {
@@ -87,14 +89,16 @@ pub fn parse_record_purchase(
         .ok_or_else(|| ValidationError::new("amount", "is required: amount_minor and currency"))?;
     let amount = Money::parse_bounded("amount", amount.amount_minor, &amount.currency)?;
     let purchased_at = parse_instant("purchased_at", request.purchased_at.as_ref(), now)?;
-    let fingerprint = fingerprint(&[
-        "record_purchase",
-        &transaction_id,
-        &join_keys(&customer_keys),
-        &amount.amount_minor.to_string(),
-        amount.currency.as_str(),
-        &instant_as_sent(request.purchased_at.as_ref()),
-    ]);
+    let fingerprint = keyed_fingerprint(
+        &[
+            "record_purchase",
+            &transaction_id,
+            &amount.amount_minor.to_string(),
+            amount.currency.as_str(),
+            &instant_as_sent(request.purchased_at.as_ref()),
+        ],
+        &customer_keys,
+    );
     Ok(Parsed {
         idempotency_key,
         command: RecordPurchase {
@@ -141,11 +145,66 @@ fn instant_as_sent(sent: Option<&prost_types::Timestamp>) -> String {
     sent.map_or_else(String::new, |t| format!("{}.{:09}", t.seconds, t.nanos))
 }
 
-fn join_keys(keys: &[CustomerKey]) -> String {
-    keys.iter()
-        .map(CustomerKey::as_str)
-        .collect::<Vec<_>>()
-        .join(",")
+/// Marks the entry of a keyed fingerprint that leaves the customer keys out.
+const WITHOUT_KEYS: u16 = u16::MAX;
+const ENTRY: usize = 2 + 32;
+
+/// The fingerprint of a request that carries customer keys, built so that a retry answered by a
+/// gateway with other network keys configured (a rotation rolling out) is still recognised: one
+/// entry per network-key version among `keys`, the SHA-256 of `parts` and that version's keys,
+/// plus one entry without keys; each entry is the version (2 bytes, big-endian, 65535 for the
+/// keyless one) and the digest. [`same_request`] compares two of them.
+pub fn keyed_fingerprint(parts: &[&str], keys: &[CustomerKey]) -> Vec<u8> {
+    let mut versions: Vec<u16> = keys.iter().filter_map(CustomerKey::version).collect();
+    versions.sort_unstable();
+    versions.dedup();
+    let mut entries = Vec::with_capacity((versions.len() + 1) * ENTRY);
+    for version in versions.into_iter().chain([WITHOUT_KEYS]) {
+        let joined = keys
+            .iter()
+            .filter(|key| key.version() == Some(version))
+            .map(CustomerKey::as_str)
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut all: Vec<&str> = parts.to_vec();
+        all.push(&joined);
+        entries.extend_from_slice(&version.to_be_bytes());
+        entries.extend_from_slice(&fingerprint(&all));
+    }
+    entries
+}
+
+/// Whether two fingerprints are of the same request. Keyed fingerprints ([`keyed_fingerprint`])
+/// match when every entry of a version both have is equal: the keys of the versions both
+/// gateways derived, or, with no version in common, the request without its keys. Any other
+/// fingerprint (a plain SHA-256) matches only itself.
+pub fn same_request(stored: &[u8], retried: &[u8]) -> bool {
+    let entries = |fingerprint: &[u8]| -> Option<std::collections::BTreeMap<u16, Vec<u8>>> {
+        if !fingerprint.len().is_multiple_of(ENTRY) || fingerprint.len() < ENTRY {
+            return None;
+        }
+        Some(
+            fingerprint
+                .chunks(ENTRY)
+                .map(|entry| {
+                    (
+                        u16::from_be_bytes([entry[0], entry[1]]),
+                        entry[2..].to_vec(),
+                    )
+                })
+                .collect(),
+        )
+    };
+    match (entries(stored), entries(retried)) {
+        (Some(stored), Some(retried)) if stored.contains_key(&WITHOUT_KEYS) => {
+            stored
+                .iter()
+                .filter_map(|(version, digest)| Some((digest, retried.get(version)?)))
+                .all(|(a, b)| a == b)
+                && retried.contains_key(&WITHOUT_KEYS)
+        }
+        _ => stored == retried,
+    }
 }
 
 /// SHA-256 over the parts, each length-prefixed so that no two different requests collide by
@@ -157,4 +216,59 @@ fn fingerprint(parts: &[&str]) -> Vec<u8> {
         hasher.update(part.as_bytes());
     }
     hasher.finalize().to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use tandem_domain::customer::{Capture, IdentifierKind};
+    use tandem_domain::customer::{Captures, CustomerIdentifiers, NetworkKey, RawCustomer};
+
+    fn keys(versions: &[u16], phone: &str) -> Vec<CustomerKey> {
+        let captures = Captures::new(
+            "c",
+            vec![Capture::new("c", IdentifierKind::Phone, "").unwrap()],
+        )
+        .unwrap();
+        let raw = RawCustomer {
+            phone,
+            ..Default::default()
+        };
+        let identifiers = CustomerIdentifiers::parse("customer", &raw, &captures, None).unwrap();
+        let network: Vec<NetworkKey> = versions
+            .iter()
+            .map(|v| NetworkKey::new(*v, vec![*v as u8; 32]).unwrap())
+            .collect();
+        identifiers.keys_under(&network)
+    }
+
+    #[test]
+    fn a_retry_across_a_rotation_is_the_same_request_and_another_customer_is_not() {
+        let phone = "+44 20 7946 0958";
+        let print = |versions: &[u16], phone: &str, amount: &str| {
+            keyed_fingerprint(&["record_purchase", "T-1", amount], &keys(versions, phone))
+        };
+        let before = print(&[1], phone, "100");
+        let during = print(&[1, 2], phone, "100");
+        let after = print(&[2], phone, "100");
+        // Each step of a rotation: first try on one side, retry on the other.
+        assert!(same_request(&before, &during));
+        assert!(same_request(&during, &before));
+        assert!(same_request(&during, &after));
+        assert!(same_request(&after, &during));
+        // No version in common: the request without its keys decides.
+        assert!(same_request(&before, &after));
+        // Another customer, or another amount, is another request.
+        let other = "+44 20 7946 0959";
+        assert!(!same_request(&during, &print(&[1, 2], other, "100")));
+        assert!(!same_request(&before, &print(&[1, 2], other, "100")));
+        assert!(!same_request(&during, &print(&[2], phone, "101")));
+        // A plain digest (operator calls, older records) matches only itself.
+        let plain = fingerprint(&["create_merchant", "x"]);
+        assert!(same_request(&plain, &plain));
+        assert!(!same_request(&plain, &before));
+        assert!(!same_request(&before, &plain));
+    }
 }

@@ -148,7 +148,8 @@ async fn begin(
     match previous {
         None => Ok(None),
         Some((previous_operation, previous_fingerprint, response))
-            if previous_operation == operation && previous_fingerprint == fingerprint =>
+            if previous_operation == operation
+                && crate::commands::same_request(&previous_fingerprint, fingerprint) =>
         {
             Ok(Some(response))
         }

@@ -271,7 +271,7 @@ pub async fn customer_keys(
                     GatewayError::FailedPrecondition(format!("{field}: {reason}"))
                 }
             })?;
-    Ok(identifiers.keys(&state.network_key))
+    Ok(identifiers.keys_under(&state.network_keys))
 }
 
 /// What a merchant declared it captures.

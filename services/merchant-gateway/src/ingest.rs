@@ -105,13 +105,18 @@ pub async fn write_purchases(
         let plan = if let Some((operation, fingerprint, response)) =
             earlier.get(&(key.0.to_owned(), key.1.to_owned()))
         {
-            if operation == OPERATION && *fingerprint == item.parsed.fingerprint {
+            if operation == OPERATION
+                && crate::commands::same_request(fingerprint, &item.parsed.fingerprint)
+            {
                 Plan::Replay(pb::RecordPurchaseResponse::decode(response.as_slice())?)
             } else {
                 Plan::Refused(different_request(key.1, operation))
             }
         } else if let Some(&first) = first_of_key.get(&key) {
-            if items[first].parsed.fingerprint == item.parsed.fingerprint {
+            if crate::commands::same_request(
+                &items[first].parsed.fingerprint,
+                &item.parsed.fingerprint,
+            ) {
                 Plan::Follows(first)
             } else {
                 Plan::Refused(different_request(key.1, OPERATION))

@@ -112,6 +112,39 @@ pub struct Config {
     /// Key customer keys are derived with, `<version>:<secret in hex, at least 32 bytes>`.
     #[arg(long, env = "TANDEM_NETWORK_KEY", hide_env_values = true, value_parser = parse_network_key)]
     pub network_key: NetworkKey,
+    /// Earlier network keys still in use during a rotation, comma-separated, each
+    /// `<version>:<hex>` with a version below the current one: every identifier's key is derived
+    /// under each of them too, so that referrals recorded before the rotation still match. Keep
+    /// them for the longest attribution window (docs/IDENTIFIERS.md, "Rotating the network key").
+    #[arg(long, env = "TANDEM_NETWORK_KEY_PREVIOUS", hide_env_values = true, value_delimiter = ',', value_parser = parse_network_key)]
+    pub previous_network_keys: Vec<NetworkKey>,
+}
+
+/// The network keys to derive customer keys under, current first; refuses earlier keys whose
+/// version is not below the current one, or repeated.
+pub fn network_keys(
+    current: &NetworkKey,
+    previous: &[NetworkKey],
+) -> Result<Vec<NetworkKey>, String> {
+    let mut versions = std::collections::BTreeSet::new();
+    for key in previous {
+        if key.version() >= current.version() {
+            return Err(format!(
+                "TANDEM_NETWORK_KEY_PREVIOUS: version {} is not below the current version {} (TANDEM_NETWORK_KEY); a rotation moves to a higher version",
+                key.version(),
+                current.version()
+            ));
+        }
+        if !versions.insert(key.version()) {
+            return Err(format!(
+                "TANDEM_NETWORK_KEY_PREVIOUS: version {} is given twice",
+                key.version()
+            ));
+        }
+    }
+    Ok(std::iter::once(current.clone())
+        .chain(previous.iter().cloned())
+        .collect())
 }
 
 fn parse_operator_token(value: &str) -> Result<Secret, String> {
@@ -128,7 +161,7 @@ pub fn parse_network_key(value: &str) -> Result<NetworkKey, String> {
         .ok_or("must be <version>:<secret in hex>, e.g. 1:9f86d0…")?;
     let version: u16 = version
         .parse()
-        .map_err(|_| "version must be a number from 0 to 65535")?;
+        .map_err(|_| "version must be a number from 0 to 65534")?;
     let secret = hex::decode(secret.trim()).map_err(|_| "secret must be hexadecimal")?;
     NetworkKey::new(version, secret).map_err(|error| error.reason)
 }
@@ -136,7 +169,9 @@ pub fn parse_network_key(value: &str) -> Result<NetworkKey, String> {
 /// What the handlers share.
 pub struct State {
     pub pool: PgPool,
-    pub network_key: NetworkKey,
+    /// The keys customer keys are derived under: the current one first, then those of a
+    /// rotation still in progress.
+    pub network_keys: Vec<NetworkKey>,
     pub operator_token: Secret,
     /// Rung after every commit that wrote to the outbox, so the relay publishes at once.
     pub outbox_written: Arc<Notify>,
@@ -158,6 +193,8 @@ pub enum StartError {
     Serve(#[from] tandem_runtime::ServeError),
     #[error("{0}")]
     ServiceToken(String),
+    #[error("{0}")]
+    NetworkKeys(String),
 }
 
 static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -207,7 +244,8 @@ pub async fn run(
         ingest::GroupCommit::start(pool.clone(), config.group_commit, outbox_written.clone());
     let state = Arc::new(State {
         pool: pool.clone(),
-        network_key: config.network_key,
+        network_keys: network_keys(&config.network_key, &config.previous_network_keys)
+            .map_err(StartError::NetworkKeys)?,
         operator_token: config.operator_token,
         outbox_written,
         programmes: identifiers::Programmes::default(),
@@ -307,4 +345,26 @@ pub async fn run(
     pool.close().await;
     served?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn earlier_network_keys_must_have_lower_distinct_versions() {
+        let key = |version: u16| NetworkKey::new(version, vec![7; 32]).unwrap();
+        let keys = network_keys(&key(3), &[key(2), key(1)]).unwrap();
+        assert_eq!(
+            keys.iter().map(NetworkKey::version).collect::<Vec<_>>(),
+            [3, 2, 1]
+        );
+        let error = network_keys(&key(2), &[key(2)]).unwrap_err();
+        assert!(error.contains("not below the current version 2"), "{error}");
+        let error = network_keys(&key(3), &[key(1), key(1)]).unwrap_err();
+        assert!(error.contains("given twice"), "{error}");
+        assert!(parse_network_key("65535:00").is_err());
+    }
 }

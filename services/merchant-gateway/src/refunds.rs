@@ -139,31 +139,26 @@ async fn prepare_refund(
         )?),
         (None, true) => None,
     };
-    let customer_keys = match &request.customer {
-        Some(customer) => Some(
-            customer_keys(state, caller, Some(customer))
-                .await?
-                .into_iter()
-                .map(|key| key.to_string())
-                .collect::<Vec<_>>(),
-        ),
+    let keys = match &request.customer {
+        Some(customer) => Some(customer_keys(state, caller, Some(customer)).await?),
         None => None,
     };
-    let mut hasher = Sha256::new();
-    for part in [
-        transaction_id.as_str(),
-        &amount.map(|a| a.to_string()).unwrap_or_default(),
-        if request.void { "void" } else { "refund" },
-        &customer_keys.clone().unwrap_or_default().join(","),
-        &request
-            .refunded_at
-            .map(|t| format!("{}.{}", t.seconds, t.nanos))
-            .unwrap_or_default(),
-    ] {
-        hasher.update((part.len() as u64).to_be_bytes());
-        hasher.update(part.as_bytes());
-    }
-    let fingerprint = hasher.finalize().to_vec();
+    let amount_part = amount.map(|a| a.to_string()).unwrap_or_default();
+    let refunded_at_part = request
+        .refunded_at
+        .map(|t| format!("{}.{}", t.seconds, t.nanos))
+        .unwrap_or_default();
+    let fingerprint = crate::commands::keyed_fingerprint(
+        &[
+            transaction_id.as_str(),
+            &amount_part,
+            if request.void { "void" } else { "refund" },
+            &refunded_at_part,
+        ],
+        keys.as_deref().unwrap_or_default(),
+    );
+    let customer_keys: Option<Vec<String>> =
+        keys.map(|keys| keys.into_iter().map(|key| key.to_string()).collect());
     Ok(PreparedRefund {
         idempotency_key,
         transaction_id,

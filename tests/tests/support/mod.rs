@@ -84,6 +84,9 @@ pub struct Stack {
     pub rate_limit_per_second: u32,
     /// Pruning of the bookkeeping tables in every in-process service.
     pub retention: RetentionArgs,
+    /// The gateway's network key (`<version>:<hex>`) and those of a rotation in progress.
+    pub network_key: String,
+    pub previous_network_keys: Vec<String>,
     notifications_listener: Option<TcpListener>,
     /// How ledgers started from now on take part in their consumer groups.
     pub consumer_args: ConsumerArgs,
@@ -132,6 +135,8 @@ impl Stack {
             webhook_timeout_ms: 2_000,
             rate_limit_per_second: 2_000,
             retention: RetentionArgs::default(),
+            network_key: NETWORK_KEY.to_owned(),
+            previous_network_keys: Vec::new(),
             notifications_listener: Some(notifications_listener),
             consumer_args: ConsumerArgs {
                 instance_id: None,
@@ -167,6 +172,15 @@ impl Stack {
         }
     }
 
+    /// Stops the stack's gateway and starts another with the stack's settings as they are now
+    /// (a configuration change rolled out); it listens on a new address.
+    pub async fn restart_gateway(&mut self) {
+        if let Some(gateway) = self.gateway.take() {
+            gateway.stop().await;
+        }
+        self.gateway = Some(self.spawn_gateway().await);
+    }
+
     /// Another gateway on the same database, topics and ledger address (gateways are
     /// stateless but for Postgres; their relays share the outbox under one lock).
     pub async fn add_gateway(&self) -> Running {
@@ -193,7 +207,12 @@ impl Stack {
             settlement_url: format!("http://{}", self.settlement_address),
             notifications_url: format!("http://{}", self.notifications_address),
             operator_token: Secret::new(OPERATOR_TOKEN),
-            network_key: parse_network_key(NETWORK_KEY).unwrap(),
+            network_key: parse_network_key(&self.network_key).unwrap(),
+            previous_network_keys: self
+                .previous_network_keys
+                .iter()
+                .map(|key| parse_network_key(key).unwrap())
+                .collect(),
             group_commit: Default::default(),
         };
         let shutdown = CancellationToken::new();
