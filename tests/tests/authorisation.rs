@@ -58,9 +58,31 @@ async fn call(
     streaming: bool,
     authorization: Option<&str>,
 ) -> Result<(), tonic::Status> {
+    call_with(
+        channel,
+        service,
+        method,
+        streaming,
+        authorization,
+        Vec::new(),
+    )
+    .await
+    .map(drop)
+}
+
+/// Calls `/<service>/<method>` with `body` as the encoded request; returns the encoded answer
+/// (a stream's first message; empty if it opened and sent nothing within two seconds).
+async fn call_with(
+    channel: &tonic::transport::Channel,
+    service: &str,
+    method: &str,
+    streaming: bool,
+    authorization: Option<&str>,
+    body: Vec<u8>,
+) -> Result<Vec<u8>, tonic::Status> {
     let mut grpc = tonic::client::Grpc::new(channel.clone());
     grpc.ready().await.unwrap();
-    let mut request = tonic::Request::new(Vec::new());
+    let mut request = tonic::Request::new(body);
     if let Some(value) = authorization {
         request
             .metadata_mut()
@@ -75,13 +97,52 @@ async fn call(
             .into_inner();
         // A stream that opened must not carry anything either.
         match tokio::time::timeout(std::time::Duration::from_secs(2), stream.message()).await {
-            Ok(Ok(Some(_))) => Ok(()),
+            Ok(Ok(Some(message))) => Ok(message),
+            Ok(Ok(None)) => Ok(Vec::new()),
             Ok(Err(status)) => Err(status),
-            _ => Err(tonic::Status::ok("stream opened but sent nothing")),
+            Err(_) => Ok(Vec::new()),
         }
     } else {
-        grpc.unary(request, path, RawCodec).await.map(|_| ())
+        grpc.unary(request, path, RawCodec)
+            .await
+            .map(tonic::Response::into_inner)
     }
+}
+
+/// A request of type `input` (from the descriptors) with every field that names an object set to
+/// the victim's real one: ids by field name, statement number 1, an idempotency key. Other fields
+/// stay empty.
+fn request_naming(
+    descriptors: &prost_types::FileDescriptorSet,
+    input: &str,
+    objects: &std::collections::BTreeMap<&str, String>,
+    idempotency_key: &str,
+) -> Vec<u8> {
+    let name = input.trim_start_matches(".tandem.v1.");
+    let message = descriptors
+        .file
+        .iter()
+        .flat_map(|file| &file.message_type)
+        .find(|message| message.name() == name)
+        .unwrap_or_else(|| panic!("no descriptor for {input}"));
+    let mut body = Vec::new();
+    for field in &message.field {
+        let number = field.number() as u32;
+        let text = match field.name() {
+            "idempotency_key" => Some(idempotency_key.to_owned()),
+            other => objects.get(other).cloned(),
+        };
+        match (field.r#type(), text) {
+            (prost_types::field_descriptor_proto::Type::String, Some(text)) => {
+                prost::encoding::string::encode(number, &text, &mut body);
+            }
+            (prost_types::field_descriptor_proto::Type::Uint32, _) if field.name() == "number" => {
+                prost::encoding::uint32::encode(number, &1, &mut body);
+            }
+            _ => {}
+        }
+    }
+    body
 }
 
 #[tokio::test]
@@ -289,5 +350,193 @@ async fn internal_apis_refuse_every_caller_without_the_service_token() {
         .await
         .unwrap();
     eprintln!("{refused} calls to the internal APIs without the service token refused");
+    stack.stop().await;
+}
+
+/// The "another merchant's key" column, with real ids: every merchant-facing method called with
+/// merchant B's valid key and a request naming merchant A's real objects (A's merchant id, a
+/// partnership of A's that B is not part of, its referral, purchase, transaction and webhook
+/// endpoint) is refused, or answers B's own (empty) view: never anything of A's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_merchant_rpc_naming_another_merchants_objects_gives_none_of_their_data() {
+    let mut stack = Stack::start(true).await;
+    stack.start_settlement(86_400).await;
+    stack.start_notifications().await;
+    let (victim, victim_key) = stack.merchant("Victim A").await;
+    let (partner, partner_key) = stack.merchant("Partner C").await;
+    let (_, intruder_key) = stack.merchant("Intruder B").await;
+    let partnership = stack.partnership(&partner, &victim, 500, 30).await;
+    let who = customer("", "+33 6 10 20 30 40", "");
+    let referral_id = stack
+        .pos()
+        .await
+        .create_referral(with_bearer(
+            referral("authz-r", &victim, who.clone()),
+            &partner_key,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .referral_id;
+    let purchase_id = stack
+        .pos()
+        .await
+        .record_purchase(with_bearer(
+            purchase("authz-p", "T-authz-victim", who, 4_200),
+            &victim_key,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .purchase_id;
+    wait_for_activity(&stack, &partner_key, 1).await;
+    let (endpoint, _deliveries) =
+        purchase_webhook(stack.channel().await, &victim_key, "authz-hook").await;
+    let endpoint_id = endpoint.endpoint.unwrap().endpoint_id;
+    let objects: std::collections::BTreeMap<&str, String> = [
+        ("merchant_id", victim.clone()),
+        ("acceptor_merchant_id", victim.clone()),
+        ("referrer_merchant_id", victim.clone()),
+        ("partnership_id", partnership.clone()),
+        ("referral_id", referral_id.clone()),
+        ("purchase_id", purchase_id.clone()),
+        ("transaction_id", "T-authz-victim".to_owned()),
+        ("endpoint_id", endpoint_id.clone()),
+    ]
+    .into();
+    let secrets = [
+        victim.as_str(),
+        partnership.as_str(),
+        referral_id.as_str(),
+        purchase_id.as_str(),
+        "T-authz-victim",
+        endpoint_id.as_str(),
+    ];
+
+    // The same objects, well formed but nobody's: an answer about A's objects must not differ
+    // from the answer about these (else it tells B that they exist).
+    let unknown = |id: &str| match id.split_once('_') {
+        Some((prefix, rest)) => format!("{prefix}_{}", rest.chars().rev().collect::<String>()),
+        None => id.chars().rev().collect(),
+    };
+    let nobodys: std::collections::BTreeMap<&str, String> = objects
+        .iter()
+        .map(|(field, id)| (*field, unknown(id)))
+        .collect();
+    // Twice: naming A as the merchant acted for (refused at once), and acting as B itself while
+    // naming A's objects (each object's own scoping answers).
+    let as_itself = |map: &std::collections::BTreeMap<&'static str, String>| {
+        let mut map = map.clone();
+        map.remove("merchant_id");
+        map
+    };
+    let variants = [
+        ("for A", objects.clone(), nobodys.clone()),
+        ("as B", as_itself(&objects), as_itself(&nobodys)),
+    ];
+    let channel = stack.channel().await;
+    let descriptors =
+        prost_types::FileDescriptorSet::decode(tandem_proto::FILE_DESCRIPTOR_SET).unwrap();
+    let mut outcomes: Vec<String> = Vec::new();
+    // Answers that tell B whether A's objects exist.
+    let mut telling: Vec<String> = Vec::new();
+    for file in &descriptors.file {
+        for service in &file.service {
+            if !matches!(
+                service.name(),
+                "MerchantGateway"
+                    | "PartnershipService"
+                    | "NotificationService"
+                    | "StatementService"
+            ) {
+                continue;
+            }
+            let name = format!("{}.{}", file.package(), service.name());
+            for method in &service.method {
+                for (variant, objects, nobodys) in &variants {
+                    let body = request_naming(
+                        &descriptors,
+                        method.input_type(),
+                        objects,
+                        &format!("authz-{}", method.name()),
+                    );
+                    let answer = call_with(
+                        &channel,
+                        &name,
+                        method.name(),
+                        method.server_streaming(),
+                        Some(&format!("Bearer {intruder_key}")),
+                        body,
+                    )
+                    .await;
+                    let what = format!("{name}/{} {variant}", method.name());
+                    let about_nobody = call_with(
+                        &channel,
+                        &name,
+                        method.name(),
+                        method.server_streaming(),
+                        Some(&format!("Bearer {intruder_key}")),
+                        request_naming(
+                            &descriptors,
+                            method.input_type(),
+                            nobodys,
+                            &format!("authz-nobody-{}", method.name()),
+                        ),
+                    )
+                    .await;
+                    // Error answers alike, once each names its own ids in the same words.
+                    let blind =
+                        |status: &tonic::Status, ids: &std::collections::BTreeMap<&str, String>| {
+                            let mut message = status.message().to_owned();
+                            for id in ids.values() {
+                                message = message.replace(id.as_str(), "<id>");
+                            }
+                            (status.code(), message)
+                        };
+                    match (&answer, &about_nobody) {
+                        (Err(a), Err(b)) if blind(a, objects) == blind(b, nobodys) => {}
+                        (Ok(_), Ok(_)) => {}
+                        _ => telling.push(format!(
+                            "{what}: {answer:?} about another merchant's objects, {about_nobody:?} about objects that do not exist"
+                        )),
+                    }
+                    match &answer {
+                        Ok(bytes) => {
+                            for secret in secrets {
+                                assert!(
+                                    !bytes
+                                        .windows(secret.len())
+                                        .any(|window| window == secret.as_bytes()),
+                                    "{what} answered another merchant's {secret:?}"
+                                );
+                            }
+                            outcomes.push(format!("{what}: OK, none of A's data"));
+                        }
+                        Err(status) => {
+                            assert!(
+                                matches!(
+                                    status.code(),
+                                    Code::PermissionDenied
+                                        | Code::NotFound
+                                        | Code::InvalidArgument
+                                        | Code::FailedPrecondition
+                                        | Code::AlreadyExists
+                                ),
+                                "{what}: {status:?}"
+                            );
+                            outcomes.push(format!("{what}: {:?}", status.code()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        telling.is_empty(),
+        "answers that differ for another merchant's objects and for objects that do not exist:\n{}",
+        telling.join("\n")
+    );
+    assert!(outcomes.len() >= 25, "only {} methods", outcomes.len());
+    eprintln!("{}", outcomes.join("\n"));
     stack.stop().await;
 }

@@ -283,11 +283,12 @@ impl PartnershipApi {
         } else {
             let partnership_id = PartnershipId::parse("partnership_id", &request.partnership_id)?;
             let (state, sequence) = load_partnership(&mut tx, &partnership_id).await?;
-            let Some((referrer, acceptor)) = state.parties().map(|(r, a)| (r.clone(), a.clone()))
+            let Some((referrer, acceptor)) = state
+                .parties()
+                .filter(|(r, a)| *r == &merchant || *a == &merchant)
+                .map(|(r, a)| (r.clone(), a.clone()))
             else {
-                return Err(GatewayError::NotFound(format!(
-                    "partnership {partnership_id} does not exist"
-                )));
+                return Err(not_a_party(&merchant, &partnership_id));
             };
             (partnership_id, state, sequence, referrer, acceptor)
         };
@@ -482,15 +483,18 @@ impl PartnershipApi {
     ) -> Result<(Partnership, i32), GatewayError> {
         let (state, sequence) = load_partnership(connection, partnership_id).await?;
         match state.parties() {
-            None => Err(GatewayError::NotFound(format!(
-                "partnership {partnership_id} does not exist"
-            ))),
-            Some((referrer, acceptor)) if referrer != merchant && acceptor != merchant => {
-                Err(GatewayError::PermissionDenied(format!(
-                    "{merchant} is not a party to partnership {partnership_id}"
-                )))
+            Some((referrer, acceptor)) if referrer == merchant || acceptor == merchant => {
+                Ok((state, sequence))
             }
-            Some(_) => Ok((state, sequence)),
+            _ => Err(not_a_party(merchant, partnership_id)),
         }
     }
+}
+
+/// The answer about a partnership the caller is not a party to, whether it exists or not: the
+/// answer must not tell a merchant that another merchant's partnership id exists.
+fn not_a_party(merchant: &MerchantId, partnership_id: &PartnershipId) -> GatewayError {
+    GatewayError::PermissionDenied(format!(
+        "{merchant} is not a party to partnership {partnership_id} (or it does not exist)"
+    ))
 }

@@ -322,16 +322,15 @@ pub async fn cancel_referral(
     .bind(referral_id.as_str())
     .fetch_optional(&mut *tx)
     .await?;
-    let Some((referrer, acceptor, customer_keys, cancelled_at)) = referral else {
+    // Another merchant's referral answers as one that does not exist: the answer must not tell
+    // the caller that the id is someone else's.
+    let Some((referrer, acceptor, customer_keys, cancelled_at)) =
+        referral.filter(|(referrer, ..)| referrer == merchant.as_str())
+    else {
         return Err(GatewayError::NotFound(format!(
-            "referral {referral_id} does not exist"
+            "referral {referral_id} is not one of your referrals (only the merchant that made a referral can cancel it)"
         )));
     };
-    if referrer != merchant.as_str() {
-        return Err(GatewayError::PermissionDenied(format!(
-            "referral {referral_id} was made by another merchant; only its referrer can cancel it"
-        )));
-    }
     if let Some(at) = cancelled_at {
         return Err(GatewayError::FailedPrecondition(format!(
             "referral {referral_id} was already cancelled at {at}"
