@@ -269,8 +269,12 @@ async fn under_kills_and_restarts_everything_acknowledged_counts_once_and_statem
         .ok()
         .and_then(|value| value.parse().ok())
         .unwrap_or(7);
-    let mut seed = uuid::Uuid::new_v4().as_u128() as u64;
-    eprintln!("chaos seed {seed}");
+    // TANDEM_CHAOS_SEED=<the seed a run printed> replays its fault schedule.
+    let mut seed: u64 = std::env::var("TANDEM_CHAOS_SEED")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| uuid::Uuid::new_v4().as_u128() as u64);
+    eprintln!("chaos seed {seed} (TANDEM_CHAOS_SEED to replay the schedule)");
     let faults = schedule(faults_wanted, &mut seed);
 
     let kafka = PrivateKafka::cluster(3);

@@ -57,10 +57,14 @@ async fn old_marks_and_merchants_idempotency_records_are_pruned_and_nothing_coun
         .execute(&gateway)
         .await
         .unwrap();
+    let kept: String = sqlx::query_scalar("SELECT max(message_id) FROM applied_messages")
+        .fetch_one(&ledger)
+        .await
+        .unwrap();
     sqlx::query(
-        "UPDATE applied_messages SET applied_at = now() - interval '8 days' \
-         WHERE message_id <> (SELECT max(message_id) FROM applied_messages)",
+        "UPDATE applied_messages SET applied_at = now() - interval '8 days' WHERE message_id <> $1",
     )
+    .bind(&kept)
     .execute(&ledger)
     .await
     .unwrap();
@@ -70,10 +74,21 @@ async fn old_marks_and_merchants_idempotency_records_are_pruned_and_nothing_coun
             "SELECT count(*) FROM idempotency_records WHERE merchant_id <> 'operator'",
         )
         .await;
-        let marks = count(&ledger, "SELECT count(*) FROM applied_messages").await;
-        (merchants == 0 && marks == 1).then_some(())
+        let aged = count(
+            &ledger,
+            "SELECT count(*) FROM applied_messages WHERE applied_at < now() - interval '7 days'",
+        )
+        .await;
+        (merchants == 0 && aged == 0).then_some(())
     })
     .await;
+    let still_there: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM applied_messages WHERE message_id = $1")
+            .bind(&kept)
+            .fetch_one(&ledger)
+            .await
+            .unwrap();
+    assert_eq!(still_there, 1, "a recent mark is kept");
     assert_eq!(
         count(
             &gateway,

@@ -6,7 +6,7 @@
 //! that offset has not moved for the stall timeout. The consumer fails when a stalled partition is
 //! assigned to it, or when it has no partition at all while one is stalled (the group left it out,
 //! or the coordinator lost track of it). When the broker cannot be asked, nothing is concluded,
-//! and the stall clocks start again once it answers.
+//! and the time it could not be asked does not count towards a stall.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -45,21 +45,30 @@ impl Watchdog {
             (self.stall_timeout / 6).clamp(Duration::from_secs(1), Duration::from_secs(10));
         // Per partition: the committed offset last seen, and since when it has not moved.
         let mut seen: HashMap<(String, i32), (i64, Instant)> = HashMap::new();
+        // A gap this long between two good reads is an outage of the broker, not a slow read.
+        let outage = interval * 2 + REQUEST_TIMEOUT;
+        let mut last_read = Instant::now();
         loop {
             tokio::time::sleep(interval).await;
             let positions = match self.positions(monitor.clone()).await {
                 Ok(positions) => positions,
                 Err(error) => {
                     tracing::debug!(group_id = %self.group_id, error = %error, "watchdog could not read the group's positions");
-                    // What happened while the broker could not be asked is unknown: the clocks
-                    // start again once it answers. Otherwise a broker outage longer than the
-                    // stall timeout would end the consumer the moment the broker is back, while
-                    // it rejoins the group, as if it had stalled all along.
-                    seen.clear();
                     continue;
                 }
             };
             let now = Instant::now();
+            // The time the broker could not be asked does not count towards a stall: otherwise
+            // an outage longer than the stall timeout would end the consumer the moment the
+            // broker is back, while it rejoins the group. A read failing now and then (one
+            // partition's watermarks) does not pause the clocks.
+            let gap = now.duration_since(last_read);
+            if gap > outage {
+                for (_, since) in seen.values_mut() {
+                    *since += gap;
+                }
+            }
+            last_read = now;
             let metrics = crate::metrics::metrics();
             for position in &positions {
                 metrics.lag.record(

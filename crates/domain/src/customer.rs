@@ -582,12 +582,12 @@ impl fmt::Debug for NetworkKey {
 }
 
 impl NetworkKey {
-    /// At least 32 bytes of secret, as HMAC-SHA256 wants; version 0 to 65534.
+    /// At least 32 bytes of secret, as HMAC-SHA256 wants; version 0 to 65533.
     pub fn new(version: u16, secret: Vec<u8>) -> Result<Self, ValidationError> {
-        if version == u16::MAX {
+        if version >= u16::MAX - 1 {
             return Err(ValidationError::new(
                 "network_key",
-                "version must be from 0 to 65534 (65535 is reserved)",
+                "version must be from 0 to 65533 (65534 and 65535 are reserved)",
             ));
         }
         if secret.len() < 32 {

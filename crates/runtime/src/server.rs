@@ -96,9 +96,10 @@ impl BackgroundTasks {
         });
     }
 
-    /// Prunes `tables` every `every` until `shutdown`, the first time one period after start. A
-    /// prune that fails (Postgres away) is logged and tried again at the next period; it never
-    /// ends the service.
+    /// Prunes `tables` every `every` until `shutdown`, the first time five minutes after start
+    /// (or one period, if shorter), so that a service restarted more often than the period still
+    /// prunes. A prune that fails (Postgres away) is logged and tried again at the next period;
+    /// it never ends the service.
     pub fn prune(
         &mut self,
         pool: sqlx::PgPool,
@@ -107,11 +108,13 @@ impl BackgroundTasks {
         shutdown: CancellationToken,
     ) {
         self.spawn("bookkeeping pruning", async move {
+            let mut wait = every.min(Duration::from_secs(300));
             loop {
                 tokio::select! {
                     () = shutdown.cancelled() => return Ok::<(), std::convert::Infallible>(()),
-                    () = tokio::time::sleep(every) => {}
+                    () = tokio::time::sleep(wait) => {}
                 }
+                wait = every;
                 for table in &tables {
                     let started = std::time::Instant::now();
                     match tandem_store::prune(&pool, table).await {

@@ -82,14 +82,17 @@ pub struct Window {
     pub starts_at_secs: u64,
     pub purchases_sent: u64,
     pub purchases_acknowledged: u64,
+    /// Purchases the gateway refused (after the client's retries): counted, not fatal.
+    pub purchases_failed: u64,
     /// Purchases of this window whose ledger event was read.
     pub purchases_announced: u64,
     /// From the intended send time to the gateway's answer.
     pub acknowledgement: Latency,
     /// From the intended send time to the ledger's `PurchaseAttributed` event.
     pub end_to_end: Latency,
-    /// Messages waiting for the ledger's consumer groups when the window ended.
-    pub ledger_lag: i64,
+    /// Messages waiting for the ledger's consumer groups when the window ended; `None` if the
+    /// broker could not say.
+    pub ledger_lag: Option<i64>,
     /// Resident memory (MiB) of each measured process when the window ended.
     pub rss_mib: Vec<(String, f64)>,
     /// CPU seconds each measured process spent in the window.
@@ -129,6 +132,7 @@ pub async fn run(args: SoakArgs) -> Result<(), String> {
 #[derive(Default)]
 struct Tally {
     sent: u64,
+    failed: u64,
     acknowledged: Vec<Duration>,
     announced: Vec<Duration>,
 }
@@ -170,14 +174,16 @@ pub async fn soak(settings: &Settings) -> Result<Report, String> {
     let reader = LedgerReader::from_end(&settings.bus)?;
     let ours = format!("bench-{}-soak-", network.tag);
     let end = start + settings.window * windows as u32;
+    let sender_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reading = tokio::spawn({
-        let (intended, tallies) = (intended.clone(), tallies.clone());
+        let (intended, tallies, sender_done) =
+            (intended.clone(), tallies.clone(), sender_done.clone());
         async move {
             // Events of the last window may come after it: read until every purchase was
             // seen, or 30 s past the end.
             loop {
                 let now = Instant::now();
-                let all_seen = now >= end + Duration::from_millis(500)
+                let all_seen = sender_done.load(std::sync::atomic::Ordering::Acquire)
                     && intended
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
@@ -210,6 +216,7 @@ pub async fn soak(settings: &Settings) -> Result<Report, String> {
     let network = Arc::new(network);
     let sending = tokio::spawn({
         let (intended, tallies, network) = (intended.clone(), tallies.clone(), network.clone());
+        let sender_done = sender_done.clone();
         let pos = network.pos.clone();
         let api_key = network.acceptor.api_key.clone();
         async move {
@@ -231,17 +238,23 @@ pub async fn soak(settings: &Settings) -> Result<Report, String> {
                 }
                 let (mut pos, api_key, tallies) = (pos.clone(), api_key.clone(), tallies.clone());
                 calls.spawn(async move {
-                    call!(
+                    let answer = call!(
                         "record purchase",
                         pos.record_purchase(authorised(request.clone(), &api_key)?)
-                    )?;
+                    );
                     let answered = Instant::now();
                     if let Some(tally) = tallies
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .get_mut(window_of(at))
                     {
-                        tally.acknowledged.push(answered.duration_since(at));
+                        match answer {
+                            Ok(_) => tally.acknowledged.push(answered.duration_since(at)),
+                            Err(error) => {
+                                tally.failed += 1;
+                                eprintln!("soak: a purchase failed: {error}");
+                            }
+                        }
                     }
                     Ok::<_, String>(())
                 });
@@ -252,6 +265,7 @@ pub async fn soak(settings: &Settings) -> Result<Report, String> {
             while let Some(done) = calls.join_next().await {
                 done.map_err(|e| e.to_string())??;
             }
+            sender_done.store(true, std::sync::atomic::Ordering::Release);
             Ok::<_, String>(())
         }
     });
@@ -291,9 +305,9 @@ pub async fn soak(settings: &Settings) -> Result<Report, String> {
                             Duration::from_secs(5),
                         )
                         .map(|positions| positions.iter().map(|p| p.lag).sum::<i64>())
-                        .unwrap_or(-1)
+                        .ok()
                     })
-                    .sum::<i64>()
+                    .sum::<Option<i64>>()
             })
             .await
             .map_err(|e| e.to_string())?
@@ -314,11 +328,12 @@ pub async fn soak(settings: &Settings) -> Result<Report, String> {
             })
             .collect();
         cpu_before = cpu_after;
-        samples.push((lag, rss, cpu));
         eprintln!(
-            "soak: window {} of {windows} done, ledger lag {lag}",
-            window + 1
+            "soak: window {} of {windows} done, ledger lag {}",
+            window + 1,
+            lag.map_or_else(|| "unknown".to_owned(), |lag| lag.to_string())
         );
+        samples.push((lag, rss, cpu));
     }
     sending.await.map_err(|e| e.to_string())??;
     reading.await.map_err(|e| e.to_string())??;
@@ -337,6 +352,7 @@ pub async fn soak(settings: &Settings) -> Result<Report, String> {
                 starts_at_secs: settings.window.as_secs() * index as u64,
                 purchases_sent: tally.sent,
                 purchases_acknowledged: tally.acknowledged.len() as u64,
+                purchases_failed: tally.failed,
                 purchases_announced: tally.announced.len() as u64,
                 acknowledgement: latency_of(&tally.acknowledged),
                 end_to_end: latency_of(&tally.announced),
@@ -356,7 +372,7 @@ pub async fn soak(settings: &Settings) -> Result<Report, String> {
 
 /// What is sampled at the end of a window: the ledger's lag, then each process's resident memory
 /// and the CPU it spent in the window.
-type Sample = (i64, Vec<(String, f64)>, Vec<(String, f64)>);
+type Sample = (Option<i64>, Vec<(String, f64)>, Vec<(String, f64)>);
 
 fn cpu_now(processes: &[(String, u32)]) -> HashMap<String, f64> {
     processes
@@ -404,7 +420,9 @@ fn print_report(report: &Report) {
             window.acknowledgement.p99_ms,
             window.end_to_end.p50_ms,
             window.end_to_end.p99_ms,
-            window.ledger_lag,
+            window
+                .ledger_lag
+                .map_or_else(|| "?".to_owned(), |lag| lag.to_string()),
             memory.join(", ")
         );
     };

@@ -63,6 +63,7 @@ pub fn parse_create_referral(
             &instant_as_sent(request.referred_at.as_ref()),
         ],
         &customer_keys,
+        2,
     );
     Ok(Parsed {
         idempotency_key,
@@ -98,6 +99,7 @@ pub fn parse_record_purchase(
             &instant_as_sent(request.purchased_at.as_ref()),
         ],
         &customer_keys,
+        2,
     );
     Ok(Parsed {
         idempotency_key,
@@ -147,63 +149,89 @@ fn instant_as_sent(sent: Option<&prost_types::Timestamp>) -> String {
 
 /// Marks the entry of a keyed fingerprint that leaves the customer keys out.
 const WITHOUT_KEYS: u16 = u16::MAX;
+/// Marks the entry computed as fingerprints were before they were keyed (all keys joined at
+/// their old place), to recognise a retry of a request recorded before that change.
+const LEGACY: u16 = u16::MAX - 1;
 const ENTRY: usize = 2 + 32;
 
 /// The fingerprint of a request that carries customer keys, built so that a retry answered by a
 /// gateway with other network keys configured (a rotation rolling out) is still recognised: one
-/// entry per network-key version among `keys`, the SHA-256 of `parts` and that version's keys,
-/// plus one entry without keys; each entry is the version (2 bytes, big-endian, 65535 for the
-/// keyless one) and the digest. [`same_request`] compares two of them.
-pub fn keyed_fingerprint(parts: &[&str], keys: &[CustomerKey]) -> Vec<u8> {
+/// entry per network-key version among `keys`, the SHA-256 of `parts` and that version's keys;
+/// one without keys; and one in the layout of earlier releases, with every key joined at
+/// `legacy_at` among the parts. Each entry is the version (2 bytes, big-endian; 65535 for the
+/// keyless one, 65534 for the legacy one) and the digest. [`same_request`] compares two.
+pub fn keyed_fingerprint(parts: &[&str], keys: &[CustomerKey], legacy_at: usize) -> Vec<u8> {
+    let join = |version: Option<u16>| {
+        keys.iter()
+            .filter(|key| version.is_none() || key.version() == version)
+            .map(CustomerKey::as_str)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let with = |joined: &str, at: usize| {
+        let mut all: Vec<&str> = parts.to_vec();
+        all.insert(at.min(all.len()), joined);
+        fingerprint(&all)
+    };
     let mut versions: Vec<u16> = keys.iter().filter_map(CustomerKey::version).collect();
     versions.sort_unstable();
     versions.dedup();
-    let mut entries = Vec::with_capacity((versions.len() + 1) * ENTRY);
-    for version in versions.into_iter().chain([WITHOUT_KEYS]) {
-        let joined = keys
-            .iter()
-            .filter(|key| key.version() == Some(version))
-            .map(CustomerKey::as_str)
-            .collect::<Vec<_>>()
-            .join(",");
-        let mut all: Vec<&str> = parts.to_vec();
-        all.push(&joined);
+    let mut entries = Vec::with_capacity((versions.len() + 2) * ENTRY);
+    for version in versions {
         entries.extend_from_slice(&version.to_be_bytes());
-        entries.extend_from_slice(&fingerprint(&all));
+        entries.extend_from_slice(&with(&join(Some(version)), parts.len()));
     }
+    entries.extend_from_slice(&WITHOUT_KEYS.to_be_bytes());
+    entries.extend_from_slice(&with("", parts.len()));
+    entries.extend_from_slice(&LEGACY.to_be_bytes());
+    entries.extend_from_slice(&with(&join(None), legacy_at));
     entries
 }
 
-/// Whether two fingerprints are of the same request. Keyed fingerprints ([`keyed_fingerprint`])
-/// match when every entry of a version both have is equal: the keys of the versions both
-/// gateways derived, or, with no version in common, the request without its keys. Any other
-/// fingerprint (a plain SHA-256) matches only itself.
+/// Whether two fingerprints are of the same request. Two keyed fingerprints
+/// ([`keyed_fingerprint`]) match when the request without its keys is the same and either
+/// neither has keys, or they share at least one key version and agree on every version they
+/// share (a retry across one step of a rotation). Keys of no common version, or keys on one side
+/// only, are another request. A plain SHA-256 (operator calls, and requests recorded before
+/// fingerprints were keyed) matches itself, or the legacy entry of a keyed one.
 pub fn same_request(stored: &[u8], retried: &[u8]) -> bool {
-    let entries = |fingerprint: &[u8]| -> Option<std::collections::BTreeMap<u16, Vec<u8>>> {
+    type Entries = std::collections::BTreeMap<u16, Vec<u8>>;
+    let entries = |fingerprint: &[u8]| -> Option<Entries> {
         if !fingerprint.len().is_multiple_of(ENTRY) || fingerprint.len() < ENTRY {
             return None;
         }
-        Some(
-            fingerprint
-                .chunks(ENTRY)
-                .map(|entry| {
-                    (
-                        u16::from_be_bytes([entry[0], entry[1]]),
-                        entry[2..].to_vec(),
-                    )
-                })
-                .collect(),
-        )
+        let entries: Entries = fingerprint
+            .chunks(ENTRY)
+            .map(|entry| {
+                (
+                    u16::from_be_bytes([entry[0], entry[1]]),
+                    entry[2..].to_vec(),
+                )
+            })
+            .collect();
+        entries.contains_key(&WITHOUT_KEYS).then_some(entries)
+    };
+    let versions = |entries: &Entries| -> std::collections::BTreeSet<u16> {
+        entries.keys().copied().filter(|v| *v < LEGACY).collect()
     };
     match (entries(stored), entries(retried)) {
-        (Some(stored), Some(retried)) if stored.contains_key(&WITHOUT_KEYS) => {
-            stored
-                .iter()
-                .filter_map(|(version, digest)| Some((digest, retried.get(version)?)))
-                .all(|(a, b)| a == b)
-                && retried.contains_key(&WITHOUT_KEYS)
+        (Some(stored), Some(retried)) => {
+            if stored.get(&WITHOUT_KEYS) != retried.get(&WITHOUT_KEYS) {
+                return false;
+            }
+            let (mine, theirs) = (versions(&stored), versions(&retried));
+            if mine.is_empty() && theirs.is_empty() {
+                return true;
+            }
+            let shared: Vec<&u16> = mine.intersection(&theirs).collect();
+            !shared.is_empty()
+                && shared
+                    .iter()
+                    .all(|version| stored.get(version) == retried.get(version))
         }
-        _ => stored == retried,
+        (None, Some(retried)) => retried.get(&LEGACY).map(Vec::as_slice) == Some(stored),
+        (Some(stored), None) => stored.get(&LEGACY).map(Vec::as_slice) == Some(retried),
+        (None, None) => stored == retried,
     }
 }
 
@@ -248,7 +276,11 @@ mod tests {
     fn a_retry_across_a_rotation_is_the_same_request_and_another_customer_is_not() {
         let phone = "+44 20 7946 0958";
         let print = |versions: &[u16], phone: &str, amount: &str| {
-            keyed_fingerprint(&["record_purchase", "T-1", amount], &keys(versions, phone))
+            keyed_fingerprint(
+                &["record_purchase", "T-1", amount],
+                &keys(versions, phone),
+                3,
+            )
         };
         let before = print(&[1], phone, "100");
         let during = print(&[1, 2], phone, "100");
@@ -258,8 +290,19 @@ mod tests {
         assert!(same_request(&during, &before));
         assert!(same_request(&during, &after));
         assert!(same_request(&after, &during));
-        // No version in common: the request without its keys decides.
-        assert!(same_request(&before, &after));
+        // No version in common (a rotation without its change-over): not recognised.
+        assert!(!same_request(&before, &after));
+        // Keys on one side only (a refund retried with its customer added): another request.
+        let keyless = keyed_fingerprint(&["record_purchase", "T-1", "100"], &[], 3);
+        assert!(same_request(&keyless, &keyless));
+        assert!(!same_request(&keyless, &before));
+        assert!(!same_request(&before, &keyless));
+        // A request recorded before fingerprints were keyed: its plain digest, keys at index 3.
+        let keys_v1 = keys(&[1], phone);
+        let joined: Vec<&str> = keys_v1.iter().map(CustomerKey::as_str).collect();
+        let legacy = fingerprint(&["record_purchase", "T-1", "100", &joined.join(",")]);
+        assert!(same_request(&legacy, &print(&[1], phone, "100")));
+        assert!(!same_request(&legacy, &print(&[1], phone, "101")));
         // Another customer, or another amount, is another request.
         let other = "+44 20 7946 0959";
         assert!(!same_request(&during, &print(&[1, 2], other, "100")));

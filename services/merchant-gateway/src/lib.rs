@@ -116,8 +116,27 @@ pub struct Config {
     /// `<version>:<hex>` with a version below the current one: every identifier's key is derived
     /// under each of them too, so that referrals recorded before the rotation still match. Keep
     /// them for the longest attribution window (docs/IDENTIFIERS.md, "Rotating the network key").
-    #[arg(long, env = "TANDEM_NETWORK_KEY_PREVIOUS", hide_env_values = true, value_delimiter = ',', value_parser = parse_network_key)]
-    pub previous_network_keys: Vec<NetworkKey>,
+    #[arg(long, env = "TANDEM_NETWORK_KEY_PREVIOUS", hide_env_values = true, default_value = "", value_parser = parse_network_key_list)]
+    pub previous_network_keys: NetworkKeyList,
+}
+
+/// Network keys given as one comma-separated value; blank items are ignored, so an empty
+/// `TANDEM_NETWORK_KEY_PREVIOUS` means none.
+#[derive(Debug, Clone, Default)]
+pub struct NetworkKeyList(pub Vec<NetworkKey>);
+
+/// Parses `<version>:<hex>[,<version>:<hex>…]`, spaces around items allowed.
+pub fn parse_network_key_list(value: &str) -> Result<NetworkKeyList, String> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .enumerate()
+        .map(|(index, item)| {
+            parse_network_key(item).map_err(|reason| format!("item {}: {reason}", index + 1))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(NetworkKeyList)
 }
 
 /// The network keys to derive customer keys under, current first; refuses earlier keys whose
@@ -160,8 +179,9 @@ pub fn parse_network_key(value: &str) -> Result<NetworkKey, String> {
         .split_once(':')
         .ok_or("must be <version>:<secret in hex>, e.g. 1:9f86d0…")?;
     let version: u16 = version
+        .trim()
         .parse()
-        .map_err(|_| "version must be a number from 0 to 65534")?;
+        .map_err(|_| "version must be a number from 0 to 65533")?;
     let secret = hex::decode(secret.trim()).map_err(|_| "secret must be hexadecimal")?;
     NetworkKey::new(version, secret).map_err(|error| error.reason)
 }
@@ -244,7 +264,7 @@ pub async fn run(
         ingest::GroupCommit::start(pool.clone(), config.group_commit, outbox_written.clone());
     let state = Arc::new(State {
         pool: pool.clone(),
-        network_keys: network_keys(&config.network_key, &config.previous_network_keys)
+        network_keys: network_keys(&config.network_key, &config.previous_network_keys.0)
             .map_err(StartError::NetworkKeys)?,
         operator_token: config.operator_token,
         outbox_written,
@@ -365,6 +385,16 @@ mod tests {
         assert!(error.contains("not below the current version 2"), "{error}");
         let error = network_keys(&key(3), &[key(1), key(1)]).unwrap_err();
         assert!(error.contains("given twice"), "{error}");
-        assert!(parse_network_key("65535:00").is_err());
+        let secret = "00".repeat(32);
+        assert!(parse_network_key(&format!("65534:{secret}")).is_err());
+        assert!(parse_network_key(&format!("65533:{secret}")).is_ok());
+        // Blank items (an emptied variable) mean none; spaces around items are allowed.
+        assert!(parse_network_key_list("").unwrap().0.is_empty());
+        assert!(parse_network_key_list(" , ").unwrap().0.is_empty());
+        let list = parse_network_key_list(&format!("1:{secret}, 2:{secret}")).unwrap();
+        assert_eq!(list.0.len(), 2);
+        assert!(parse_network_key_list(&format!("1:{secret},x"))
+            .unwrap_err()
+            .starts_with("item 2:"));
     }
 }

@@ -156,6 +156,7 @@ async fn prepare_refund(
             &refunded_at_part,
         ],
         keys.as_deref().unwrap_or_default(),
+        3,
     );
     let customer_keys: Option<Vec<String>> =
         keys.map(|keys| keys.into_iter().map(|key| key.to_string()).collect());

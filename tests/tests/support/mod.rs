@@ -208,11 +208,12 @@ impl Stack {
             notifications_url: format!("http://{}", self.notifications_address),
             operator_token: Secret::new(OPERATOR_TOKEN),
             network_key: parse_network_key(&self.network_key).unwrap(),
-            previous_network_keys: self
-                .previous_network_keys
-                .iter()
-                .map(|key| parse_network_key(key).unwrap())
-                .collect(),
+            previous_network_keys: merchant_gateway::NetworkKeyList(
+                self.previous_network_keys
+                    .iter()
+                    .map(|key| parse_network_key(key).unwrap())
+                    .collect(),
+            ),
             group_commit: Default::default(),
         };
         let shutdown = CancellationToken::new();
