@@ -333,6 +333,31 @@ impl RawIdentifier {
                 "must have a country code not starting with 0 and 8 to 15 digits in all (E.164)",
             ));
         }
+        // A normalised number must normalise to itself (one customer, one key). libphonenumber
+        // can take digits after the country code for a national or carrier prefix more than
+        // once (found by fuzzing: "+86 12 3 2 3 12 33 98 3" normalised to a number that
+        // normalised again to a shorter one), so normalise until nothing changes; a number
+        // that does not settle within a few rounds is refused.
+        let mut normalised = Self::normalise_phone(field, digits)?;
+        for _ in 0..4 {
+            let again = Self::normalise_phone(field, normalised[1..].to_owned())?;
+            if again == normalised {
+                return Ok(Self {
+                    kind: IdentifierKind::Phone,
+                    scope: String::new(),
+                    normalised,
+                });
+            }
+            normalised = again;
+        }
+        Err(ValidationError::new(
+            field,
+            "is not a possible phone number: it does not settle to one international form; send it in international format, e.g. +44 20 7946 0958",
+        ))
+    }
+
+    /// One round of phone normalisation: the E.164 form of `digits` (country code first).
+    fn normalise_phone(field: &str, mut digits: String) -> Result<String, ValidationError> {
         // libphonenumber's rules, not hand rules: a national trunk prefix written after the
         // country code (+44 (0)20…, +33 06…) is dropped where the country drops it, and kept
         // where it belongs to the number (Italy's leading 0).
@@ -384,11 +409,7 @@ impl RawIdentifier {
                 "must have 8 to 15 digits in all (E.164) once the national trunk prefix is dropped",
             ));
         }
-        Ok(Self {
-            kind: IdentifierKind::Phone,
-            scope: String::new(),
-            normalised,
-        })
+        Ok(normalised)
     }
 
     /// An e-mail address, trimmed and lower-cased, nothing more: no provider-specific rewriting
@@ -885,6 +906,10 @@ mod tests {
         // Found by fuzzing: accepted, but normalised below the E.164 length rule.
         let error = RawIdentifier::phone("phone", "+44 (0)20 790").unwrap_err();
         assert!(error.reason.contains("trunk prefix"), "{}", error.reason);
+        // Found by fuzzing: libphonenumber took a carrier-like prefix off the normalised form
+        // too, so it normalised again to a number below the length rule. Normalisation now runs
+        // to a fixed point, and this one is refused.
+        assert!(RawIdentifier::phone("phone", "+86 12 3 2 3 12 33 98 3").is_err());
         for written in [
             "+44 (0)20 7946 0958",
             "0033 06 12 34 56 78",
