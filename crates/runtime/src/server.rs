@@ -96,6 +96,20 @@ impl BackgroundTasks {
         });
     }
 
+    /// Prunes the service's `applied_messages` and `also` as `retention` says, until `shutdown`
+    /// (see [`BackgroundTasks::prune`]).
+    pub fn prune_bookkeeping(
+        &mut self,
+        pool: sqlx::PgPool,
+        retention: &crate::RetentionArgs,
+        also: Vec<tandem_store::Retention>,
+        shutdown: CancellationToken,
+    ) {
+        let mut tables = vec![retention.applied_messages()];
+        tables.extend(also);
+        self.prune(pool, tables, retention.prune_every(), shutdown);
+    }
+
     /// Prunes `tables` every `every` until `shutdown`, the first time five minutes after start
     /// (or one period, if shorter), so that a service restarted more often than the period still
     /// prunes. A prune that fails (Postgres away) is logged and tried again at the next period;

@@ -15,15 +15,7 @@ pub struct ProcessUsage {
 
 /// The process's usage now, or `None` if it is gone (or this is not Linux).
 pub fn usage(name: &str, pid: u32) -> Option<ProcessUsage> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let peak_kib: f64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
+    let peak_mib = memory_mib(pid, "VmHWM:")?;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // After the command name in parentheses: state is field 3, utime 14 and stime 15.
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
@@ -32,9 +24,24 @@ pub fn usage(name: &str, pid: u32) -> Option<ProcessUsage> {
     Some(ProcessUsage {
         name: name.to_owned(),
         pid,
-        peak_rss_mib: peak_kib / 1024.0,
+        peak_rss_mib: peak_mib,
         cpu_seconds: cpu_ticks / 100.0,
     })
+}
+
+/// A memory figure of the process from `/proc/<pid>/status` (`field` is e.g. `VmRSS:` for the
+/// resident memory now, `VmHWM:` for its peak), in MiB.
+pub fn memory_mib(pid: u32, field: &str) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix(field))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
 }
 
 /// CPU seconds the local Postgres server has spent: every live `postgres` process (the

@@ -315,7 +315,7 @@ pub async fn soak(settings: &Settings) -> Result<Report, String> {
         let rss = settings
             .processes
             .iter()
-            .filter_map(|(name, pid)| Some((name.clone(), rss_mib(*pid)?)))
+            .filter_map(|(name, pid)| Some((name.clone(), process::memory_mib(*pid, "VmRSS:")?)))
             .collect();
         let cpu_after = cpu_now(&settings.processes);
         let cpu = cpu_after
@@ -379,20 +379,6 @@ fn cpu_now(processes: &[(String, u32)]) -> HashMap<String, f64> {
         .iter()
         .filter_map(|(name, pid)| Some((name.clone(), process::usage(name, *pid)?.cpu_seconds)))
         .collect()
-}
-
-/// Resident memory now (`VmRSS`), in MiB.
-fn rss_mib(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kib: f64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kib / 1024.0)
 }
 
 fn print_report(report: &Report) {

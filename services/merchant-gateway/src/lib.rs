@@ -274,14 +274,12 @@ pub async fn run(
 
     let mut tasks = BackgroundTasks::default();
     tasks.probe_database(pool.clone());
-    let retention = &config.database.retention;
-    tasks.prune(
+    tasks.prune_bookkeeping(
         pool.clone(),
-        vec![
-            retention.applied_messages(),
-            idempotency::retention(tandem_runtime::hours(config.idempotency_retention_hours)),
-        ],
-        retention.prune_every(),
+        &config.database.retention,
+        vec![idempotency::retention(tandem_runtime::hours(
+            config.idempotency_retention_hours,
+        ))],
         shutdown.clone(),
     );
     tasks.probe_brokers(bus.clone());

@@ -274,11 +274,10 @@ pub async fn run(
     let outbox_written = Arc::new(Notify::new());
     let mut tasks = BackgroundTasks::default();
     tasks.probe_database(pool.clone());
-    let retention = &config.database.retention;
-    tasks.prune(
+    tasks.prune_bookkeeping(
         pool.clone(),
-        vec![retention.applied_messages()],
-        retention.prune_every(),
+        &config.database.retention,
+        Vec::new(),
         shutdown.clone(),
     );
     tasks.probe_brokers(bus.clone());
