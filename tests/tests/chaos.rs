@@ -116,11 +116,7 @@ fn at(hours: i64, seconds: i64) -> Option<prost_types::Timestamp> {
 }
 
 fn who(customer: usize) -> pb::CustomerIdentifiers {
-    customer_of("", &format!("+3370{customer:07}"), "")
-}
-
-fn customer_of(card: &str, phone: &str, email: &str) -> pb::CustomerIdentifiers {
-    support::customer(card, phone, email)
+    support::customer("", &format!("+3370{customer:07}"), "")
 }
 
 /// Codes a client caused: retrying would not help, and the run fails.
@@ -284,7 +280,7 @@ async fn under_kills_and_restarts_everything_acknowledged_counts_once_and_statem
         gateway.stop().await;
     }
     // The services reach Postgres through a proxy the test can take away.
-    let database = url_parts(&stack.database.url);
+    let database = support::proxy::url_parts(&stack.database.url);
     let postgres = TcpProxy::new(free_address(), database.1);
     postgres.start().await;
     let through_proxy = stack
@@ -887,11 +883,4 @@ fn replay_topics(stack: &Stack) -> (BTreeMap<String, usize>, BTreeMap<String, BT
         }
     }
     (sizes, accrued)
-}
-
-fn url_parts(url: &str) -> (String, SocketAddr) {
-    let after_at = url.rsplit_once('@').expect("credentials in the URL").1;
-    let host_port = after_at.split('/').next().unwrap().to_owned();
-    let address = host_port.parse().expect("an IP address and port");
-    (host_port, address)
 }

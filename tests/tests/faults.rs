@@ -8,7 +8,6 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use support::process::{free_address, wait_serving, ServiceProcess};
@@ -23,7 +22,7 @@ async fn a_gateway_waits_for_postgres_answers_unavailable_while_it_is_away_and_l
     let (_, acceptor_key) = stack.merchant("A").await;
 
     // A gateway process whose database is behind a proxy that does not listen yet.
-    let url = url_parts(&stack.database.url);
+    let url = support::proxy::url_parts(&stack.database.url);
     let proxy = TcpProxy::new(free_address(), url.1);
     let through_proxy = stack
         .database
@@ -119,13 +118,4 @@ async fn a_gateway_waits_for_postgres_answers_unavailable_while_it_is_away_and_l
     );
     gateway.kill();
     stack.stop().await;
-}
-
-/// `host:port` of a `postgres://user:password@host:port/database` URL, as text and as an
-/// address.
-fn url_parts(url: &str) -> (String, SocketAddr) {
-    let after_at = url.rsplit_once('@').expect("credentials in the URL").1;
-    let host_port = after_at.split('/').next().unwrap().to_owned();
-    let address = host_port.parse().expect("an IP address and port");
-    (host_port, address)
 }

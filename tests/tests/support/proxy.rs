@@ -62,3 +62,12 @@ impl Drop for TcpProxy {
         self.stop();
     }
 }
+
+/// The `host:port` part of a Postgres URL with credentials, and its address: what a proxy in
+/// front of it listens for and forwards to.
+pub fn url_parts(url: &str) -> (String, SocketAddr) {
+    let after_at = url.rsplit_once('@').expect("credentials in the URL").1;
+    let host_port = after_at.split('/').next().unwrap().to_owned();
+    let address = host_port.parse().expect("an IP address and port");
+    (host_port, address)
+}
