@@ -5,4 +5,4 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 "$REPO_ROOT/deploy/local/up.sh" "$@"
 set -a; source "$TANDEM_HOME/secrets.env"; set +a
-exec "$CARGO_TARGET_DIR/release/tandemctl" demo --gateway http://127.0.0.1:50051
+exec "$CARGO_TARGET_DIR/release/tandemctl" demo --gateway https://127.0.0.1:50051

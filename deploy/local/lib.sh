@@ -277,6 +277,22 @@ ensure_build_deps() {
   ((${#missing[@]} == 0)) || apt_install "${missing[@]}"
 }
 
+# The openssl command, for the development certificates (deploy/local/dev-certs.sh).
+ensure_openssl() {
+  command -v openssl >/dev/null || apt_install openssl
+}
+
+# Development TLS for the local stack in $TANDEM_HOME/tls (made once, renewed before it expires):
+# every service presents its certificate, and clients (the gateway, tandemctl) trust its CA.
+ensure_dev_certs() {
+  ensure_openssl
+  bash "$REPO_ROOT/deploy/local/dev-certs.sh" "$TANDEM_HOME/tls" \
+    || die "could not make the development certificates in $TANDEM_HOME/tls"
+  export TANDEM_TLS_CERT="$TANDEM_HOME/tls/server.pem"
+  export TANDEM_TLS_KEY="$TANDEM_HOME/tls/server.key"
+  export TANDEM_TLS_CA="$TANDEM_HOME/tls/ca.pem"
+}
+
 ensure_nextest() {
   if cargo nextest --version >/dev/null 2>&1; then
     return

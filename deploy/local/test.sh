@@ -11,6 +11,8 @@ ensure_build_deps
 ensure_nextest
 ensure_checkers
 ensure_promtool
+# tests/tests/tls.rs makes its certificates with deploy/local/dev-certs.sh.
+ensure_openssl
 cd "$REPO_ROOT"
 # The supply-chain policy first: advisories, licences, duplicate versions, sources.
 bash deploy/local/deny.sh

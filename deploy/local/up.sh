@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Starts the whole local stack: Postgres, the broker, the topics and the four services, and waits
-# until every service reports healthy. Safe to run again: what is running is reused.
+# Starts the whole local stack: Postgres, the broker, the topics and the four services, serving
+# gRPC over TLS with a development CA ($TANDEM_HOME/tls, made by dev-certs.sh), and waits until
+# every service reports healthy. Safe to run again: what is running is reused.
 #
 # --observability: also Jaeger (traces, OTLP on 127.0.0.1:4317, API on 127.0.0.1:16686) and
 # Prometheus (127.0.0.1:9090, with deploy/prometheus's rules), built from the Go module proxy
@@ -31,8 +32,13 @@ fi
 if ! grep -q '^TANDEM_SERVICE_TOKEN=' "$secrets"; then
   (umask 077; echo "TANDEM_SERVICE_TOKEN=svc_$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')" >>"$secrets")
 fi
+# What a client of the local stack trusts: the development CA made below (added to older files too).
+if ! grep -q '^TANDEM_TLS_CA=' "$secrets"; then
+  echo "TANDEM_TLS_CA=$TANDEM_HOME/tls/ca.pem" >>"$secrets"
+fi
 set -a; source "$secrets"; set +a
 
+ensure_dev_certs
 ensure_postgres
 ensure_broker
 ensure_build_deps
@@ -73,9 +79,9 @@ export TANDEM_WEBHOOKS_ALLOW_PRIVATE=true
 start_service notifications 50054
 
 "$bin/tandemctl" wait-healthy --timeout-secs 60 \
-  http://127.0.0.1:50051 http://127.0.0.1:50052 http://127.0.0.1:50053 http://127.0.0.1:50054 \
+  https://127.0.0.1:50051 https://127.0.0.1:50052 https://127.0.0.1:50053 https://127.0.0.1:50054 \
   || die "a service did not become healthy; see $TANDEM_HOME/logs/"
-log "Tandem is up: merchant gateway at 127.0.0.1:50051, logs in $TANDEM_HOME/logs/, metrics at 127.0.0.1:9464-9467/metrics"
+log "Tandem is up: merchant gateway at https://127.0.0.1:50051 (TLS; clients trust $TANDEM_TLS_CA), logs in $TANDEM_HOME/logs/, metrics at 127.0.0.1:9464-9467/metrics"
 if $observability; then
   log "traces: Jaeger's API at http://127.0.0.1:16686 (tandemctl trace <trace_id>); metrics and alerts: Prometheus at http://127.0.0.1:9090"
 fi

@@ -14,7 +14,10 @@ use tandemctl::ceilings::CeilingSettings;
 async fn the_harness_short_form_reports_every_figure() {
     let stack = Stack::start(true).await;
     let settings = Settings {
-        gateway: format!("http://{}", stack.gateway_address()),
+        gateway: tandemctl::client::GatewayUrl::plaintext(format!(
+            "http://{}",
+            stack.gateway_address()
+        )),
         operator_token: OPERATOR_TOKEN.into(),
         bus: stack.bus.clone(),
         database_url: stack.database.url.clone(),
@@ -106,7 +109,10 @@ async fn the_webhook_harness_short_form_reports_every_figure() {
     stack.start_notifications().await;
     let settings = tandemctl::webhook_bench::Settings {
         gateway: tandemctl::client::GatewayArgs {
-            gateway: format!("http://{}", stack.gateway_address()),
+            url: tandemctl::client::GatewayUrl::plaintext(format!(
+                "http://{}",
+                stack.gateway_address()
+            )),
             operator_token: OPERATOR_TOKEN.into(),
         },
         bus: stack.bus.clone(),
@@ -164,7 +170,10 @@ async fn the_webhook_harness_short_form_reports_every_figure() {
 async fn the_soak_short_form_reports_every_window() {
     let stack = Stack::start(true).await;
     let settings = tandemctl::soak::Settings {
-        gateway: format!("http://{}", stack.gateway_address()),
+        gateway: tandemctl::client::GatewayUrl::plaintext(format!(
+            "http://{}",
+            stack.gateway_address()
+        )),
         operator_token: OPERATOR_TOKEN.into(),
         bus: stack.bus.clone(),
         ledger_group: format!("{}-referral-ledger", stack.bus.topic_prefix),

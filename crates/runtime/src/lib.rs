@@ -7,17 +7,19 @@ mod metrics_http;
 mod rpc_metrics;
 mod server;
 mod service_auth;
+mod tls;
 
 pub use metrics_http::serve_metrics;
 pub use rpc_metrics::RpcMetricsLayer;
 pub use service_auth::{
     parse_service_token, InternalChannel, ServiceAuthLayer, ServiceCredential, SERVICE_TOKEN_ENV,
 };
+pub use tls::{ClientTlsArgs, TlsArgs, TlsError};
 
 pub use config::{host_name, hours, BusArgs, ConsumerArgs, DatabaseArgs, RetentionArgs, TopicArgs};
 pub use server::{
-    grpc_metadata_trace_headers, link_request_span, serve, serve_health_only, shutdown_on_signal,
-    BackgroundTasks, BoxError, ServeError, LIVENESS,
+    grpc_metadata_trace_headers, link_request_span, serve, shutdown_on_signal, BackgroundTasks,
+    BoxError, ServeError, LIVENESS,
 };
 
 mod secret;

@@ -154,9 +154,11 @@ impl BackgroundTasks {
 /// Serves `routes` on `listener`, with gRPC health (each name in `service_names` reported as
 /// serving, and the overall "" status) and server reflection v1 and v1alpha, until `shutdown` is
 /// cancelled or one of `tasks` ends. In-flight calls finish before this returns. `access` says
-/// whether calls need the service token (the internal APIs) or not (the merchant gateway).
+/// whether calls need the service token (the internal APIs) or not (the merchant gateway); `tls`
+/// is the certificate served ([`crate::TlsArgs::server`]), `None` for plaintext.
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     routes: Routes,
     access: crate::ServiceAuthLayer,
     service_names: &[&str],
@@ -192,7 +194,11 @@ pub async fn serve(
     tracing::info!(address = ?address, services = ?service_names, "gRPC server listening");
     let shutting_down = shutdown.clone();
     let reporter = health_reporter.clone();
-    let server = Server::builder()
+    let builder = match tls {
+        Some(tls) => Server::builder().tls_config(tls)?,
+        None => Server::builder(),
+    };
+    let server = builder
         .layer(crate::RpcMetricsLayer::new())
         .layer(access)
         .add_routes(routes)
@@ -271,22 +277,6 @@ pub async fn serve(
     }
     served?;
     Ok(())
-}
-
-/// Health and reflection only, for a service that has no API of its own yet.
-pub async fn serve_health_only(
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) -> Result<(), ServeError> {
-    serve(
-        listener,
-        Routes::default(),
-        crate::ServiceAuthLayer::open(),
-        &[],
-        BackgroundTasks::default(),
-        shutdown,
-    )
-    .await
 }
 
 fn task_failure(joined: Result<(String, Result<(), BoxError>), JoinError>) -> ServeError {

@@ -82,7 +82,7 @@ pub struct BenchArgs {
 /// What one harness run measures, as a library call (the CLI and the test build one).
 #[derive(Debug, Clone)]
 pub struct Settings {
-    pub gateway: String,
+    pub gateway: crate::client::GatewayUrl,
     pub operator_token: String,
     pub bus: BusConfig,
     pub database_url: String,
@@ -157,7 +157,7 @@ pub struct Report {
 pub async fn run(args: BenchArgs) -> Result<(), String> {
     let short = args.short;
     let settings = Settings {
-        gateway: args.gateway.gateway.clone(),
+        gateway: args.gateway.url.clone(),
         operator_token: args.gateway.operator_token.clone(),
         bus: args.bus.bus_config(),
         database_url: args.database_url.clone(),

@@ -4,19 +4,47 @@ use std::time::{Duration, Instant};
 
 use tandem_proto::v1::merchant_gateway_client::MerchantGatewayClient;
 use tandem_proto::v1::operator_service_client::OperatorServiceClient;
+use tandem_runtime::ClientTlsArgs;
 use tonic::transport::Channel;
 use tonic::Request;
+
+/// Where the gateway is, and how its certificate is checked.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GatewayUrl {
+    /// The merchant gateway's gRPC endpoint (https://; http:// only with TANDEM_PLAINTEXT=true).
+    #[arg(
+        long,
+        global = true,
+        env = "TANDEM_GATEWAY_URL",
+        default_value = "https://127.0.0.1:50051"
+    )]
+    pub gateway: String,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
+}
+
+impl GatewayUrl {
+    /// A gateway reached without TLS (tests, and tools on one machine).
+    pub fn plaintext(gateway: String) -> GatewayUrl {
+        GatewayUrl {
+            gateway,
+            tls: ClientTlsArgs::plaintext(),
+        }
+    }
+
+    /// The gateway's endpoint, with TLS unless plaintext was asked for.
+    pub fn endpoint(&self) -> Result<tonic::transport::Endpoint, String> {
+        self.tls
+            .endpoint("TANDEM_GATEWAY_URL", &self.gateway)
+            .map_err(|error| error.to_string())
+    }
+}
 
 /// Where the gateway is and the operator token it was started with.
 #[derive(Debug, Clone, clap::Args)]
 pub struct GatewayArgs {
-    /// The merchant gateway's gRPC endpoint.
-    #[arg(
-        long,
-        env = "TANDEM_GATEWAY_URL",
-        default_value = "http://127.0.0.1:50051"
-    )]
-    pub gateway: String,
+    #[command(flatten)]
+    pub url: GatewayUrl,
     /// The operator token the gateway was started with.
     #[arg(long, env = "TANDEM_OPERATOR_TOKEN", hide_env_values = true)]
     pub operator_token: String,
@@ -45,13 +73,12 @@ impl GatewayArgs {
     /// A connection to the gateway. Lazy: a gateway that is not up yet (or restarting) answers
     /// UNAVAILABLE on the first call, which `call!` retries, rather than failing here.
     pub fn channel(&self) -> Result<Channel, String> {
-        Ok(
-            tonic::transport::Endpoint::from_shared(self.gateway.clone())
-                .map_err(|e| format!("invalid gateway URL {}: {e}", self.gateway))?
-                .connect_timeout(Duration::from_secs(5))
-                .timeout(Duration::from_secs(30))
-                .connect_lazy(),
-        )
+        Ok(self
+            .url
+            .endpoint()?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(30))
+            .connect_lazy())
     }
 }
 

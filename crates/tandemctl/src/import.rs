@@ -41,13 +41,8 @@ pub struct ImportArgs {
     /// till captured: payment_account_reference, card_fingerprint, card_processor, phone, email,
     /// loyalty_programme_id, member_number.
     file: PathBuf,
-    /// The merchant gateway's gRPC endpoint.
-    #[arg(
-        long,
-        env = "TANDEM_GATEWAY_URL",
-        default_value = "http://127.0.0.1:50051"
-    )]
-    gateway: String,
+    #[command(flatten)]
+    gateway: crate::client::GatewayUrl,
     /// The merchant's API key.
     #[arg(long, env = "TANDEM_API_KEY", hide_env_values = true)]
     api_key: String,
@@ -182,8 +177,9 @@ pub async fn run(args: ImportArgs) -> Result<(), String> {
     if rows.is_empty() {
         return Err(format!("{}: no purchases in the file", args.file.display()));
     }
-    let channel = tonic::transport::Endpoint::from_shared(args.gateway.clone())
-        .map_err(|e| format!("invalid gateway URL {}: {e}", args.gateway))?
+    let channel = args
+        .gateway
+        .endpoint()?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(120))
         .connect_lazy();

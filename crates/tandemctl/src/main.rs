@@ -55,11 +55,13 @@ enum Command {
     },
     /// Waits until every endpoint's gRPC health check reports SERVING.
     WaitHealthy {
-        /// gRPC endpoints, e.g. http://127.0.0.1:50051
+        /// gRPC endpoints, e.g. https://127.0.0.1:50051
         #[arg(required = true)]
         endpoints: Vec<String>,
         #[arg(long, default_value_t = 120)]
         timeout_secs: u64,
+        #[command(flatten)]
+        tls: tandem_runtime::ClientTlsArgs,
     },
     /// Runs the demo: two merchants, a partnership, a referral and purchases, then prints what
     /// the referrer learned.
@@ -118,7 +120,8 @@ async fn main() -> ExitCode {
         Command::WaitHealthy {
             endpoints,
             timeout_secs,
-        } => wait_healthy(&endpoints, Duration::from_secs(timeout_secs)).await,
+            tls,
+        } => wait_healthy(&endpoints, &tls, Duration::from_secs(timeout_secs)).await,
         Command::Demo(args) => demo::run(args).await,
         Command::Bench(args) => bench::run(args).await,
         Command::Import(args) => import::run(args).await,
@@ -188,11 +191,20 @@ async fn delete_topics(bus: &tandem_bus::BusConfig, prefix: &str) -> Result<(), 
     Ok(())
 }
 
-async fn wait_healthy(endpoints: &[String], timeout: Duration) -> Result<(), String> {
+async fn wait_healthy(
+    endpoints: &[String],
+    tls: &tandem_runtime::ClientTlsArgs,
+    timeout: Duration,
+) -> Result<(), String> {
     let deadline = tokio::time::Instant::now() + timeout;
     for endpoint in endpoints {
+        // A URL or CA file that cannot be used is an answer now, not after the timeout.
+        let reached = tls
+            .endpoint("the endpoint", endpoint)
+            .map_err(|e| e.to_string())?
+            .connect_timeout(Duration::from_secs(2));
         loop {
-            match check_health(endpoint).await {
+            match check_health(reached.clone()).await {
                 Ok(()) => {
                     println!("{endpoint} is serving");
                     break;
@@ -209,13 +221,8 @@ async fn wait_healthy(endpoints: &[String], timeout: Duration) -> Result<(), Str
     Ok(())
 }
 
-async fn check_health(endpoint: &str) -> Result<(), String> {
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
-        .map_err(|e| e.to_string())?
-        .connect_timeout(Duration::from_secs(2))
-        .connect()
-        .await
-        .map_err(|e| e.to_string())?;
+async fn check_health(endpoint: tonic::transport::Endpoint) -> Result<(), String> {
+    let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
     let response = HealthClient::new(channel)
         .check(HealthCheckRequest {
             service: String::new(),

@@ -39,7 +39,7 @@ pub struct Network {
 /// What the network is built of.
 #[derive(Debug, Clone)]
 pub struct NetworkSettings {
-    pub gateway: String,
+    pub gateway: crate::client::GatewayUrl,
     pub operator_token: String,
     pub bus: BusConfig,
     /// The ledger's consumer group prefix (`TANDEM_LEDGER_CONSUMER_GROUP`): the set-up waits
@@ -60,7 +60,7 @@ impl Network {
             );
         }
         let args = GatewayArgs {
-            gateway: settings.gateway.clone(),
+            url: settings.gateway.clone(),
             operator_token: settings.operator_token.clone(),
         };
         let (operator, pos) = args.clients().await?;

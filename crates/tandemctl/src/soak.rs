@@ -63,7 +63,7 @@ pub struct SoakArgs {
 /// What one soak measures, as a library call (the CLI and the test build one).
 #[derive(Debug, Clone)]
 pub struct Settings {
-    pub gateway: String,
+    pub gateway: crate::client::GatewayUrl,
     pub operator_token: String,
     pub bus: BusConfig,
     pub ledger_group: String,
@@ -112,7 +112,7 @@ pub async fn run(args: SoakArgs) -> Result<(), String> {
         return Err("--seconds must hold at least one --window-secs window".into());
     }
     let settings = Settings {
-        gateway: args.gateway.gateway.clone(),
+        gateway: args.gateway.url.clone(),
         operator_token: args.gateway.operator_token.clone(),
         bus: args.bus.bus_config(),
         ledger_group: args.ledger_group.clone(),

@@ -14,14 +14,8 @@ use crate::client::authorised;
 
 #[derive(Debug, clap::Args)]
 pub struct StatementsArgs {
-    /// The merchant gateway's gRPC endpoint.
-    #[arg(
-        long,
-        global = true,
-        env = "TANDEM_GATEWAY_URL",
-        default_value = "http://127.0.0.1:50051"
-    )]
-    gateway: String,
+    #[command(flatten)]
+    gateway: crate::client::GatewayUrl,
     #[command(subcommand)]
     command: StatementsCommand,
 }
@@ -150,9 +144,9 @@ enum StatementsCommand {
     },
 }
 
-fn channel(gateway: &str) -> Result<tonic::transport::Channel, String> {
-    Ok(tonic::transport::Endpoint::from_shared(gateway.to_owned())
-        .map_err(|e| format!("invalid gateway URL {gateway}: {e}"))?
+fn channel(gateway: &crate::client::GatewayUrl) -> Result<tonic::transport::Channel, String> {
+    Ok(gateway
+        .endpoint()?
         .connect_timeout(std::time::Duration::from_secs(5))
         .timeout(std::time::Duration::from_secs(120))
         .connect_lazy())

@@ -173,7 +173,7 @@ pub async fn measure(settings: &Settings) -> Result<Report, String> {
         (settings.partnerships, settings.customers, settings.timeout);
     let started_at = chrono::Utc::now();
     let network = Network::build(&NetworkSettings {
-        gateway: settings.gateway.gateway.clone(),
+        gateway: settings.gateway.url.clone(),
         operator_token: settings.gateway.operator_token.clone(),
         bus: settings.bus.clone(),
         ledger_group: settings.ledger_group.clone(),

@@ -11,14 +11,8 @@ use crate::client::authorised;
 
 #[derive(Debug, clap::Args)]
 pub struct WebhooksArgs {
-    /// The merchant gateway's gRPC endpoint.
-    #[arg(
-        long,
-        global = true,
-        env = "TANDEM_GATEWAY_URL",
-        default_value = "http://127.0.0.1:50051"
-    )]
-    gateway: String,
+    #[command(flatten)]
+    gateway: crate::client::GatewayUrl,
     /// The merchant's API key (every command but `receive`).
     #[arg(long, global = true, env = "TANDEM_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
@@ -115,9 +109,7 @@ pub async fn run(args: WebhooksArgs) -> Result<(), String> {
         .api_key
         .as_deref()
         .ok_or("--api-key (or TANDEM_API_KEY) is needed")?;
-    let channel = tonic::transport::Endpoint::from_shared(args.gateway.clone())
-        .map_err(|e| format!("invalid gateway URL {}: {e}", args.gateway))?
-        .connect_lazy();
+    let channel = args.gateway.endpoint()?.connect_lazy();
     let mut api = NotificationServiceClient::new(channel);
     match args.command {
         WebhooksCommand::Register {

@@ -69,6 +69,9 @@ pub struct Config {
     /// every call to the internal APIs (ledger, settlement, notifications).
     #[arg(long, env = "TANDEM_SERVICE_TOKEN", hide_env_values = true, value_parser = tandem_runtime::parse_service_token)]
     pub service_token: tandem_runtime::Secret,
+    /// TLS: the certificate this service presents (and, for the gateway, whom it trusts).
+    #[command(flatten)]
+    pub tls: tandem_runtime::TlsArgs,
     #[command(flatten)]
     pub database: DatabaseArgs,
     #[command(flatten)]
@@ -85,21 +88,21 @@ pub struct Config {
     #[arg(
         long,
         env = "TANDEM_LEDGER_URL",
-        default_value = "http://127.0.0.1:50052"
+        default_value = "https://127.0.0.1:50052"
     )]
     pub ledger_url: String,
     /// URL of the settlement service's gRPC API.
     #[arg(
         long,
         env = "TANDEM_SETTLEMENT_URL",
-        default_value = "http://127.0.0.1:50053"
+        default_value = "https://127.0.0.1:50053"
     )]
     pub settlement_url: String,
     /// URL of the notifications service's gRPC API.
     #[arg(
         long,
         env = "TANDEM_NOTIFICATIONS_URL",
-        default_value = "http://127.0.0.1:50054"
+        default_value = "https://127.0.0.1:50054"
     )]
     pub notifications_url: String,
     /// Token operators present as `authorization: Bearer <token>`; at least 16 characters.
@@ -203,12 +206,12 @@ pub struct State {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    #[error("TLS")]
+    Tls(#[from] tandem_runtime::TlsError),
     #[error("storage")]
     Store(#[from] tandem_store::StoreError),
     #[error("message bus")]
     Bus(#[from] tandem_bus::BusError),
-    #[error("invalid backend URL {0:?}")]
-    BackendUrl(String, #[source] tonic::transport::Error),
     #[error("gRPC server")]
     Serve(#[from] tandem_runtime::ServeError),
     #[error("{0}")]
@@ -236,27 +239,29 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
+    // A certificate that cannot be served stops the service before it touches anything.
+    let tls = config.tls.server()?;
     let pool = tandem_store::connect(&config.database.store_config(&config.schema)).await?;
     tandem_store::migrate(&pool, &MIGRATIONS).await?;
     let bus = config.bus.bus_config();
     let producer = idempotent_producer(&bus)?;
-    let ledger_channel = tonic::transport::Endpoint::from_shared(config.ledger_url.clone())
-        .map_err(|error| StartError::BackendUrl(config.ledger_url.clone(), error))?
+    let client_tls = &config.tls.client;
+    let ledger_channel = client_tls
+        .endpoint("TANDEM_LEDGER_URL", &config.ledger_url)?
         .connect_timeout(std::time::Duration::from_secs(5))
         .timeout(std::time::Duration::from_secs(10))
         .connect_lazy();
-    let settlement_channel = tonic::transport::Endpoint::from_shared(config.settlement_url.clone())
-        .map_err(|error| StartError::BackendUrl(config.settlement_url.clone(), error))?
+    let settlement_channel = client_tls
+        .endpoint("TANDEM_SETTLEMENT_URL", &config.settlement_url)?
         .connect_timeout(std::time::Duration::from_secs(5))
         // Exports of long statements and cycle closures take longer than a query.
         .timeout(std::time::Duration::from_secs(120))
         .connect_lazy();
     // Streams last as long as the merchant listens: no request timeout on this channel.
-    let notifications_channel =
-        tonic::transport::Endpoint::from_shared(config.notifications_url.clone())
-            .map_err(|error| StartError::BackendUrl(config.notifications_url.clone(), error))?
-            .connect_timeout(std::time::Duration::from_secs(5))
-            .connect_lazy();
+    let notifications_channel = client_tls
+        .endpoint("TANDEM_NOTIFICATIONS_URL", &config.notifications_url)?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .connect_lazy();
     let credential = tandem_runtime::ServiceCredential::new(&config.service_token)
         .map_err(StartError::ServiceToken)?;
     let outbox_written = Arc::new(Notify::new());
@@ -347,6 +352,7 @@ pub async fn run(
     ));
     let served = tandem_runtime::serve(
         listener,
+        tls,
         routes,
         tandem_runtime::ServiceAuthLayer::open(),
         &[

@@ -48,6 +48,9 @@ pub struct Config {
     /// excepted). The merchant gateway is configured with the same token.
     #[arg(long, env = "TANDEM_SERVICE_TOKEN", hide_env_values = true, value_parser = tandem_runtime::parse_service_token)]
     pub service_token: tandem_runtime::Secret,
+    /// TLS: the certificate this service presents (and, for the gateway, whom it trusts).
+    #[command(flatten)]
+    pub tls: tandem_runtime::TlsArgs,
     #[command(flatten)]
     pub database: DatabaseArgs,
     #[command(flatten)]
@@ -103,6 +106,8 @@ pub enum NotificationsError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    #[error("TLS")]
+    Tls(#[from] tandem_runtime::TlsError),
     #[error("storage")]
     Store(#[from] tandem_store::StoreError),
     #[error("gRPC server")]
@@ -127,6 +132,8 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
+    // A certificate that cannot be served stops the service before it touches anything.
+    let tls = config.tls.server()?;
     let pool = tandem_store::connect(&config.database.store_config(&config.schema)).await?;
     tandem_store::migrate(&pool, &MIGRATIONS).await?;
     let membership = config.consumer.membership(config.listen.port());
@@ -189,6 +196,7 @@ pub async fn run(
     }));
     let served = tandem_runtime::serve(
         listener,
+        tls,
         routes,
         tandem_runtime::ServiceAuthLayer::require(&config.service_token),
         &[<NotificationsServer<api::NotificationsApi> as NamedService>::NAME],

@@ -58,6 +58,9 @@ pub struct Config {
     /// excepted). The merchant gateway is configured with the same token.
     #[arg(long, env = "TANDEM_SERVICE_TOKEN", hide_env_values = true, value_parser = tandem_runtime::parse_service_token)]
     pub service_token: tandem_runtime::Secret,
+    /// TLS: the certificate this service presents (and, for the gateway, whom it trusts).
+    #[command(flatten)]
+    pub tls: tandem_runtime::TlsArgs,
     #[command(flatten)]
     pub database: DatabaseArgs,
     #[command(flatten)]
@@ -149,6 +152,8 @@ impl LedgerError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    #[error("TLS")]
+    Tls(#[from] tandem_runtime::TlsError),
     #[error("storage")]
     Store(#[from] tandem_store::StoreError),
     #[error("message bus")]
@@ -223,6 +228,8 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
+    // A certificate that cannot be served stops the service before it touches anything.
+    let tls = config.tls.server()?;
     // Three consumers with their lanes, the relay's lock, and one for the relay's batches and
     // the payable timers.
     let needed = 3 * config.consumer_lanes + 2;
@@ -352,6 +359,7 @@ pub async fn run(
     }));
     let served = tandem_runtime::serve(
         listener,
+        tls,
         routes,
         tandem_runtime::ServiceAuthLayer::require(&config.service_token),
         &[<ReferralLedgerServer<query::LedgerQueries> as NamedService>::NAME],

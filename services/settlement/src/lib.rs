@@ -63,6 +63,9 @@ pub struct Config {
     /// excepted). The merchant gateway is configured with the same token.
     #[arg(long, env = "TANDEM_SERVICE_TOKEN", hide_env_values = true, value_parser = tandem_runtime::parse_service_token)]
     pub service_token: tandem_runtime::Secret,
+    /// TLS: the certificate this service presents (and, for the gateway, whom it trusts).
+    #[command(flatten)]
+    pub tls: tandem_runtime::TlsArgs,
     #[command(flatten)]
     pub database: DatabaseArgs,
     #[command(flatten)]
@@ -110,6 +113,8 @@ pub enum SettlementError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    #[error("TLS")]
+    Tls(#[from] tandem_runtime::TlsError),
     #[error("storage")]
     Store(#[from] tandem_store::StoreError),
     #[error("message bus")]
@@ -155,6 +160,8 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
+    // A certificate that cannot be served stops the service before it touches anything.
+    let tls = config.tls.server()?;
     // Two consumers, the relay's lock and its batches, a closure and its readers, and one for the
     // API and the schedule.
     let needed = 2 + 2 + 1 + close::READ_PARTS + 1;
@@ -240,6 +247,7 @@ pub async fn run(
     }));
     let served = tandem_runtime::serve(
         listener,
+        tls,
         routes,
         tandem_runtime::ServiceAuthLayer::require(&config.service_token),
         &[<SettlementServer<api::SettlementApi> as NamedService>::NAME],

@@ -197,6 +197,7 @@ impl Stack {
                 max_request_bytes: 2 * 1024 * 1024,
             },
             service_token: Secret::new(SERVICE_TOKEN),
+            tls: tandem_runtime::TlsArgs::plaintext(),
             listen: address,
             metrics_listen: "127.0.0.1:0".parse().unwrap(),
             database: self.database_args(),
@@ -238,6 +239,7 @@ impl Stack {
         let address = listener.local_addr().unwrap();
         let config = referral_ledger::Config {
             service_token: Secret::new(SERVICE_TOKEN),
+            tls: tandem_runtime::TlsArgs::plaintext(),
             listen: address,
             metrics_listen: "127.0.0.1:0".parse().unwrap(),
             database: self.database_args(),
@@ -306,6 +308,7 @@ impl Stack {
     ) -> settlement::Config {
         settlement::Config {
             service_token: Secret::new(SERVICE_TOKEN),
+            tls: tandem_runtime::TlsArgs::plaintext(),
             listen: address,
             metrics_listen: "127.0.0.1:0".parse().unwrap(),
             database: DatabaseArgs {
@@ -351,6 +354,7 @@ impl Stack {
         let address = listener.local_addr().unwrap();
         let config = notifications::Config {
             service_token: Secret::new(SERVICE_TOKEN),
+            tls: tandem_runtime::TlsArgs::plaintext(),
             listen: address,
             metrics_listen: "127.0.0.1:0".parse().unwrap(),
             database: DatabaseArgs {

@@ -113,6 +113,8 @@ impl ServiceProcess {
             ("TANDEM_DB_MAX_CONNECTIONS", connections.to_string()),
             ("RUST_LOG", "info".to_owned()),
             ("TANDEM_SERVICE_TOKEN", super::SERVICE_TOKEN.to_owned()),
+            // Tests talk plaintext to services on loopback; tests/tests/tls.rs covers TLS.
+            ("TANDEM_PLAINTEXT", "true".to_owned()),
         ];
         environment.extend(own);
         environment.extend(extra.iter().cloned());
