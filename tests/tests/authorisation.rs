@@ -540,3 +540,232 @@ async fn every_merchant_rpc_naming_another_merchants_objects_gives_none_of_their
     eprintln!("{}", outcomes.join("\n"));
     stack.stop().await;
 }
+
+/// The matrix above fills only the fields that name objects, so a write can be refused for a
+/// missing amount before its ownership is checked. Here the writes are complete and valid, as a
+/// till or partner would send them: B refunding A's transaction, referring for C to A, proposing
+/// terms on C and A's partnership, and filtering commissions on it. Each is refused exactly as
+/// the same request about objects that do not exist, and none changes anything of A's or C's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn complete_writes_naming_another_merchants_objects_are_refused_alike_and_change_nothing() {
+    use tandem_proto::v1::partnership_service_client::PartnershipServiceClient;
+
+    let stack = Stack::start(true).await;
+    let (victim, victim_key) = stack.merchant("Victim A").await;
+    let (partner, partner_key) = stack.merchant("Partner C").await;
+    let (_, intruder_key) = stack.merchant("Intruder B").await;
+    let partnership = stack.partnership(&partner, &victim, 500, 30).await;
+    let who = customer("", "+33 6 10 20 30 41", "");
+    stack
+        .pos()
+        .await
+        .create_referral(with_bearer(
+            referral("complete-r", &victim, who.clone()),
+            &partner_key,
+        ))
+        .await
+        .unwrap();
+    stack
+        .pos()
+        .await
+        .record_purchase(with_bearer(
+            purchase("complete-p", "T-complete-victim", who.clone(), 4_200),
+            &victim_key,
+        ))
+        .await
+        .unwrap();
+    wait_for_activity(&stack, &partner_key, 1).await;
+    let nobody = |id: &str| match id.split_once('_') {
+        Some((prefix, rest)) => format!("{prefix}_{}", rest.chars().rev().collect::<String>()),
+        None => id.chars().rev().collect(),
+    };
+    let blind =
+        |status: tonic::Status, id: &str| (status.code(), status.message().replace(id, "<id>"));
+    let mut pos = stack.pos().await;
+    let mut partnerships = PartnershipServiceClient::new(stack.channel().await);
+    let mut compared = Vec::new();
+
+    // B refunds A's transaction. A transaction id is the merchant's own, so this is a refund of
+    // B's transaction "T-complete-victim", which B has not recorded yet: it is accepted and
+    // waits for B's purchase (refunds may arrive first), exactly as one of a transaction id
+    // nobody used; neither touches A's purchase (the ledger matches refunds by merchant and
+    // transaction id).
+    let refund = |transaction: &str, key: &str| pb::RecordRefundRequest {
+        idempotency_key: key.into(),
+        transaction_id: transaction.into(),
+        amount: eur(1_000),
+        void: false,
+        customer: Some(who.clone()),
+        refunded_at: None,
+    };
+    let mut waiting = Vec::new();
+    for (transaction, key) in [
+        ("T-complete-victim", "complete-refund-a"),
+        ("T-complete-nobody", "complete-refund-b"),
+    ] {
+        let answer = pos
+            .record_refund(with_bearer(refund(transaction, key), &intruder_key))
+            .await
+            .unwrap()
+            .into_inner();
+        waiting.push((answer.purchase_id, answer.refunded));
+    }
+    assert_eq!(waiting[0], waiting[1]);
+    assert_eq!(
+        waiting[0].0, "",
+        "B's refund names no purchase: {waiting:?}"
+    );
+
+    // B refers a customer to A acting for C (a partnership B is not part of), and as itself.
+    let refer = |acting_for: &str, acceptor: &str, key: &str| pb::CreateReferralRequest {
+        merchant_id: acting_for.into(),
+        ..referral(key, acceptor, who.clone())
+    };
+    let a = pos
+        .create_referral(with_bearer(
+            refer(&partner, &victim, "complete-refer-a"),
+            &intruder_key,
+        ))
+        .await
+        .unwrap_err();
+    let b = pos
+        .create_referral(with_bearer(
+            refer(&nobody(&partner), &victim, "complete-refer-b"),
+            &intruder_key,
+        ))
+        .await
+        .unwrap_err();
+    compared.push((
+        "CreateReferral for C",
+        blind(a, &partner),
+        blind(b, &nobody(&partner)),
+    ));
+
+    // B proposes terms on C and A's partnership.
+    let propose = |partnership_id: &str, key: &str| pb::ProposeTermsRequest {
+        idempotency_key: key.into(),
+        partnership_id: partnership_id.into(),
+        counterparty_merchant_id: String::new(),
+        caller_role: pb::PartnershipRole::Referrer as i32,
+        terms: Some(pb::Terms {
+            currency: "EUR".into(),
+            attribution_window_days: 30,
+            rule: Some(pb::terms::Rule::PercentageBps(9_000)),
+            holding_period_days: 14,
+            ..Default::default()
+        }),
+        effective_from: None,
+    };
+    let a = partnerships
+        .propose_terms(with_bearer(
+            propose(&partnership, "complete-terms-a"),
+            &intruder_key,
+        ))
+        .await
+        .unwrap_err();
+    let b = partnerships
+        .propose_terms(with_bearer(
+            propose(&nobody(&partnership), "complete-terms-b"),
+            &intruder_key,
+        ))
+        .await
+        .unwrap_err();
+    compared.push((
+        "ProposeTerms",
+        blind(a, &partnership),
+        blind(b, &nobody(&partnership)),
+    ));
+
+    // B lists commissions filtered on C and A's partnership, in either role.
+    for role in [pb::PartnershipRole::Referrer, pb::PartnershipRole::Acceptor] {
+        let list = |partnership_id: &str| pb::ListCommissionsRequest {
+            role: role as i32,
+            partnership_id: partnership_id.into(),
+            ..Default::default()
+        };
+        let a = pos
+            .list_commissions(with_bearer(list(&partnership), &intruder_key))
+            .await
+            .unwrap_err();
+        let b = pos
+            .list_commissions(with_bearer(list(&nobody(&partnership)), &intruder_key))
+            .await
+            .unwrap_err();
+        compared.push((
+            "ListCommissions",
+            blind(a, &partnership),
+            blind(b, &nobody(&partnership)),
+        ));
+    }
+
+    for (method, real, fake) in &compared {
+        assert!(
+            matches!(
+                real.0,
+                Code::PermissionDenied | Code::NotFound | Code::FailedPrecondition
+            ),
+            "{method}: {real:?}"
+        );
+        assert_eq!(
+            real, fake,
+            "{method} answers another merchant's objects unlike objects that do not exist"
+        );
+    }
+
+    // Nothing of A's or C's changed: one referral, one commission line without a reversal, and
+    // the partnership still has its one terms version.
+    let referrals = pos
+        .list_referrals(with_bearer(
+            pb::ListReferralsRequest::default(),
+            &partner_key,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .referrals;
+    assert_eq!(referrals.len(), 1);
+    let lines = activity(&stack, &partner_key).await;
+    assert_eq!(lines.len(), 1);
+    let commissions = pos
+        .list_commissions(with_bearer(
+            pb::ListCommissionsRequest {
+                role: pb::PartnershipRole::Referrer as i32,
+                partnership_id: partnership.clone(),
+                ..Default::default()
+            },
+            &partner_key,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .lines;
+    assert_eq!(commissions.len(), 1, "{commissions:?}");
+    let versions = partnerships
+        .get_partnership(with_bearer(
+            pb::GetPartnershipRequest {
+                partnership_id: partnership.clone(),
+            },
+            &victim_key,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .versions;
+    assert_eq!(versions.len(), 1, "{versions:?}");
+    // A's purchase can still be refunded in full by A (B's refund took nothing off it), and
+    // the referrer's commission is reversed once, in full.
+    let refunded = pos
+        .record_refund(with_bearer(
+            pb::RecordRefundRequest {
+                amount: eur(4_200),
+                ..refund("T-complete-victim", "complete-refund-victim")
+            },
+            &victim_key,
+        ))
+        .await
+        .expect("A refunds its whole purchase")
+        .into_inner();
+    assert!(!refunded.purchase_id.is_empty());
+    eprintln!("{compared:#?}");
+    stack.stop().await;
+}
