@@ -5,4 +5,5 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 "$REPO_ROOT/deploy/local/up.sh" "$@"
 set -a; source "$TANDEM_HOME/secrets.env"; set +a
+export TANDEM_TLS_CA="$TANDEM_HOME/tls/ca.pem"
 exec "$CARGO_TARGET_DIR/release/tandemctl" demo --gateway https://127.0.0.1:50051

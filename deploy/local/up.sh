@@ -32,10 +32,11 @@ fi
 if ! grep -q '^TANDEM_SERVICE_TOKEN=' "$secrets"; then
   (umask 077; echo "TANDEM_SERVICE_TOKEN=svc_$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')" >>"$secrets")
 fi
-# What a client of the local stack trusts: the development CA made below (added to older files too).
-if ! grep -q '^TANDEM_TLS_CA=' "$secrets"; then
-  echo "TANDEM_TLS_CA=$TANDEM_HOME/tls/ca.pem" >>"$secrets"
-fi
+# What a client of the local stack trusts: the development CA made below. Written on every run,
+# so that a moved checkout or another TANDEM_HOME points at the right file.
+(umask 077; grep -v '^TANDEM_TLS_CA=' "$secrets" >"$secrets.new" || true
+ printf 'TANDEM_TLS_CA=%q\n' "$TANDEM_HOME/tls/ca.pem" >>"$secrets.new"
+ mv "$secrets.new" "$secrets")
 set -a; source "$secrets"; set +a
 
 ensure_dev_certs
@@ -80,7 +81,7 @@ start_service notifications 50054
 
 "$bin/tandemctl" wait-healthy --timeout-secs 60 \
   https://127.0.0.1:50051 https://127.0.0.1:50052 https://127.0.0.1:50053 https://127.0.0.1:50054 \
-  || die "a service did not become healthy; see $TANDEM_HOME/logs/"
+  || die "a service did not become healthy; see $TANDEM_HOME/logs/ (services started by an older checkout serve plaintext: run down.sh, then up.sh)"
 log "Tandem is up: merchant gateway at https://127.0.0.1:50051 (TLS; clients trust $TANDEM_TLS_CA), logs in $TANDEM_HOME/logs/, metrics at 127.0.0.1:9464-9467/metrics"
 if $observability; then
   log "traces: Jaeger's API at http://127.0.0.1:16686 (tandemctl trace <trace_id>); metrics and alerts: Prometheus at http://127.0.0.1:9090"

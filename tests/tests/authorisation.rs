@@ -712,8 +712,8 @@ async fn complete_writes_naming_another_merchants_objects_are_refused_alike_and_
         );
     }
 
-    // Nothing of A's or C's changed: one referral, one commission line without a reversal, and
-    // the partnership still has its one terms version.
+    // Nothing of A's or C's changed: one referral, one commission line, and the partnership
+    // still has its one terms version.
     let referrals = pos
         .list_referrals(with_bearer(
             pb::ListReferralsRequest::default(),
@@ -766,6 +766,39 @@ async fn complete_writes_naming_another_merchants_objects_are_refused_alike_and_
         .expect("A refunds its whole purchase")
         .into_inner();
     assert!(!refunded.purchase_id.is_empty());
+    // The referrer's line: refunded 42.00 and reversed 2.10 (5 % of it), once; so B's 10.00
+    // refund of "its" transaction reached nothing of A's.
+    let line = tandem_testkit::eventually(
+        "the reversal of A's refund",
+        std::time::Duration::from_secs(60),
+        || {
+            let mut pos = pos.clone();
+            let partner_key = partner_key.clone();
+            let partnership = partnership.clone();
+            async move {
+                let lines = pos
+                    .list_commissions(with_bearer(
+                        pb::ListCommissionsRequest {
+                            role: pb::PartnershipRole::Referrer as i32,
+                            partnership_id: partnership,
+                            ..Default::default()
+                        },
+                        &partner_key,
+                    ))
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .lines;
+                let line = lines.into_iter().next()?;
+                (line.reversed.as_ref()?.amount_minor != 0).then_some(line)
+            }
+        },
+    )
+    .await;
+    assert_eq!(line.refunded, eur(4_200), "{line:?}");
+    assert_eq!(line.commission, eur(210), "{line:?}");
+    assert_eq!(line.reversed, eur(210), "{line:?}");
+    assert_eq!(line.net_commission, eur(0), "{line:?}");
     eprintln!("{compared:#?}");
     stack.stop().await;
 }

@@ -48,6 +48,9 @@ where
     E: std::error::Error,
 {
     let config = C::parse();
+    // rustls picks its crypto provider by itself only while exactly one is compiled in: name
+    // ring (tonic's `tls-ring`) so that a dependency enabling another cannot stop the server.
+    let _already_installed = rustls::crypto::ring::default_provider().install_default();
     let address = listen_address(&config);
     let metrics = metrics_address(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()

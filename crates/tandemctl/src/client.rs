@@ -120,6 +120,15 @@ impl Retry {
     /// the error to report.
     pub async fn after(&mut self, status: tonic::Status) -> Option<String> {
         self.attempts += 1;
+        // A certificate the client does not trust will not be trusted a minute later.
+        if let Some(reason) = certificate_refused(&status) {
+            return Some(format!(
+                "{}: the gateway's TLS certificate was refused ({reason}): set TANDEM_TLS_CA to \
+                 the authority that signed it (the local stack's: .tandem/tls/ca.pem, which \
+                 .tandem/secrets.env sets)",
+                self.what
+            ));
+        }
         if status.code() != tonic::Code::Unavailable || self.started.elapsed() >= RETRY_FOR {
             let tries = if self.attempts > 1 {
                 format!(
@@ -179,4 +188,18 @@ macro_rules! call {
             }
         }
     }};
+}
+
+/// Why the TLS handshake refused the server's certificate, if that is why `status` failed
+/// (rustls reports it as "invalid peer certificate: …" in the transport error's causes).
+pub fn certificate_refused(status: &tonic::Status) -> Option<String> {
+    let mut source = std::error::Error::source(status);
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if let Some(at) = text.find("invalid peer certificate") {
+            return Some(text[at..].to_owned());
+        }
+        source = cause.source();
+    }
+    None
 }

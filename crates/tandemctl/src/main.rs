@@ -53,13 +53,18 @@ enum Command {
         #[arg(long)]
         name: String,
     },
-    /// Waits until every endpoint's gRPC health check reports SERVING.
+    /// Waits until every endpoint's gRPC health check reports SERVING; exits non-zero if one
+    /// does not within the timeout (also an exec probe for orchestrators whose gRPC probes do
+    /// not speak TLS: `--timeout-secs 5 --service liveness https://localhost:50051`).
     WaitHealthy {
         /// gRPC endpoints, e.g. https://127.0.0.1:50051
         #[arg(required = true)]
         endpoints: Vec<String>,
         #[arg(long, default_value_t = 120)]
         timeout_secs: u64,
+        /// The health service name to check: "" (readiness, the default) or `liveness`.
+        #[arg(long, default_value = "")]
+        service: String,
         #[command(flatten)]
         tls: tandem_runtime::ClientTlsArgs,
     },
@@ -120,8 +125,17 @@ async fn main() -> ExitCode {
         Command::WaitHealthy {
             endpoints,
             timeout_secs,
+            service,
             tls,
-        } => wait_healthy(&endpoints, &tls, Duration::from_secs(timeout_secs)).await,
+        } => {
+            wait_healthy(
+                &endpoints,
+                &service,
+                &tls,
+                Duration::from_secs(timeout_secs),
+            )
+            .await
+        }
         Command::Demo(args) => demo::run(args).await,
         Command::Bench(args) => bench::run(args).await,
         Command::Import(args) => import::run(args).await,
@@ -193,6 +207,7 @@ async fn delete_topics(bus: &tandem_bus::BusConfig, prefix: &str) -> Result<(), 
 
 async fn wait_healthy(
     endpoints: &[String],
+    service: &str,
     tls: &tandem_runtime::ClientTlsArgs,
     timeout: Duration,
 ) -> Result<(), String> {
@@ -204,10 +219,17 @@ async fn wait_healthy(
             .map_err(|e| e.to_string())?
             .connect_timeout(Duration::from_secs(2));
         loop {
-            match check_health(reached.clone()).await {
+            match check_health(reached.clone(), service).await {
                 Ok(()) => {
                     println!("{endpoint} is serving");
                     break;
+                }
+                // A refused certificate will not be trusted later either.
+                Err(reason) if reason.contains("invalid peer certificate") => {
+                    return Err(format!(
+                        "{endpoint}: its TLS certificate was refused ({reason}); set \
+                         TANDEM_TLS_CA (or --tls-ca) to the authority that signed it"
+                    ));
                 }
                 Err(reason) if tokio::time::Instant::now() >= deadline => {
                     return Err(format!(
@@ -221,11 +243,14 @@ async fn wait_healthy(
     Ok(())
 }
 
-async fn check_health(endpoint: tonic::transport::Endpoint) -> Result<(), String> {
-    let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+async fn check_health(endpoint: tonic::transport::Endpoint, service: &str) -> Result<(), String> {
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|error| tandem_runtime::error_chain(&error))?;
     let response = HealthClient::new(channel)
         .check(HealthCheckRequest {
-            service: String::new(),
+            service: service.to_owned(),
         })
         .await
         .map_err(|status| status.message().to_owned())?;
