@@ -1,7 +1,8 @@
 //! TLS on every gRPC endpoint: the four services run as processes with certificates made by the
 //! local scripts' `deploy/local/dev-certs.sh`, the gateway calls the internal services over TLS,
 //! and a client that does not speak TLS, or does not trust the authority, gets nothing. A service
-//! refuses to start in plaintext unless asked to, and the gateway refuses an `http://` backend.
+//! refuses to start in plaintext unless asked to, and the gateway refuses an `http://` backend
+//! (and names a refused secret setting without showing its value).
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 mod support;
@@ -340,6 +341,22 @@ async fn services_refuse_to_start_in_plaintext_unless_asked_and_the_gateway_refu
         log.contains("TANDEM_LEDGER_URL") && log.contains("https://"),
         "the gateway's log names the setting and the fix: {log}"
     );
+    // A secret setting that is refused is named, never shown: a mistyped network key must not
+    // land in the log.
+    let mut settings = tls_settings(&tls);
+    settings.push(("TANDEM_NETWORK_KEY", "7:c0ffee5ecc0ffee5ec".to_owned()));
+    let mut gateway = ServiceProcess::start_gateway(&stack, free_address(), &settings);
+    let status = gateway
+        .wait_exit(Duration::from_secs(30))
+        .expect("the gateway exits with a network key that is too short");
+    assert!(!status.success());
+    let log = std::fs::read_to_string(&gateway.log_path).unwrap();
+    assert!(log.contains("TANDEM_NETWORK_KEY"), "{log}");
+    assert!(
+        !log.contains("c0ffee5ec"),
+        "the log shows the secret: {log}"
+    );
+
     stack.stop().await;
     std::fs::remove_dir_all(&tls).ok();
     std::fs::remove_dir_all(&other_tls).ok();

@@ -23,7 +23,7 @@ pub use server::{
 };
 
 mod secret;
-pub use secret::Secret;
+pub use secret::{secret_parser, Secret, SecretParser};
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -67,7 +67,7 @@ pub struct Config {
     pub metrics_listen: SocketAddr,
     /// The deployment's service token (`TANDEM_SERVICE_TOKEN`, 32+ characters), presented on
     /// every call to the internal APIs (ledger, settlement, notifications).
-    #[arg(long, env = "TANDEM_SERVICE_TOKEN", hide_env_values = true, value_parser = tandem_runtime::parse_service_token)]
+    #[arg(long, env = "TANDEM_SERVICE_TOKEN", hide_env_values = true, value_parser = tandem_runtime::secret_parser(tandem_runtime::parse_service_token))]
     pub service_token: tandem_runtime::Secret,
     /// TLS: the certificate this service presents (and, for the gateway, whom it trusts).
     #[command(flatten)]
@@ -106,20 +106,20 @@ pub struct Config {
     )]
     pub notifications_url: String,
     /// Token operators present as `authorization: Bearer <token>`; at least 16 characters.
-    #[arg(long, env = "TANDEM_OPERATOR_TOKEN", hide_env_values = true, value_parser = parse_operator_token)]
+    #[arg(long, env = "TANDEM_OPERATOR_TOKEN", hide_env_values = true, value_parser = tandem_runtime::secret_parser(parse_operator_token))]
     pub operator_token: Secret,
     #[command(flatten)]
     pub group_commit: ingest::GroupCommitSettings,
     #[command(flatten)]
     pub limits: LimitSettings,
     /// Key customer keys are derived with, `<version>:<secret in hex, at least 32 bytes>`.
-    #[arg(long, env = "TANDEM_NETWORK_KEY", hide_env_values = true, value_parser = parse_network_key)]
+    #[arg(long, env = "TANDEM_NETWORK_KEY", hide_env_values = true, value_parser = tandem_runtime::secret_parser(parse_network_key))]
     pub network_key: NetworkKey,
     /// Earlier network keys still in use during a rotation, comma-separated, each
     /// `<version>:<hex>` with a version below the current one: every identifier's key is derived
     /// under each of them too, so that referrals recorded before the rotation still match. Keep
     /// them for the longest attribution window (docs/IDENTIFIERS.md, "Rotating the network key").
-    #[arg(long, env = "TANDEM_NETWORK_KEY_PREVIOUS", hide_env_values = true, default_value = "", value_parser = parse_network_key_list)]
+    #[arg(long, env = "TANDEM_NETWORK_KEY_PREVIOUS", hide_env_values = true, default_value = "", value_parser = tandem_runtime::secret_parser(parse_network_key_list))]
     pub previous_network_keys: NetworkKeyList,
 }
 

@@ -56,7 +56,7 @@ pub struct Config {
     /// The deployment's service token (`TANDEM_SERVICE_TOKEN`, 32+ characters): every call to
     /// this internal API must present it as `authorization: Bearer <token>` (health checks
     /// excepted). The merchant gateway is configured with the same token.
-    #[arg(long, env = "TANDEM_SERVICE_TOKEN", hide_env_values = true, value_parser = tandem_runtime::parse_service_token)]
+    #[arg(long, env = "TANDEM_SERVICE_TOKEN", hide_env_values = true, value_parser = tandem_runtime::secret_parser(tandem_runtime::parse_service_token))]
     pub service_token: tandem_runtime::Secret,
     /// TLS: the certificate this service presents (and, for the gateway, whom it trusts).
     #[command(flatten)]
