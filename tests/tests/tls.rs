@@ -87,6 +87,23 @@ async fn wait_serving_tls(address: SocketAddr, ca: &Path, process: &ServiceProce
     );
 }
 
+/// The merchant's commissions as a referrer: a gateway call the ledger answers.
+async fn referrer_commissions(
+    channel: Channel,
+    key: &str,
+) -> Result<pb::ListCommissionsResponse, tonic::Status> {
+    MerchantGatewayClient::new(channel)
+        .list_commissions(with_bearer(
+            pb::ListCommissionsRequest {
+                role: pb::PartnershipRole::Referrer as i32,
+                ..Default::default()
+            },
+            key,
+        ))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
 /// What `openssl s_client` (an independent TLS implementation) reports for `address`.
 fn s_client(address: SocketAddr, extra: &[&str]) -> (bool, String) {
     let output = std::process::Command::new("openssl")
@@ -156,17 +173,9 @@ async fn every_grpc_endpoint_serves_tls_and_the_gateway_calls_the_internal_servi
         .expect("create a merchant over TLS")
         .into_inner();
     let key = created.api_key.as_str();
-    let commissions = MerchantGatewayClient::new(channel.clone())
-        .list_commissions(with_bearer(
-            pb::ListCommissionsRequest {
-                role: pb::PartnershipRole::Referrer as i32,
-                ..Default::default()
-            },
-            key,
-        ))
+    let commissions = referrer_commissions(channel.clone(), key)
         .await
-        .expect("the ledger answers the gateway over TLS")
-        .into_inner();
+        .expect("the ledger answers the gateway over TLS");
     assert!(commissions.lines.is_empty());
     StatementServiceClient::new(channel.clone())
         .list_statements(with_bearer(pb::ListStatementsRequest::default(), key))
@@ -263,14 +272,7 @@ async fn every_grpc_endpoint_serves_tls_and_the_gateway_calls_the_internal_servi
     let doubting_address = free_address();
     let mut doubting = ServiceProcess::start_gateway(&stack, doubting_address, &doubting_settings);
     wait_serving_tls(doubting_address, &ca, &doubting).await;
-    let refused = MerchantGatewayClient::new(tls_channel(doubting_address, &ca).await.unwrap())
-        .list_commissions(with_bearer(
-            pb::ListCommissionsRequest {
-                role: pb::PartnershipRole::Referrer as i32,
-                ..Default::default()
-            },
-            key,
-        ))
+    let refused = referrer_commissions(tls_channel(doubting_address, &ca).await.unwrap(), key)
         .await
         .expect_err("a ledger whose certificate the gateway does not trust");
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
