@@ -426,7 +426,13 @@ stop_pidfile() {
   if pid_alive "$pid"; then
     kill -TERM "$pid" 2>/dev/null || true
     for _ in $(seq 1 $((seconds * 10))); do pid_alive "$pid" || break; sleep 0.1; done
-    pid_alive "$pid" && { log "$1 did not stop in ${seconds}s; killing it"; kill -KILL "$pid" 2>/dev/null || true; }
+    if pid_alive "$pid"; then
+      log "$1 did not stop in ${seconds}s; killing it"
+      kill -KILL "$pid" 2>/dev/null || true
+      # Until it is gone: its ports stay open while it exits, and a start right after would
+      # take them for a running service.
+      for _ in $(seq 1 100); do pid_alive "$pid" || break; sleep 0.1; done
+    fi
     log "stopped $1"
   fi
   rm -f "$file"
@@ -455,6 +461,15 @@ stop_kafka() {
     if ((SECONDS >= deadline)); then
       log "Kafka did not stop in 30 s; killing it"
       for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+      # Until every node is gone: a killed node's port stays open while it exits, and
+      # ensure_broker right after would take it for a broker to reuse and start nothing (the
+      # fault suite's cluster restart did, and the cluster stayed down).
+      for _ in $(seq 1 100); do
+        alive=0
+        for pid in "${pids[@]}"; do pid_alive "$pid" && alive=1; done
+        ((alive)) || break
+        sleep 0.1
+      done
       break
     fi
     sleep 0.2

@@ -409,7 +409,12 @@ impl PrivateKafka {
 impl Drop for PrivateKafka {
     fn drop(&mut self) {
         let _ = self.broker_script("stop").output();
-        let _ = std::fs::remove_dir_all(&self.home);
+        // A failed test keeps the brokers' logs and data for a look.
+        if std::thread::panicking() {
+            eprintln!("the brokers' logs are kept in {}", self.home.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.home);
+        }
     }
 }
 
