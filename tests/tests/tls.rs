@@ -59,6 +59,16 @@ async fn tls_channel(address: SocketAddr, ca: &Path) -> Result<Channel, tonic::t
         .await
 }
 
+/// Waits for `process` (`what`, for messages) to exit by itself, asserts that it failed, and
+/// returns its log.
+fn exit_log(mut process: ServiceProcess, what: &str) -> String {
+    let status = process
+        .wait_exit(Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("{what} still runs after 30 s"));
+    assert!(!status.success(), "{what} exited successfully");
+    std::fs::read_to_string(&process.log_path).unwrap()
+}
+
 async fn serving(channel: Channel) -> Result<ServingStatus, tonic::Status> {
     let status = HealthClient::new(channel)
         .check(HealthCheckRequest {
@@ -300,12 +310,10 @@ async fn services_refuse_to_start_in_plaintext_unless_asked_and_the_gateway_refu
         ("TANDEM_PLAINTEXT", "false".to_owned()),
         ("TANDEM_LEDGER_LISTEN", free_address().to_string()),
     ];
-    let mut ledger = ServiceProcess::start(&stack, "ledger-no-tls", &no_tls);
-    let status = ledger
-        .wait_exit(Duration::from_secs(30))
-        .expect("the ledger exits without a certificate");
-    assert!(!status.success());
-    let log = std::fs::read_to_string(&ledger.log_path).unwrap();
+    let log = exit_log(
+        ServiceProcess::start(&stack, "ledger-no-tls", &no_tls),
+        "the ledger without a certificate",
+    );
     assert!(
         log.contains("TANDEM_TLS_CERT") && log.contains("TANDEM_PLAINTEXT=true"),
         "the ledger's log says what to set: {log}"
@@ -319,12 +327,10 @@ async fn services_refuse_to_start_in_plaintext_unless_asked_and_the_gateway_refu
         other_tls.join("server.key").display().to_string(),
     ));
     mismatched.push(("TANDEM_LEDGER_LISTEN", free_address().to_string()));
-    let mut ledger = ServiceProcess::start(&stack, "ledger-bad-key", &mismatched);
-    let status = ledger
-        .wait_exit(Duration::from_secs(30))
-        .expect("the ledger exits with a key that is not its certificate's");
-    assert!(!status.success());
-    let log = std::fs::read_to_string(&ledger.log_path).unwrap();
+    let log = exit_log(
+        ServiceProcess::start(&stack, "ledger-bad-key", &mismatched),
+        "the ledger with a key that is not its certificate's",
+    );
     assert!(log.contains("TANDEM_TLS_KEY"), "{log}");
 
     // A TLS gateway told to call the ledger over http://.
@@ -333,12 +339,10 @@ async fn services_refuse_to_start_in_plaintext_unless_asked_and_the_gateway_refu
         "TANDEM_LEDGER_URL",
         format!("http://{}", stack.ledger_address()),
     ));
-    let mut gateway = ServiceProcess::start_gateway(&stack, free_address(), &settings);
-    let status = gateway
-        .wait_exit(Duration::from_secs(30))
-        .expect("the gateway exits with an http:// backend");
-    assert!(!status.success());
-    let log = std::fs::read_to_string(&gateway.log_path).unwrap();
+    let log = exit_log(
+        ServiceProcess::start_gateway(&stack, free_address(), &settings),
+        "the gateway with an http:// backend",
+    );
     assert!(
         log.contains("TANDEM_LEDGER_URL") && log.contains("https://"),
         "the gateway's log names the setting and the fix: {log}"
@@ -347,12 +351,10 @@ async fn services_refuse_to_start_in_plaintext_unless_asked_and_the_gateway_refu
     // land in the log.
     let mut settings = tls_settings(&tls);
     settings.push(("TANDEM_NETWORK_KEY", "7:c0ffee5ecc0ffee5ec".to_owned()));
-    let mut gateway = ServiceProcess::start_gateway(&stack, free_address(), &settings);
-    let status = gateway
-        .wait_exit(Duration::from_secs(30))
-        .expect("the gateway exits with a network key that is too short");
-    assert!(!status.success());
-    let log = std::fs::read_to_string(&gateway.log_path).unwrap();
+    let log = exit_log(
+        ServiceProcess::start_gateway(&stack, free_address(), &settings),
+        "the gateway with a network key that is too short",
+    );
     assert!(log.contains("TANDEM_NETWORK_KEY"), "{log}");
     assert!(
         !log.contains("c0ffee5ec"),
