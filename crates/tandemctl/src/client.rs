@@ -190,10 +190,15 @@ macro_rules! call {
     }};
 }
 
-/// Why the TLS handshake refused the server's certificate, if that is why `status` failed
-/// (rustls reports it as "invalid peer certificate: …" in the transport error's causes).
+/// Why the TLS handshake refused the server's certificate, if that is why `status` failed.
 pub fn certificate_refused(status: &tonic::Status) -> Option<String> {
-    let mut source = std::error::Error::source(status);
+    std::error::Error::source(status).and_then(certificate_refused_by)
+}
+
+/// Why the TLS handshake refused the server's certificate, if `error` or one of its causes says
+/// so (rustls reports it as "invalid peer certificate: …").
+pub fn certificate_refused_by(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut source = Some(error);
     while let Some(cause) = source {
         let text = cause.to_string();
         if let Some(at) = text.find("invalid peer certificate") {

@@ -225,13 +225,13 @@ async fn wait_healthy(
                     break;
                 }
                 // A refused certificate will not be trusted later either.
-                Err(reason) if reason.contains("invalid peer certificate") => {
+                Err(Unhealthy::CertificateRefused(reason)) => {
                     return Err(format!(
                         "{endpoint}: its TLS certificate was refused ({reason}); set \
                          TANDEM_TLS_CA (or --tls-ca) to the authority that signed it"
                     ));
                 }
-                Err(reason) if tokio::time::Instant::now() >= deadline => {
+                Err(Unhealthy::NotYet(reason)) if tokio::time::Instant::now() >= deadline => {
                     return Err(format!(
                         "{endpoint} not healthy after {timeout:?}: {reason}"
                     ));
@@ -243,20 +243,36 @@ async fn wait_healthy(
     Ok(())
 }
 
-async fn check_health(endpoint: tonic::transport::Endpoint, service: &str) -> Result<(), String> {
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|error| tandem_runtime::error_chain(&error))?;
+/// Why a health check did not answer SERVING.
+enum Unhealthy {
+    /// The TLS handshake refused the server's certificate: retrying does not help.
+    CertificateRefused(String),
+    NotYet(String),
+}
+
+async fn check_health(
+    endpoint: tonic::transport::Endpoint,
+    service: &str,
+) -> Result<(), Unhealthy> {
+    let channel =
+        endpoint.connect().await.map_err(
+            |error| match tandemctl::client::certificate_refused_by(&error) {
+                Some(reason) => Unhealthy::CertificateRefused(reason),
+                None => Unhealthy::NotYet(tandem_runtime::error_chain(&error)),
+            },
+        )?;
     let response = HealthClient::new(channel)
         .check(HealthCheckRequest {
             service: service.to_owned(),
         })
         .await
-        .map_err(|status| status.message().to_owned())?;
+        .map_err(|status| Unhealthy::NotYet(status.message().to_owned()))?;
     if response.get_ref().status == ServingStatus::Serving as i32 {
         Ok(())
     } else {
-        Err(format!("status {}", response.get_ref().status))
+        Err(Unhealthy::NotYet(format!(
+            "status {}",
+            response.get_ref().status
+        )))
     }
 }
