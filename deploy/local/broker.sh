@@ -16,7 +16,11 @@ case "${1:-}" in
     [[ -n "${2:-}" ]] || die "usage: broker.sh kill NODE"
     pidfile="$TANDEM_HOME/pids/kafka-$2.pid"
     [[ -f "$pidfile" ]] || die "node $2 was not started by these scripts"
-    kill -KILL "$(cat "$pidfile")" 2>/dev/null || true
+    pid=$(cat "$pidfile")
+    kill -KILL "$pid" 2>/dev/null || true
+    # Returns when the process is gone, its ports with it, so that a start right after can bind.
+    for _ in $(seq 1 300); do pid_alive "$pid" || break; sleep 0.1; done
+    pid_alive "$pid" && die "Kafka node $2 (pid $pid) is still exiting after 30 s"
     rm -f "$pidfile"
     log "killed Kafka node $2" ;;
   status) python3 "$REPO_ROOT/deploy/local/kafka/metadata_probe.py" "127.0.0.1:$KAFKA_PORT" --brokers "$KAFKA_NODES" ;;

@@ -46,11 +46,16 @@ die() { printf '[tandem] error: %s\n' "$*" >&2; exit 1; }
 
 # pid_alive PID: true if the process runs. A killed process that nobody reaped yet (a zombie)
 # does not count: `kill -0` alone would say it is alive, and the scripts would not restart it.
+# A zombie main thread whose other threads are still exiting does count: those threads still
+# hold the process's files and sockets (a SIGKILLed JVM with a large heap takes a while to
+# unmap it, and its ports stay open meanwhile).
 pid_alive() {
   kill -0 "$1" 2>/dev/null || return 1
-  local state
+  local state tasks
   state=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
-  [[ "$state" != Z* ]]
+  [[ "$state" != Z* ]] && return 0
+  tasks=$(find "/proc/$1/task" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l)
+  ((tasks > 1))
 }
 
 # port_open HOST PORT: true if something accepts TCP connections there.
@@ -461,19 +466,25 @@ stop_kafka() {
     if ((SECONDS >= deadline)); then
       log "Kafka did not stop in 30 s; killing it"
       for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
-      # Until every node is gone: a killed node's port stays open while it exits, and
-      # ensure_broker right after would take it for a broker to reuse and start nothing (the
-      # fault suite's cluster restart did, and the cluster stayed down).
-      for _ in $(seq 1 100); do
-        alive=0
-        for pid in "${pids[@]}"; do pid_alive "$pid" && alive=1; done
-        ((alive)) || break
-        sleep 0.1
-      done
       break
     fi
     sleep 0.2
   done
+  # Until no node's port accepts a connection: a killed JVM keeps its sockets until its last
+  # thread has exited, and ensure_broker right after would take an open port for a broker to
+  # reuse and start nothing. The fault suite's cluster restart did, and its cluster stayed down.
+  local node_port open
+  for _ in $(seq 1 300); do
+    open=""
+    for ((node = 1; node <= KAFKA_NODES; node++)); do
+      for node_port in $((KAFKA_PORT + node - 1)) $((KAFKA_CONTROLLER_PORT + node - 1)); do
+        port_open 127.0.0.1 "$node_port" && open+=" $node_port"
+      done
+    done
+    [[ -z "$open" ]] && break
+    sleep 0.1
+  done
+  [[ -z "$open" ]] || die "stopped ${names[*]}, but ports$open still accept connections after 30 s"
   log "stopped ${names[*]}"
 }
 

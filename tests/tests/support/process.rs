@@ -392,6 +392,44 @@ impl PrivateKafka {
         );
     }
 
+    /// For a failed test's output: which nodes run, what the cluster's metadata says, and the
+    /// last warnings and errors of each node's log.
+    fn diagnosis(&self) -> String {
+        let mut report = String::from("the private Kafka cluster at the failure:\n");
+        for node in 1..=self.nodes {
+            let pid = std::fs::read_to_string(self.home.join(format!("pids/kafka-{node}.pid")));
+            let running = pid
+                .as_ref()
+                .is_ok_and(|pid| std::path::Path::new(&format!("/proc/{}", pid.trim())).exists());
+            report += &format!(
+                "  node {node}: pid file {}, {}\n",
+                pid.as_deref().map(str::trim).unwrap_or("missing"),
+                if running { "running" } else { "not running" }
+            );
+            let log = std::fs::read_to_string(self.home.join(format!("logs/kafka-{node}.log")))
+                .unwrap_or_default();
+            let notable: Vec<&str> = log
+                .lines()
+                .filter(|line| {
+                    ["WARN", "ERROR", "FATAL", "started", "SIGTERM"]
+                        .iter()
+                        .any(|word| line.contains(word))
+                })
+                .collect();
+            for line in &notable[notable.len().saturating_sub(12)..] {
+                report += &format!("    {}\n", line.chars().take(300).collect::<String>());
+            }
+        }
+        match self.broker_script("status").output() {
+            Ok(status) => {
+                report += &String::from_utf8_lossy(&status.stdout);
+                report += &String::from_utf8_lossy(&status.stderr);
+            }
+            Err(error) => report += &format!("broker.sh status: {error}\n"),
+        }
+        report
+    }
+
     /// `deploy/local/broker.sh COMMAND` for this broker's home and port only.
     fn broker_script(&self, command: &str) -> Command {
         let mut script = Command::new("bash");
@@ -408,8 +446,11 @@ impl PrivateKafka {
 
 impl Drop for PrivateKafka {
     fn drop(&mut self) {
+        // A failed test says what the brokers were doing, and keeps their logs and data.
+        if std::thread::panicking() {
+            eprintln!("{}", self.diagnosis());
+        }
         let _ = self.broker_script("stop").output();
-        // A failed test keeps the brokers' logs and data for a look.
         if std::thread::panicking() {
             eprintln!("the brokers' logs are kept in {}", self.home.display());
         } else {
@@ -422,7 +463,9 @@ impl Drop for PrivateKafka {
 /// controllers) are all free.
 fn free_ports(nodes: u16) -> u16 {
     for _ in 0..100 {
-        let port = 20_000 + (uuid::Uuid::new_v4().as_u128() % 9_990) as u16;
+        // Brokers on 12000-21989, controllers 10 000 above: both below Linux's ephemeral range
+        // (32768 and up), so that no outgoing connection takes a stopped node's port.
+        let port = 12_000 + (uuid::Uuid::new_v4().as_u128() % 9_990) as u16;
         let free = (0..nodes).all(|n| {
             std::net::TcpListener::bind(("127.0.0.1", port + n)).is_ok()
                 && std::net::TcpListener::bind(("127.0.0.1", port + n + 10_000)).is_ok()
