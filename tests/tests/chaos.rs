@@ -147,6 +147,8 @@ struct Seen {
     /// (customer, acceptor) of every acknowledged referral
     referred: Vec<(usize, String)>,
     acknowledged_at: Vec<Instant>,
+    /// purchase id -> when the till got its acknowledgement
+    purchased_at: BTreeMap<String, Instant>,
     failures: BTreeMap<String, u64>,
 }
 
@@ -345,7 +347,8 @@ async fn under_kills_and_restarts_everything_acknowledged_counts_once_and_statem
     daily_partnership(&channel, &c.id, &a.id).await;
     daily_partnership(&channel, &c.id, &b.id).await;
     let (_, mut hooks) = purchase_webhook(channel.clone(), &c.key, "chaos-hook").await;
-    let delivered: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    // (webhook id, purchase id, when it arrived)
+    let delivered: Arc<Mutex<Vec<(String, String, Instant)>>> = Arc::default();
     let collector = tokio::spawn({
         let delivered = delivered.clone();
         async move {
@@ -356,7 +359,10 @@ async fn under_kills_and_restarts_everything_acknowledged_counts_once_and_statem
                     .as_str()
                     .unwrap_or("")
                     .to_owned();
-                delivered.lock().unwrap().push((received.id, purchase));
+                delivered
+                    .lock()
+                    .unwrap()
+                    .push((received.id, purchase, Instant::now()));
             }
         }
     });
@@ -422,10 +428,15 @@ async fn under_kills_and_restarts_everything_acknowledged_counts_once_and_statem
                     async move { pos.record_purchase(request).await }
                 })
                 .await;
-                seen.lock().unwrap().purchases.insert(
-                    transaction_id,
-                    (answer.purchase_id, acceptor_id.clone(), amount),
-                );
+                {
+                    let mut seen = seen.lock().unwrap();
+                    seen.purchased_at
+                        .insert(answer.purchase_id.clone(), Instant::now());
+                    seen.purchases.insert(
+                        transaction_id,
+                        (answer.purchase_id, acceptor_id.clone(), amount),
+                    );
+                }
                 index += 1;
                 tokio::time::sleep(Duration::from_millis(15)).await;
             }
@@ -544,10 +555,35 @@ async fn under_kills_and_restarts_everything_acknowledged_counts_once_and_statem
         )
         .await;
         let recovery = acknowledged.duration_since(injected);
+        // Recovery, as the referrer sees it: from the fault to the first webhook for a purchase
+        // acknowledged after it. The gateway acknowledges into its outbox while the brokers are
+        // down; this is when the whole pipeline moves again.
+        let flowing = tandem_testkit::eventually(
+            "a webhook for a purchase acknowledged after the fault",
+            Duration::from_secs(180),
+            || {
+                let (seen, delivered) = (seen.clone(), delivered.clone());
+                async move {
+                    let seen = seen.lock().unwrap();
+                    let delivered = delivered.lock().unwrap();
+                    delivered
+                        .iter()
+                        .find(|(_, purchase, _)| {
+                            seen.purchased_at
+                                .get(purchase)
+                                .is_some_and(|at| *at > injected)
+                        })
+                        .map(|(_, _, arrived)| *arrived)
+                }
+            },
+        )
+        .await
+        .duration_since(injected);
         eprintln!(
-            "fault {fault:?}: back in {serving:?}, first acknowledgement {recovery:?} after it"
+            "fault {fault:?}: back in {serving:?}, first acknowledgement {recovery:?} after it, \
+             first webhook for a later purchase {flowing:?} after it"
         );
-        recoveries.push((format!("{fault:?}"), serving, recovery));
+        recoveries.push((format!("{fault:?}"), serving, recovery.max(flowing)));
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, Ordering::Relaxed);
@@ -594,7 +630,7 @@ async fn under_kills_and_restarts_everything_acknowledged_counts_once_and_statem
                     .lock()
                     .unwrap()
                     .iter()
-                    .map(|(_, purchase)| purchase.clone())
+                    .map(|(_, purchase, _)| purchase.clone())
                     .collect();
                 (commissions >= wanted && refunded >= refunds && hooks.len() as i64 >= wanted)
                     .then(Instant::now)
@@ -666,7 +702,7 @@ async fn under_kills_and_restarts_everything_acknowledged_counts_once_and_statem
     let by_event: BTreeMap<String, BTreeSet<String>> =
         deliveries
             .iter()
-            .fold(BTreeMap::new(), |mut events, (id, purchase)| {
+            .fold(BTreeMap::new(), |mut events, (id, purchase, _)| {
                 events
                     .entry(id.clone())
                     .or_default()
