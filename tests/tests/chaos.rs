@@ -579,9 +579,17 @@ async fn under_kills_and_restarts_everything_acknowledged_counts_once_and_statem
         )
         .await
         .duration_since(injected);
+        let during = seen
+            .lock()
+            .unwrap()
+            .acknowledged_at
+            .iter()
+            .filter(|at| **at > injected && **at < injected + serving)
+            .count();
         eprintln!(
-            "fault {fault:?}: back in {serving:?}, first acknowledgement {recovery:?} after it, \
-             first webhook for a later purchase {flowing:?} after it"
+            "fault {fault:?}: back in {serving:?} ({during} calls acknowledged meanwhile), first \
+             acknowledgement {recovery:?} after it, first webhook for a later purchase {flowing:?} \
+             after it"
         );
         recoveries.push((format!("{fault:?}"), serving, recovery.max(flowing)));
     }
