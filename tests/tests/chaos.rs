@@ -555,9 +555,9 @@ async fn under_kills_and_restarts_everything_acknowledged_counts_once_and_statem
         )
         .await;
         let recovery = acknowledged.duration_since(injected);
-        // Recovery, as the referrer sees it: from the fault to the first webhook for a purchase
-        // acknowledged after it. The gateway acknowledges into its outbox while the brokers are
-        // down; this is when the whole pipeline moves again.
+        // Recovery, as the referrer sees it: from the fault to the first webhook, once the part
+        // is back, for a purchase acknowledged after the fault. The gateway acknowledges into its
+        // outbox while the brokers are down; this is when the whole pipeline moves again.
         let flowing = tandem_testkit::eventually(
             "a webhook for a purchase acknowledged after the fault",
             Duration::from_secs(180),
@@ -568,10 +568,12 @@ async fn under_kills_and_restarts_everything_acknowledged_counts_once_and_statem
                     let delivered = delivered.lock().unwrap();
                     delivered
                         .iter()
-                        .find(|(_, purchase, _)| {
-                            seen.purchased_at
-                                .get(purchase)
-                                .is_some_and(|at| *at > injected)
+                        .find(|(_, purchase, arrived)| {
+                            *arrived > injected + serving
+                                && seen
+                                    .purchased_at
+                                    .get(purchase)
+                                    .is_some_and(|at| *at > injected)
                         })
                         .map(|(_, _, arrived)| *arrived)
                 }
