@@ -464,7 +464,11 @@ stop_kafka() {
     for pid in "${pids[@]}"; do pid_alive "$pid" && alive=1; done
     ((alive)) || break
     if ((SECONDS >= deadline)); then
-      log "Kafka did not stop in 30 s; killing it"
+      log "Kafka did not stop in 30 s; killing it (thread dumps in its logs)"
+      # SIGQUIT first: the JVM prints every thread's stack to its log, which shows what the
+      # shutdown was waiting for.
+      for pid in "${pids[@]}"; do kill -QUIT "$pid" 2>/dev/null || true; done
+      sleep 1
       for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
       break
     fi
