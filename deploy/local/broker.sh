@@ -19,8 +19,7 @@ case "${1:-}" in
     pid=$(cat "$pidfile")
     kill -KILL "$pid" 2>/dev/null || true
     # Returns when the process is gone, its ports with it, so that a start right after can bind.
-    for _ in $(seq 1 300); do pid_alive "$pid" || break; sleep 0.1; done
-    pid_alive "$pid" && die "Kafka node $2 (pid $pid) is still exiting after 30 s"
+    wait_gone "$pid" 30 || die "Kafka node $2 (pid $pid) is still exiting after 30 s"
     rm -f "$pidfile"
     log "killed Kafka node $2" ;;
   status) python3 "$REPO_ROOT/deploy/local/kafka/metadata_probe.py" "127.0.0.1:$KAFKA_PORT" --brokers "$KAFKA_NODES" ;;

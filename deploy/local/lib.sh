@@ -58,6 +58,14 @@ pid_alive() {
   ((tasks > 1))
 }
 
+# wait_gone PID SECONDS: waits until the process no longer runs; false if it still does after
+# SECONDS.
+wait_gone() {
+  local _
+  for _ in $(seq 1 $(($2 * 10))); do pid_alive "$1" || return 0; sleep 0.1; done
+  ! pid_alive "$1"
+}
+
 # port_open HOST PORT: true if something accepts TCP connections there.
 port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
 
@@ -430,13 +438,12 @@ stop_pidfile() {
   pid=$(cat "$file")
   if pid_alive "$pid"; then
     kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 $((seconds * 10))); do pid_alive "$pid" || break; sleep 0.1; done
-    if pid_alive "$pid"; then
+    if ! wait_gone "$pid" "$seconds"; then
       log "$1 did not stop in ${seconds}s; killing it"
       kill -KILL "$pid" 2>/dev/null || true
       # Until it is gone: its ports stay open while it exits, and a start right after would
       # take them for a running service.
-      for _ in $(seq 1 100); do pid_alive "$pid" || break; sleep 0.1; done
+      wait_gone "$pid" 10 || true
     fi
     log "stopped $1"
   fi
